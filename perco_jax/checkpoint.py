@@ -1,0 +1,93 @@
+"""Converted-weights folders: the format `perco-jax convert` writes and every command reads.
+
+    CKPT/
+      perco.json        {"format": "perco-jax", "version": 1, "components": {name: config}}
+      params/           orbax checkpoint of {name: params pytree}
+      tokenizer*/       tokenizer files copied from the pipeline (when converted from one)
+
+Training checkpoints (optimizer state, EMA, step) are the train loop's own CheckpointManager;
+this is the inference/export format for pretrained or exported weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+FORMAT, VERSION = "perco-jax", 1
+MANIFEST = "perco.json"
+
+
+class CheckpointError(ValueError):
+    """A weights folder is missing, foreign, or lacks a component that was asked for."""
+
+
+def save_weights(folder: str | os.PathLike, components: Mapping[str, tuple[dict, Mapping]],
+                 *, overwrite: bool = True) -> Path:
+    """Write {name: (config, params)} to `folder`; written beside it first, then renamed."""
+    import orbax.checkpoint as ocp
+    from flax import linen as nn
+
+    folder = Path(folder).absolute()
+    tmp = folder.with_name(folder.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tree = {name: nn.meta.unbox(params) for name, (_, params) in components.items()}
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "params", tree)
+    ckptr.wait_until_finished()
+    manifest = {"format": FORMAT, "version": VERSION,
+                "components": {name: cfg for name, (cfg, _) in components.items()}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+    if folder.exists():
+        if not overwrite:
+            raise CheckpointError(f"{folder} exists")
+        # keep files that were written into the folder beside the weights (tokenizers)
+        for extra in folder.iterdir():
+            if extra.name not in (MANIFEST, "params") and not (tmp / extra.name).exists():
+                shutil.move(str(extra), tmp / extra.name)
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def _json_default(o):
+    if isinstance(o, tuple):
+        return list(o)
+    if hasattr(o, "dtype") or hasattr(o, "name"):
+        return str(getattr(o, "name", o))
+    raise TypeError(f"not JSON serialisable: {o!r}")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not a perco-jax weights folder (no {MANIFEST}); "
+                              "create one with `perco-jax convert`")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupted: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a perco-jax manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer perco-jax (version {manifest['version']})")
+    return manifest
+
+
+def load_weights(folder: str | os.PathLike, names: list[str] | None = None) -> tuple[dict, dict]:
+    """Return ({name: config}, {name: params}) for `names` (default: all components)."""
+    import orbax.checkpoint as ocp
+
+    folder = Path(folder).absolute()
+    configs = read_manifest(folder)["components"]
+    names = list(configs) if names is None else names
+    lacking = [n for n in names if n not in configs]
+    if lacking:
+        raise CheckpointError(f"{folder} has no component(s) {lacking}; it has {sorted(configs)}")
+    restored = ocp.StandardCheckpointer().restore(folder / "params")
+    return {n: configs[n] for n in names}, {n: restored[n] for n in names}

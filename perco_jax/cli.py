@@ -1,0 +1,76 @@
+"""The `perco-jax` command: convert, generate, demo, info (more subcommands as the codec grows)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _convert(args) -> int:
+    from perco_jax.convert.pipeline import convert_to_folder
+
+    out = convert_to_folder(diffusers=args.diffusers, single_file=args.single_file, out=args.out,
+                            extra_in_channels=args.extra_in_channels, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from perco_jax.demo import run_demo
+
+    return run_demo(args.workdir)
+
+
+def _info(args) -> int:
+    import jax
+
+    from perco_jax.config import load_config
+    from perco_jax.convert.transformer import abstract_params
+    from perco_jax.models.mmdit import mmdit_from_config
+
+    config = load_config(args.config, args.override)
+    model = mmdit_from_config(config.mmdit)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(model)))
+    print(config)
+    print(f"MM-DiT parameters: {n:,} ({n * 4 / 2**30:.2f} GiB in float32)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="perco-jax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a PyTorch SD3 checkpoint into a perco-jax weights folder")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--diffusers", help="a diffusers SD3 pipeline folder, or its transformer/ subfolder")
+    src.add_argument("--single-file", help="an original SD3 / SD3.5 single-file .safetensors checkpoint")
+    c.add_argument("--out", required=True, help="output weights folder")
+    c.add_argument("--extra-in-channels", type=int, default=0,
+                   help="zero-initialised extra MM-DiT input channels (the codec's z_l)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=_convert)
+
+    d = sub.add_parser("demo", help="the built-in end-to-end job on the tiny config (no downloads)")
+    d.add_argument("--workdir", default="runs/demo")
+    d.set_defaults(fn=_demo)
+
+    i = sub.add_parser("info", help="print a config and its model sizes")
+    i.add_argument("--config", default="tiny", help="preset name or config file")
+    i.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    i.set_defaults(fn=_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from perco_jax.checkpoint import CheckpointError
+    from perco_jax.convert.common import ConversionError
+
+    try:
+        return args.fn(args)
+    except (ConversionError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"perco-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
