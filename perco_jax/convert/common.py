@@ -252,3 +252,24 @@ def check_covers(entries: Sequence[Entry], flax_shapes: Mapping[tuple, tuple], w
         lacking = set(flax_shapes) - set(named)
         raise AssertionError(f"{what} key map out of sync with model: extra={sorted(extra)[:5]} "
                              f"lacking={sorted(lacking)[:5]}")
+
+
+def write_folder(folder: str | os.PathLike, state_dict: Mapping[str, np.ndarray], config: Mapping,
+                 weights_name: str) -> Path:
+    """Write `weights_name` (safetensors) + config.json into `folder` as diffusers / transformers
+    save them; built under a temporary name and renamed, so a failure leaves nothing partial."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(dict(state_dict), str(tmp / weights_name), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(dict(config), indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder

@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from perco_jax.convert.common import (ConversionError, Entry, SafetensorsSource, TensorSource,
                                       check_covers, check_entries, diffusers_weight_files,
-                                      export_state_dict, flat_shapes, load_params)
+                                      export_state_dict, flat_shapes, load_params, write_folder)
 from perco_jax.models.mmdit import MMDiT, mmdit_from_config, sincos_pos_embed
 
 CONFIG_FIELDS = ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
@@ -344,21 +344,10 @@ def load_transformer(path: str | os.PathLike, dtype=jnp.float32, *, config: Mapp
 def save_transformer(model: MMDiT, params: Mapping, folder: str | os.PathLike) -> Path:
     """Write a diffusers folder (config.json + float32 safetensors) that
     `SD3Transformer2DModel.from_pretrained` loads. Written to a temporary name, then renamed."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
     params = nn.meta.unbox(params)
     entries = transformer_key_map(model)
     check_covers(entries, flat_shapes(params), "MM-DiT")
     sd = export_state_dict(entries, params)
     n = model.pos_embed_max_size
     sd[POS_EMBED_KEY] = model.pos_embed(n, n)[None]
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config_to_diffusers(model), indent=2))
-    if folder.exists():
-        import shutil
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    return write_folder(folder, sd, config_to_diffusers(model), "diffusion_pytorch_model.safetensors")

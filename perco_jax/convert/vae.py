@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Mapping, Union
 
@@ -17,7 +16,7 @@ from flax import linen as nn
 
 from perco_jax.convert.common import (ConversionError, DictSource, Entry, SafetensorsSource, TensorSource,
                                       check_covers, check_entries, diffusers_weight_files, export_state_dict,
-                                      flat_shapes, load_params)
+                                      flat_shapes, load_params, write_folder)
 from perco_jax.models.vae import AutoencoderKL
 
 CLASS_NAME = "AutoencoderKL"
@@ -195,21 +194,9 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, compute_dtype=None, 
 def save_vae(model: AutoencoderKL, params: Mapping, folder: str | os.PathLike) -> Path:
     """Write a diffusers folder (config.json + float32 safetensors) that
     `AutoencoderKL.from_pretrained` loads. Written to a temporary name, then renamed."""
-    from safetensors.numpy import save_file
-
-    folder = Path(folder)
     params = nn.meta.unbox(params)
     params = params.get("params", params)
     entries = vae_key_map(model)
     check_covers(entries, flat_shapes(params), "VAE")
     sd = export_state_dict(entries, params)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(sd, str(tmp / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(vae_config_to_diffusers(model), indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
-    return folder
+    return write_folder(folder, sd, vae_config_to_diffusers(model), "diffusion_pytorch_model.safetensors")
