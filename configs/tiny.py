@@ -1,13 +1,26 @@
-"""Tiny configuration: every code path, runnable in seconds on a laptop CPU (the embedded default)."""
+"""Tiny configuration: every code path, runnable in seconds on a laptop CPU (the embedded default).
+
+Shapes are consistent across components as in SD3: the MM-DiT's joint_attention_dim is the T5
+width (>= CLIP-L + CLIP-G widths), pooled_projection_dim = the two CLIP projections, in_channels =
+the VAE's latent channels. The tiny tokenizers of `perco_jax.tiny` have 514 (CLIP) and 138 (T5) tokens.
+"""
 from perco_jax.configs import common
 
 
 def get_config():
     config = common.base("tiny", common.mmdit(
         sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32,
-        pooled_projection_dim=64, out_channels=16, pos_embed_max_size=32,
+        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=32,
+        pooled_projection_dim=40, out_channels=16, pos_embed_max_size=32,
         qk_norm="rms_norm", dual_attention_layers=(0,)))
+    config.vae = common.sd3_vae(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8)
+    config.clip_l = common.clip(vocab_size=514, hidden_size=16, intermediate_size=32, projection_dim=16,
+                                num_hidden_layers=2, num_attention_heads=2, bos_token_id=512, pad_token_id=513)
+    config.clip_g = common.clip(vocab_size=514, hidden_size=24, intermediate_size=48, projection_dim=24,
+                                num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu", bos_token_id=512,
+                                pad_token_id=0)
+    config.t5 = common.t5(vocab_size=140, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                          relative_attention_num_buckets=8, relative_attention_max_distance=32)
     config.dtype = "float32"
     config.remat = False
     return config

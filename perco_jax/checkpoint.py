@@ -25,8 +25,10 @@ class CheckpointError(ValueError):
 
 
 def save_weights(folder: str | os.PathLike, components: Mapping[str, tuple[dict, Mapping]],
-                 *, overwrite: bool = True) -> Path:
-    """Write {name: (config, params)} to `folder`; written beside it first, then renamed."""
+                 *, metadata: Mapping | None = None, extra_dirs: Mapping[str, os.PathLike] | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write {name: (config, params)} (+ `metadata` in the manifest, + copies of `extra_dirs`
+    {name: folder}, e.g. tokenizers) to `folder`; written beside it first, then renamed."""
     import orbax.checkpoint as ocp
     from flax import linen as nn
 
@@ -39,16 +41,14 @@ def save_weights(folder: str | os.PathLike, components: Mapping[str, tuple[dict,
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / "params", tree)
     ckptr.wait_until_finished()
-    manifest = {"format": FORMAT, "version": VERSION,
+    for name, src in (extra_dirs or {}).items():
+        shutil.copytree(src, tmp / name)
+    manifest = {"format": FORMAT, "version": VERSION, "metadata": dict(metadata or {}),
                 "components": {name: cfg for name, (cfg, _) in components.items()}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
     if folder.exists():
         if not overwrite:
             raise CheckpointError(f"{folder} exists")
-        # keep files that were written into the folder beside the weights (tokenizers)
-        for extra in folder.iterdir():
-            if extra.name not in (MANIFEST, "params") and not (tmp / extra.name).exists():
-                shutil.move(str(extra), tmp / extra.name)
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder

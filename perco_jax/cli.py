@@ -9,8 +9,33 @@ def _convert(args) -> int:
     from perco_jax.convert.pipeline import convert_to_folder
 
     out = convert_to_folder(diffusers=args.diffusers, single_file=args.single_file, out=args.out,
-                            extra_in_channels=args.extra_in_channels, progress=not args.quiet)
+                            tokenizers=args.tokenizers, extra_in_channels=args.extra_in_channels,
+                            progress=not args.quiet)
     print(f"wrote {out}")
+    return 0
+
+
+def _generate(args) -> int:
+    import numpy as np
+
+    from perco_jax.images import save_image
+    from perco_jax.sd3 import SD3Pipeline
+
+    pipe = SD3Pipeline.load(args.checkpoint)
+    latents = None
+    if args.latents:
+        latents = np.load(args.latents)
+        if latents.ndim == 3:
+            latents = latents[None]
+    images = pipe.generate([args.prompt] * (1 if latents is None else latents.shape[0]),
+                           negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                           seed=args.seed, latents=latents, height=args.height, width=args.width,
+                           max_sequence_length=args.max_sequence_length)
+    if args.out.endswith(".npy"):
+        np.save(args.out, images[0] if images.shape[0] == 1 else images)
+    else:
+        save_image(images[0], args.out)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -44,10 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--diffusers", help="a diffusers SD3 pipeline folder, or its transformer/ subfolder")
     src.add_argument("--single-file", help="an original SD3 / SD3.5 single-file .safetensors checkpoint")
     c.add_argument("--out", required=True, help="output weights folder")
+    c.add_argument("--tokenizers", help="folder with tokenizer/, tokenizer_2/, tokenizer_3/ (for single files; "
+                                        "default: the pipeline folder's own)")
     c.add_argument("--extra-in-channels", type=int, default=0,
                    help="zero-initialised extra MM-DiT input channels (the codec's z_l)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=_convert)
+
+    g = sub.add_parser("generate", help="SD3 text-to-image from a converted weights folder")
+    g.add_argument("--checkpoint", required=True, help="weights folder written by `perco-jax convert`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=28)
+    g.add_argument("--guidance", type=float, default=7.0)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--seed", type=int, default=0)
+    src.add_argument("--latents", help=".npy of initial latents, NCHW, as diffusers' `latents=`")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens")
+    g.add_argument("--out", required=True, help="FILE.png, or FILE.npy for the float32 HWC image in [0, 1]")
+    g.set_defaults(fn=_generate)
 
     d = sub.add_parser("demo", help="the built-in end-to-end job on the tiny config (no downloads)")
     d.add_argument("--workdir", default="runs/demo")

@@ -56,3 +56,64 @@ def save_t5_tokenizer(folder: str | Path) -> Path:
     tok = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
     tok.save_pretrained(str(folder))
     return folder
+
+
+def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = True, config=None) -> Path:
+    """A random StableDiffusion3Pipeline in the tiny config's shapes, saved as a diffusers folder.
+
+    Every weight is drawn at random (diffusers zero-inits the adaLN gates, which would hide
+    bugs), scaled by 1/sqrt(fan_in) so activations stay O(1).
+    """
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from perco_jax.config import load_config
+
+    config = config or load_config("tiny")
+    folder = Path(folder)
+    tok_dir = folder.with_name(folder.name + ".tokenizers")
+    torch.manual_seed(seed)
+    mm = config.mmdit.to_dict()
+    mm.pop("extra_in_channels")
+    mm["qk_norm"] = mm["qk_norm"] or None
+    vae = config.vae.to_dict()
+    n_blocks = len(vae["block_out_channels"])
+    parts = dict(
+        transformer=SD3Transformer2DModel(**mm),
+        vae=AutoencoderKL(**vae, down_block_types=("DownEncoderBlock2D",) * n_blocks,
+                          up_block_types=("UpDecoderBlock2D",) * n_blocks),
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**config.clip_l.to_dict())),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config.clip_g.to_dict())),
+        text_encoder_3=T5EncoderModel(T5Config(**config.t5.to_dict())) if with_t5 else None,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=config.scheduler_shift),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            if parts[name] is None:
+                continue
+            for pname, p in parts[name].named_parameters():
+                noise = torch.randn(p.shape, generator=g)
+                if p.ndim >= 2:
+                    p.copy_(noise / max(1, p[0].numel()) ** 0.5)
+                elif "norm" in pname and pname.endswith("weight"):
+                    p.copy_(1 + 0.1 * noise)
+                else:
+                    p.copy_(0.05 * noise)
+    from transformers import AutoTokenizer
+
+    save_clip_tokenizer(tok_dir / "tokenizer", pad_with_eos=True)
+    save_clip_tokenizer(tok_dir / "tokenizer_2", pad_with_eos=False)
+    save_t5_tokenizer(tok_dir / "tokenizer_3")
+    toks = {n: AutoTokenizer.from_pretrained(str(tok_dir / n), local_files_only=True)
+            for n in ("tokenizer", "tokenizer_2", "tokenizer_3")}
+    if not with_t5:
+        toks["tokenizer_3"] = None
+    pipe = StableDiffusion3Pipeline(**parts, **toks)
+    pipe.save_pretrained(str(folder))
+    import shutil
+
+    shutil.rmtree(tok_dir)
+    return folder

@@ -1,0 +1,83 @@
+"""SD3 prompt encoding, exactly as diffusers' `StableDiffusion3Pipeline.encode_prompt`:
+
+  context = concat_seq( pad_to_T5_width( concat_ch(CLIP-L[-2], CLIP-G[-2]) ),  T5 )   [B, 77 + L_t5, D]
+  pooled  = concat_ch( CLIP-L text_embeds, CLIP-G text_embeds )                       [B, P_l + P_g]
+
+CLIP hidden states are the penultimate layer's (before the final layer norm); tokens are padded to
+77 by each tokenizer's own pad token (CLIP-L pads with EOS, OpenCLIP bigG with "!" = id 0). Without
+T5 the T5 part is zeros [B, max_sequence_length, joint_attention_dim], as SD3 allows.
+Tokenizers are transformers tokenizers loaded from local folders; encoders are Flax modules.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CLIP_MAX_LENGTH = 77
+
+
+class PromptEncoder:
+    """Holds tokenizers and encoder modules; parameters stay in the caller's params dict under
+    "text_encoder" (CLIP-L), "text_encoder_2" (CLIP-G) and "text_encoder_3" (T5, optional)."""
+
+    def __init__(self, tokenizer, tokenizer_2, clip_l, clip_g, tokenizer_3=None, t5=None, *,
+                 joint_attention_dim: int, clip_max_length: int = CLIP_MAX_LENGTH):
+        if (tokenizer_3 is None) != (t5 is None):
+            raise ValueError("T5 needs both its tokenizer and its encoder (or neither)")
+        self.tokenizers = (tokenizer, tokenizer_2, tokenizer_3)
+        self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
+        self.joint_attention_dim = joint_attention_dim
+        self.clip_max_length = clip_max_length
+
+    def tokenize(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, np.ndarray]:
+        """Token ids [B, 77] for each CLIP and [B, max_sequence_length] for T5 (if present)."""
+        prompts = list(prompts)
+        tok_l, tok_g, tok_t5 = self.tokenizers
+        ids = {"clip_l": _ids(tok_l, prompts, self.clip_max_length),
+               "clip_g": _ids(tok_g, prompts, self.clip_max_length)}
+        if tok_t5 is not None:
+            ids["t5"] = _ids(tok_t5, prompts, max_sequence_length, add_special_tokens=True)
+        return ids
+
+    @functools.cached_property
+    def encode_tokens(self):
+        """Jitted (params, ids, max_sequence_length) -> (context, pooled)."""
+        def encode(params, ids, max_sequence_length: int):
+            h_l, pooled_l = self.clip_l.apply({"params": params["text_encoder"]}, ids["clip_l"],
+                                              method=self.clip_l.sd3_outputs)
+            h_g, pooled_g = self.clip_g.apply({"params": params["text_encoder_2"]}, ids["clip_g"],
+                                              method=self.clip_g.sd3_outputs)
+            clip = jnp.concatenate([h_l, h_g], axis=-1)
+            b = clip.shape[0]
+            if self.t5 is not None:
+                t5 = self.t5.apply({"params": params["text_encoder_3"]}, ids["t5"])
+            else:
+                t5 = jnp.zeros((b, max_sequence_length, self.joint_attention_dim), clip.dtype)
+            if clip.shape[-1] > t5.shape[-1]:
+                raise ValueError(f"CLIP width {clip.shape[-1]} exceeds the T5 / joint width {t5.shape[-1]}")
+            clip = jnp.pad(clip, ((0, 0), (0, 0), (0, t5.shape[-1] - clip.shape[-1])))
+            context = jnp.concatenate([clip, t5.astype(clip.dtype)], axis=1)
+            return context, jnp.concatenate([pooled_l, pooled_g], axis=-1)
+
+        return jax.jit(encode, static_argnames=("max_sequence_length",))
+
+    def __call__(self, params: dict, prompts: Sequence[str], max_sequence_length: int = 256):
+        ids = self.tokenize(prompts, max_sequence_length)
+        return self.encode_tokens(params, ids, max_sequence_length=max_sequence_length)
+
+
+def _ids(tokenizer: Any, prompts: list[str], length: int, add_special_tokens: bool = True) -> np.ndarray:
+    out = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                    add_special_tokens=add_special_tokens, return_tensors="np")
+    return np.asarray(out["input_ids"], np.int32)
+
+
+def load_tokenizer(folder):
+    """A transformers tokenizer from a local folder (never the hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
