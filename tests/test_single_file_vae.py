@@ -16,6 +16,7 @@ from perco_jax.convert.single_file_vae import LDMVAESource, infer_vae_config, lo
 from perco_jax.convert.vae import vae_config_from_diffusers
 from perco_jax.models.vae import AutoencoderKL
 from tests.reference import randomize_, rel_err
+from tests.test_vae import images, jax_outputs, torch_outputs
 
 # SD3's layout at toy width: no quant convs, 32 groups (the group count is not stored in the file).
 SMALL = dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -50,28 +51,6 @@ def to_ldm(state_dict, num_up):
     return out
 
 
-def images(b=2, h=48, w=64, seed=0):
-    return np.random.default_rng(seed).uniform(-1, 1, (b, h, w, 3)).astype(np.float32)
-
-
-def nchw(x):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def torch_outputs(ref, x):
-    with torch.no_grad():
-        dist = ref.encode(nchw(x)).latent_dist
-        return nhwc(dist.mean), nhwc(dist.logvar), nhwc(ref.decode(dist.mean).sample)
-
-
-def jax_outputs(model, params, x):
-    v = {"params": params}
-    mean, logvar = jax.jit(lambda v, x: model.apply(v, x, method=model.encode))(v, x)
-    return mean, logvar, jax.jit(lambda v, z: model.apply(v, z, method=model.decode))(v, mean)
 
 
 def assert_parity(ours, theirs, tol=1e-4):
