@@ -1,0 +1,270 @@
+"""Bitstream container and range coding: round trips, rate, and strict handling of bad input."""
+import contextlib
+import dataclasses
+import math
+import signal
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from perco_jax import schedules
+from perco_jax.codec import bitstream as bs
+from perco_jax.codec import range_coding as rc
+
+FP = bs.fingerprint({"model": "tiny", "grid": 4, "codebook_size": 64})
+HEADER = bs.Header(fingerprint=FP, image_height=512, image_width=384, grid_h=16, grid_w=12,
+                   codebook_size=1024, schedule="qlds", schedule_steps=8)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fails the test (instead of hanging it) if the block runs longer than `seconds`."""
+    def handler(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ----------------------------------------------------------------------------- container
+
+@pytest.mark.parametrize("caption", ["", "a photo of a cat on a red sofa", "猫がソファの上で寝ている 🐈‍⬛🛋️",
+                                     "emoji only 😀😃😄😁", "x" * 5000, "tab\tnewline\nnul\0 é ß ∑"])
+@pytest.mark.parametrize("coding", [bs.CAPTION_DEFLATE, bs.CAPTION_UTF8])
+def test_pack_unpack_round_trip(caption, coding):
+    header = dataclasses.replace(HEADER, caption_coding=coding)
+    payload = bytes(range(256)) * 3
+    data = bs.pack(header, caption, payload)
+    assert data[:4] == b"PRCO" and data[4] == bs.VERSION
+    h, c, p = bs.unpack(data)
+    assert (h, c, p) == (header, caption, payload)
+
+
+def test_layout_and_overhead():
+    data = bs.pack(HEADER, "", b"")
+    # magic + version + fixed header + two one-byte varints + CRC (raw DEFLATE of "" is 2 bytes)
+    assert len(data) == 4 + 1 + 27 + 1 + 2 + 1 + 4
+    assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
+    caption = "a photo of a cat"
+    assert zlib.decompress(bs.encode_caption(caption, bs.CAPTION_DEFLATE), wbits=-15) == caption.encode()
+    assert bs.smallest_caption_coding("a cat") == bs.CAPTION_UTF8
+    assert bs.smallest_caption_coding("a cat " * 20) == bs.CAPTION_DEFLATE
+
+
+def test_all_schedules_and_uniform_in_header():
+    for name in (schedules.UNIFORM,) + schedules.SCHEDULES:
+        steps = 5 if name in schedules.STEPPED else 0
+        seed = 123 if name in ("random", "cosine") else 0
+        header = dataclasses.replace(HEADER, schedule=name, schedule_steps=steps, schedule_seed=seed)
+        assert bs.unpack(bs.pack(header, "c", b"\1"))[0] == header
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _raises(data, match):
+    with pytest.raises(bs.BitstreamError, match=match):
+        bs.unpack(data)
+
+
+def test_strict_parsing_messages():
+    good = bs.pack(HEADER, "a cat", b"\x01\x02\x03")
+    _raises(b"GIF89a" + good[6:], "not a perco-jax bitstream")
+    _raises(b"", "truncated")
+    _raises(b"PR", "truncated")
+    _raises(good[:4] + bytes([bs.VERSION + 1]) + good[5:], "newer")
+    _raises(good[:4] + b"\0" + good[5:], "unsupported bitstream version 0")
+    for cut in (5, 20, 33, len(good) - 5, len(good) - 1):
+        _raises(good[:cut], "truncated")
+    _raises(good + b"\0", "trailing bytes")
+    flipped = bytearray(good)
+    flipped[-6] ^= 0x10
+    _raises(bytes(flipped), "corrupted")
+    _raises("not bytes", "bytes")
+    # semantically invalid fields with a valid CRC
+    body = bytearray(good[:-4])
+    fixed = list(struct.unpack_from("<8sHHHHIBHHBB", body, 5))
+
+    def with_fields(**changes):
+        names = ["fp", "ih", "iw", "gh", "gw", "k", "sid", "steps", "seed", "cap", "flags"]
+        values = fixed.copy()
+        for key, v in changes.items():
+            values[names.index(key)] = v
+        b = bytearray(body)
+        struct.pack_into("<8sHHHHIBHHBB", b, 5, *values)
+        return _with_crc(bytes(b))
+
+    _raises(with_fields(sid=99), "unknown masking schedule id 99")
+    _raises(with_fields(gh=600), "larger than the image")
+    _raises(with_fields(ih=0), "image_height")
+    _raises(with_fields(gw=0), "grid_w")
+    _raises(with_fields(k=1), "codebook_size")
+    _raises(with_fields(k=1 << 30), "codebook_size")
+    _raises(with_fields(steps=0), "schedule_steps")
+    _raises(with_fields(cap=7), "caption coding")
+    # caption: invalid UTF-8 (stored raw) and invalid DEFLATE
+    raw_header = dataclasses.replace(HEADER, caption_coding=bs.CAPTION_UTF8)
+    b = bytearray(bs.pack(raw_header, "ab", b"")[:-4])
+    b[33:35] = b"\xff\xfe"
+    _raises(_with_crc(bytes(b)), "invalid UTF-8")
+    b = bytearray(bs.pack(HEADER, "", b"")[:-4])
+    _raises(_with_crc(bytes(b[:32]) + b"\x02\xff\xff" + b"\x00"), "DEFLATE")
+    # length field pointing past the end, with a valid CRC
+    _raises(_with_crc(bytes(b[:32]) + b"\x7f"), "points past the end")
+    # non-minimal varint
+    _raises(_with_crc(bytes(b[:32]) + b"\x80\x00" + b"\x00"), "non-minimal")
+
+
+def test_pack_rejects_invalid_headers():
+    with pytest.raises(bs.BitstreamError, match="fingerprint"):
+        bs.pack(dataclasses.replace(HEADER, fingerprint=b"short"), "", b"")
+    with pytest.raises(bs.BitstreamError, match="takes no steps"):
+        bs.pack(dataclasses.replace(HEADER, schedule="checkerboard", schedule_steps=2), "", b"")
+    with pytest.raises(bs.BitstreamError, match="unknown schedule"):
+        bs.pack(dataclasses.replace(HEADER, schedule="zigzag"), "", b"")
+    with pytest.raises(bs.BitstreamError, match="UTF-8"):
+        bs.pack(HEADER, "bad surrogate \ud800", b"")
+
+
+def test_fingerprint():
+    a = bs.fingerprint({"b": 1, "a": [1, 2.5, "x"], "c": {"d": None}})
+    b = bs.fingerprint({"c": {"d": None}, "a": [1, 2.5, "x"], "b": 1})
+    assert a == b and len(a) == 8
+    assert bs.fingerprint({"b": 2}) != bs.fingerprint({"b": 1})
+    assert bs.fingerprint({"k": np.int64(3), "v": np.arange(2)}) == bs.fingerprint({"k": 3, "v": [0, 1]})
+    header, _, _ = bs.unpack(bs.pack(HEADER, "", b""))
+    bs.check_fingerprint(header, FP)
+    with pytest.raises(bs.BitstreamError, match="different model/config"):
+        bs.check_fingerprint(header, bs.fingerprint({"model": "other"}))
+
+
+def test_random_corruptions_never_escape():
+    rng = np.random.default_rng(1234)
+    symbols = rng.integers(0, 64, 40).astype(np.int32)
+    good = bs.pack(dataclasses.replace(HEADER, grid_h=8, grid_w=5, codebook_size=64, schedule=schedules.UNIFORM,
+                                       schedule_steps=0),
+                   "a photo of a cat on a red sofa 🐈", rc.encode_uniform(symbols, 64))
+    h, _, payload = bs.unpack(good)
+    np.testing.assert_array_equal(rc.decode_uniform(payload, h.grid_h * h.grid_w, h.codebook_size), symbols)
+    outcomes = {"error": 0, "valid": 0}
+    for trial in range(1000):
+        data = bytearray(good)
+        kind = trial % 4
+        if kind == 0:    # bit flips
+            for _ in range(rng.integers(1, 4)):
+                pos = rng.integers(len(data))
+                data[pos] ^= 1 << int(rng.integers(8))
+        elif kind == 1:  # byte changes
+            for _ in range(rng.integers(1, 4)):
+                data[rng.integers(len(data))] = rng.integers(256)
+        elif kind == 2:  # truncation
+            data = data[:rng.integers(len(data))]
+        else:            # insertion
+            pos = rng.integers(len(data) + 1)
+            data[pos:pos] = rng.integers(0, 256, rng.integers(1, 5)).astype(np.uint8).tobytes()
+        with time_limit(0.5):
+            try:
+                header, caption, payload = bs.unpack(bytes(data))
+                rc.decode_uniform(payload, header.grid_h * header.grid_w, header.codebook_size)
+                outcomes["valid"] += 1
+            except bs.BitstreamError:
+                outcomes["error"] += 1
+    # a corruption slipping past the CRC32 is a ~2^-32 event; none here
+    assert outcomes["error"] == 1000
+
+
+# ----------------------------------------------------------------------------- range coding
+
+def _sample(rng, probs):
+    cdf = np.cumsum(probs, axis=1)
+    u = rng.random((len(probs), 1)) * cdf[:, -1:]
+    return np.minimum((cdf < u).sum(axis=1), probs.shape[1] - 1).astype(np.int32)
+
+
+@pytest.mark.parametrize("k,concentration", [(2, 1.0), (64, 0.3), (1024, 0.05), (1024, 1.0)])
+def test_range_coding_round_trip_and_rate(k, concentration):
+    rng = np.random.default_rng(k)
+    sizes = [1, 3, 17, 60, 0, 175]
+    probs = [rng.dirichlet(np.full(k, concentration), size=n).astype(np.float32) for n in sizes]
+    symbols = [_sample(rng, p) for p in probs]
+    data = rc.encode_groups(symbols, probs)
+    dec = rc.Decoder(data)
+    for s, p in zip(symbols, probs):
+        np.testing.assert_array_equal(dec.decode(p), s)
+    bits = sum(rc.cross_entropy_bits(s, p) for s, p in zip(symbols, probs) if len(s))
+    assert len(data) <= 1.01 * bits / 8 + 8, (len(data), bits / 8)
+    assert len(data) >= math.floor(bits / 8) - 8
+
+
+def test_quantized_table_is_exact():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(1000, 0.01), size=50).astype(np.float32)
+    p[0] = 0.0                      # all-zero row: uniform
+    p[1, :] = 0.0
+    p[1, 7] = 1.0                   # one-hot: other symbols keep the floor
+    t = rc.quantize_probabilities(p)
+    counts = t * (1 << rc.PRECISION)
+    np.testing.assert_array_equal(counts, np.round(counts))
+    np.testing.assert_array_equal(counts.sum(1), 1 << rc.PRECISION)
+    assert counts.min() >= 1
+    assert (counts[0, 1:] == counts[0, 1]).all() and counts[0, 0] >= counts[0, 1]  # remainder to the first
+    assert counts[1, 7] == (1 << rc.PRECISION) - 999
+    np.testing.assert_array_equal(t, rc.quantize_probabilities(p.copy()))  # deterministic
+    # a one-hot model codes a surprising symbol at <= PRECISION bits, and it still round trips
+    data = rc.encode_groups([np.array([3], np.int32)], [p[1:2]])
+    assert rc.Decoder(data).decode(p[1:2])[0] == 3
+    with pytest.raises(ValueError):
+        rc.quantize_probabilities(np.array([[0.5, np.nan]]))
+    with pytest.raises(ValueError):
+        rc.encode_groups([np.array([5], np.int32)], [np.full((1, 4), 0.25)])
+
+
+def test_range_decoder_corruption_raises_coding_error_or_decodes():
+    rng = np.random.default_rng(7)
+    probs = [rng.dirichlet(np.full(256, 0.1), size=n).astype(np.float32) for n in (8, 32, 88)]
+    symbols = [_sample(rng, p) for p in probs]
+    good = rc.encode_groups(symbols, probs)
+    errors = 0
+    for trial in range(200):
+        data = bytearray(good)
+        if trial % 2:
+            data[rng.integers(len(data))] ^= 1 << int(rng.integers(8))
+        else:
+            data = data[:rng.integers(len(data))]
+        with time_limit(0.5):
+            try:
+                dec = rc.Decoder(bytes(data))
+                for p in probs:
+                    out = dec.decode(p)
+                    assert out.shape == (len(p),) and out.min() >= 0 and out.max() < 256
+            except rc.CodingError:
+                errors += 1
+    assert errors > 0  # constriction's own exceptions did occur and were converted
+    assert issubclass(rc.CodingError, bs.BitstreamError)
+
+
+@pytest.mark.parametrize("k", [2, 256, 1024, 1000, 3])
+def test_uniform_coding(k):
+    rng = np.random.default_rng(k)
+    for n in (0, 1, 7, 64, 256):
+        s = rng.integers(0, k, n).astype(np.int32)
+        data = rc.encode_uniform(s, k)
+        bits = math.ceil(math.log2(k))
+        assert len(data) == math.ceil(n * bits / 8)
+        if k & (k - 1) == 0:
+            assert len(data) == math.ceil(n * math.log2(k) / 8)
+        np.testing.assert_array_equal(rc.decode_uniform(data, n, k), s)
+    with pytest.raises(rc.CodingError, match="bytes"):
+        rc.decode_uniform(data + b"\0", 256, k)
+    if k == 1000:  # the unused codes 1000..1023 are corruption
+        with pytest.raises(rc.CodingError, match="index"):
+            rc.decode_uniform(b"\xff\xc0", 1, k)
+    with pytest.raises(ValueError):
+        rc.encode_uniform(np.array([k]), k)
