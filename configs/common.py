@@ -52,6 +52,22 @@ CLIP_G = dict(hidden_size=1280, intermediate_size=5120, projection_dim=1280, num
               num_attention_heads=20, hidden_act="gelu")  # OpenCLIP ViT-bigG/14 text tower
 
 
+# Rate of z_l with uniform coding: grid_side^2 * log2(codebook_size) bits per image.
+BITRATE_PRESETS = {
+    "8x8_k256": dict(grid_side=8, codebook_size=256),       # 0.00195 bpp at 512^2
+    "16x16_k256": dict(grid_side=16, codebook_size=256),    # 0.0078 bpp
+    "16x16_k1024": dict(grid_side=16, codebook_size=1024),  # 0.0098 bpp
+    "32x32_k1024": dict(grid_side=32, codebook_size=1024),  # 0.039 bpp
+    "64x64_k1024": dict(grid_side=64, codebook_size=1024),  # 0.156 bpp
+}
+
+
+def codec(preset: str = "16x16_k1024", code_dim: int = 16) -> ml_collections.ConfigDict:
+    if preset not in BITRATE_PRESETS:
+        raise ValueError(f"unknown bitrate preset {preset!r}; known: {sorted(BITRATE_PRESETS)}")
+    return ml_collections.ConfigDict(dict(preset=preset, code_dim=code_dim, **BITRATE_PRESETS[preset]))
+
+
 def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = name
@@ -65,4 +81,38 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.dtype = "bfloat16"
     config.remat = True
     config.seed = 0
+
+    # ---- the codec
+    config.image_size = 512
+    config.autoencoder = "sd3_vae"          # or "space_to_depth" (tiny configs: no trained VAE)
+    config.space_to_depth_factor = 8
+    config.pretrained = ""                  # a `perco-jax convert` weights folder; "" = random init
+    config.codec = codec()
+    config.hyper_encoder = ml_collections.ConfigDict(dict(
+        width=256, depth=2, out_channels=64, num_groups=32, attention=True))
+    config.vq = ml_collections.ConfigDict(dict(decay=0.99, commitment_cost=0.0, restart_threshold=0.03))
+    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1))
+
+    # ---- stage-1 training (field names follow Flax's examples)
+    config.num_train_steps = 100_000
+    config.batch_size = 256
+    config.learning_rate = 1e-4
+    config.warmup_steps = 1000
+    config.lr_schedule = "cosine"           # or "constant"
+    config.weight_decay = 0.01
+    config.grad_clip = 1.0
+    config.grad_accum_steps = 1
+    config.ema_decay = 0.9999               # 0 disables the EMA
+    config.trainable = "all"                # "all" | "attention_mlp" | "frozen" (MM-DiT frozen)
+    config.sigma_sampling = ml_collections.ConfigDict(dict(scheme="logit_normal", mean=0.0, std=1.0,
+                                                           resolution_shift=True))
+    config.loss_weighting = "none"
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.data = ml_collections.ConfigDict(dict(source="coco", image_size=512, folder="", captions="",
+                                                 tfds_data_dir="", seed=0))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.sharding_rules = []              # [[logical, mesh_axis], ...]; [] = parallel.DEFAULT_RULES
+    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0))
     return config

@@ -23,4 +23,25 @@ def get_config():
                           relative_attention_num_buckets=8, relative_attention_max_distance=32)
     config.dtype = "float32"
     config.remat = False
+
+    # The codec at toy scale: 64x64 images, the parameter-free space-to-depth autoencoder
+    # (4x4 pixels -> 48 channels) and a 4x4 grid of 64 codes (0.023 bpp), built-in synthetic data.
+    config.image_size = 64
+    config.autoencoder = "space_to_depth"
+    config.space_to_depth_factor = 4
+    config.mmdit.update(in_channels=48, out_channels=48, num_attention_heads=4, caption_projection_dim=64,
+                        num_layers=3, dual_attention_layers=())
+    config.codec = common.codec("8x8_k256", code_dim=8)
+    config.codec.update(preset="tiny_4x4_k64", grid_side=4, codebook_size=64)
+    config.hyper_encoder.update(width=32, depth=1, out_channels=16, num_groups=8)
+    config.text.max_sequence_length = 16
+    config.num_train_steps = 300
+    config.batch_size = 16
+    config.learning_rate = 1e-3
+    config.warmup_steps = 20
+    config.ema_decay = 0.99
+    config.log_every_steps = 25
+    config.checkpoint_every_steps = 100
+    config.data.update(source="synthetic", image_size=64)
+    config.sample.update(steps=10, guidance=2.0)
     return config

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -48,15 +49,37 @@ def _demo(args) -> int:
 def _info(args) -> int:
     import jax
 
+    from perco_jax import build
     from perco_jax.config import load_config
     from perco_jax.convert.transformer import abstract_params
     from perco_jax.models.mmdit import mmdit_from_config
+    from perco_jax.configs.common import BITRATE_PRESETS
 
     config = load_config(args.config, args.override)
+    build.validate(config)
     model = mmdit_from_config(config.mmdit)
     n = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(model)))
     print(config)
     print(f"MM-DiT parameters: {n:,} ({n * 4 / 2**30:.2f} GiB in float32)")
+    print(f"\nbitrate presets at {config.image_size}x{config.image_size} (uniform coding of z_l):")
+    print(f"  {'preset':<14}{'grid':>8}{'K':>7}{'bits':>8}{'bpp':>10}")
+    for name, p in BITRATE_PRESETS.items():
+        bits = p["grid_side"] ** 2 * math.log2(p["codebook_size"])
+        mark = "  <- this config" if name == config.codec.preset else ""
+        print(f"  {name:<14}{p['grid_side']:>5}x{p['grid_side']:<2}{p['codebook_size']:>7}{bits:>8.0f}"
+              f"{bits / config.image_size ** 2:>10.5f}{mark}")
+    print(f"this config: {config.codec.grid_side}x{config.codec.grid_side}, K={config.codec.codebook_size}: "
+          f"{build.bits_per_pixel(config):.5f} bpp")
+    return 0
+
+
+def _train(args) -> int:
+    from perco_jax.config import load_config
+    from perco_jax.train.loop import train
+
+    config = load_config(args.config, args.override)
+    train(config, args.workdir)
+    print(f"done: checkpoints and TensorBoard files in {args.workdir}")
     return 0
 
 
@@ -95,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(fn=_demo)
 
+    t = sub.add_parser("train", help="stage-1 training (resumes from the workdir's latest checkpoint)")
+    t.add_argument("--config", default="tiny", help="preset name or config file (configs/*.py)")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    t.set_defaults(fn=_train)
+
     i = sub.add_parser("info", help="print a config and its model sizes")
     i.add_argument("--config", default="tiny", help="preset name or config file")
     i.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
@@ -102,7 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_dot_overrides(argv: list[str]) -> list[str]:
+    """Accept Flax-style `--config.x.y=v` as `-o x.y=v`."""
+    out = []
+    for a in argv:
+        if a.startswith("--config.") and "=" in a:
+            out += ["-o", a[len("--config."):]]
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = _config_dot_overrides(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     from perco_jax.checkpoint import CheckpointError
     from perco_jax.convert.common import ConversionError

@@ -77,6 +77,8 @@ def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = Tr
     torch.manual_seed(seed)
     mm = config.mmdit.to_dict()
     mm.pop("extra_in_channels")
+    # the codec's tiny config uses space-to-depth; an SD3 pipeline always has the VAE's latents
+    mm.update(in_channels=config.vae.latent_channels, out_channels=config.vae.latent_channels)
     mm["qk_norm"] = mm["qk_norm"] or None
     vae = config.vae.to_dict()
     n_blocks = len(vae["block_out_channels"])

@@ -1,0 +1,133 @@
+"""From a run config to networks: validation, the autoencoder, the PerCo model, the text path.
+
+Every config error is caught here, at start, with a message naming the field.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from perco_jax.models.hyper_encoder import HyperEncoder, num_stages
+from perco_jax.models.mmdit import mmdit_from_config
+from perco_jax.models.perco import PerCo
+from perco_jax.models.vae import AutoencoderKL, SpaceToDepthAutoencoder
+from perco_jax.models.vq import VectorQuantizer
+
+AUTOENCODERS = ("sd3_vae", "space_to_depth")
+TRAINABLE = ("all", "attention_mlp", "frozen")
+
+
+class ConfigError(ValueError):
+    """A run config value is out of range or inconsistent with another."""
+
+
+def latent_geometry(config) -> tuple[int, int]:
+    """(latent side, latent channels) of a config's images."""
+    if config.autoencoder == "space_to_depth":
+        f = config.space_to_depth_factor
+        return config.image_size // f, 3 * f * f
+    if config.autoencoder == "sd3_vae":
+        f = 2 ** (len(config.vae.block_out_channels) - 1)
+        return config.image_size // f, config.vae.latent_channels
+    raise ConfigError(f"autoencoder={config.autoencoder!r}: choose one of {AUTOENCODERS}")
+
+
+def bits_per_pixel(config) -> float:
+    """Rate of z_l under uniform coding (grid^2 * log2 K bits) per pixel of the image."""
+    g, k = config.codec.grid_side, config.codec.codebook_size
+    return g * g * math.log2(k) / config.image_size ** 2
+
+
+def validate(config) -> None:
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    side, channels = latent_geometry(config)
+    f = config.image_size // side
+    need(config.image_size % f == 0 and side > 0,
+         f"image_size={config.image_size} is not a multiple of the autoencoder factor {f}")
+    need(config.codec.codebook_size >= 2, f"codec.codebook_size={config.codec.codebook_size}: need K >= 2")
+    need(config.codec.code_dim >= 1, f"codec.code_dim={config.codec.code_dim}: need >= 1")
+    g = config.codec.grid_side
+    need(g >= 1 and side % g == 0,
+         f"codec.grid_side={g} does not divide the latent side {side} (image_size {config.image_size})")
+    try:
+        num_stages(side, g)
+    except ValueError as e:
+        raise ConfigError(f"codec.grid_side={g}: {e}") from e
+    need(config.mmdit.in_channels == channels,
+         f"mmdit.in_channels={config.mmdit.in_channels} but the {config.autoencoder} latents have {channels}")
+    need(side % config.mmdit.patch_size == 0,
+         f"latent side {side} is not a multiple of mmdit.patch_size={config.mmdit.patch_size}")
+    need(config.trainable in TRAINABLE, f"trainable={config.trainable!r}: choose one of {TRAINABLE}")
+    need(config.lr_schedule in ("cosine", "constant"), f"lr_schedule={config.lr_schedule!r}: cosine or constant")
+    need(config.batch_size >= 1 and config.batch_size % jax.process_count() == 0,
+         f"batch_size={config.batch_size} must be a positive multiple of the process count {jax.process_count()}")
+    need(config.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
+    need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
+    need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
+    need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
+
+
+def build_autoencoder(config):
+    if config.autoencoder == "space_to_depth":
+        return SpaceToDepthAutoencoder(factor=config.space_to_depth_factor)
+    kw = config.vae.to_dict()
+    kw["block_out_channels"] = tuple(kw["block_out_channels"])
+    return AutoencoderKL(**kw, dtype=jnp.dtype(config.dtype))
+
+
+def build_perco(config) -> PerCo:
+    validate(config)
+    dt = jnp.dtype(config.dtype)
+    mmdit = mmdit_from_config(config.mmdit, extra_in_channels=config.codec.code_dim, dtype=dt,
+                              remat=bool(config.remat))
+    he = HyperEncoder(grid_side=config.codec.grid_side, **config.hyper_encoder.to_dict(), dtype=dt)
+    vq = VectorQuantizer(codebook_size=config.codec.codebook_size, code_dim=config.codec.code_dim,
+                         **config.vq.to_dict())
+    return PerCo(mmdit=mmdit, hyper_encoder=he, vq=vq)
+
+
+def build_text(config, workdir: str | Path):
+    """(PromptEncoder, {"text_encoder": ..., "text_encoder_2": ..., "text_encoder_3": ...} params).
+
+    From `config.pretrained` (a converted SD3 weights folder) when set; otherwise small random
+    encoders from the config's clip_l / clip_g / t5 sections, with the built-in tiny tokenizers
+    written under `workdir/tokenizers` (deterministic from config.seed).
+    """
+    from perco_jax.models.clip import CLIPTextEncoder
+    from perco_jax.models.t5 import T5Encoder
+    from perco_jax.text import PromptEncoder, load_tokenizer
+
+    if config.pretrained:
+        from perco_jax.sd3 import SD3Pipeline
+
+        pipe = SD3Pipeline.load(config.pretrained, compute_dtype=jnp.dtype(config.dtype))
+        if pipe.prompt_encoder is None:
+            raise ConfigError(f"pretrained={config.pretrained} has no text encoders / tokenizers")
+        return pipe.prompt_encoder, {k: v for k, v in pipe.params.items() if k.startswith("text_encoder")}
+
+    from perco_jax.tiny import save_clip_tokenizer, save_t5_tokenizer
+
+    tok = Path(workdir) / "tokenizers"
+    if not (tok / "tokenizer_3").exists():
+        save_clip_tokenizer(tok / "tokenizer", pad_with_eos=True)
+        save_clip_tokenizer(tok / "tokenizer_2", pad_with_eos=False)
+        save_t5_tokenizer(tok / "tokenizer_3")
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+              "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
+    clip_l = CLIPTextEncoder(**{k: config.clip_l[k] for k in fields})
+    clip_g = CLIPTextEncoder(**{k: config.clip_g[k] for k in fields})
+    t5 = T5Encoder(**config.t5.to_dict())
+    keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), 3)
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = {name: nn.meta.unbox(m.init(k, ids))["params"]
+              for name, m, k in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (clip_l, clip_g, t5), keys)}
+    encoder = PromptEncoder(load_tokenizer(tok / "tokenizer"), load_tokenizer(tok / "tokenizer_2"), clip_l, clip_g,
+                            load_tokenizer(tok / "tokenizer_3"), t5, joint_attention_dim=config.mmdit.joint_attention_dim)
+    return encoder, params

@@ -1,0 +1,76 @@
+"""Device mesh, logical-axis rules and shardings: one code path for 1 CPU, 8 GPUs or a TPU pod.
+
+Parameters carry logical axis names (see `models/layers.py`); a rule table maps them to the mesh
+axes `data`, `fsdp` and `tensor`. Batches are split over (`data`, `fsdp`).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis. FSDP shards the model width; tensor parallelism the heads / MLP.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+    ("joint", None), ("pooled", None), ("conv_in", None), ("conv_out", "fsdp"), ("norm", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """A (data, fsdp, tensor) mesh; one axis may be -1 (= all remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = dict(shape or {"data": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide by the fixed mesh axes ({known})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) > len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"{len(devices)} available")
+    devices = devices[:int(np.prod(sizes))]  # a fully specified smaller mesh uses the first devices
+    # Auto axes: XLA propagates shardings through reshapes (explicit axes would need annotations
+    # on every reshape of the models).
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
+    """Config rules as [[logical, mesh_axis_or_None], ...] (or the defaults when empty)."""
+    if not rules:
+        return DEFAULT_RULES
+    return tuple((str(k), (None if v in (None, "", "none") else v)) for k, v in rules)
+
+
+def param_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for a tree of (possibly abstract) params carrying nn.Partitioned boxes;
+    unannotated leaves are replicated."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
+    """Assemble this process's numpy batch into global jax Arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}

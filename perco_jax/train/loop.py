@@ -1,0 +1,203 @@
+"""The training loop shared by both stages (stage 1 here): sharded jit step on a device mesh,
+orbax CheckpointManager (periodic + SIGTERM, keep-N, exact resume), clu metric writers and
+periodic actions, a progress bar.
+
+    train(config, workdir) -> final TrainState
+"""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import linen as nn
+from tqdm.auto import tqdm
+
+from perco_jax import build, parallel
+from perco_jax.train.state import TrainState, count_params, make_optimizer
+from perco_jax.train.step import TOKEN_KEYS, make_train_step
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and stops."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            self._old = None
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def init_state(config, model, tx, mesh, rules):
+    """(state, shardings): a fresh sharded TrainState built by a jit with out_shardings."""
+    side, channels = build.latent_geometry(config)
+
+    def make(rng):
+        k_init, k_state = jax.random.split(rng)
+        x = jnp.zeros((1, side, side, channels))
+        variables = model.init({"params": k_init, "vq": k_init}, x, x, jnp.zeros((1,)),
+                               jnp.zeros((1, 8, config.mmdit.joint_attention_dim)),
+                               jnp.zeros((1, config.mmdit.pooled_projection_dim)))
+        params = variables["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          ema_params=params if config.ema_decay > 0 else None,
+                          vq_state=variables["vq"], rng=k_state)
+
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(make, rng)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def load_pretrained_mmdit(config, state, shardings):
+    """Replace the random MM-DiT with the converted one (zero z_l columns) from config.pretrained."""
+    from perco_jax.checkpoint import load_weights
+    from perco_jax.convert.transformer import config_from_diffusers
+    from perco_jax.models.mmdit import mmdit_from_config
+
+    configs, params = load_weights(config.pretrained, ["transformer"])
+    pre = params["transformer"]
+    kernel = pre["pos_embed"]["kernel"]
+    want = state.params["mmdit"]["pos_embed"]["kernel"].shape
+    if kernel.shape[2] < want[2]:  # add the zero-initialised z_l input columns
+        pad = np.zeros(kernel.shape[:2] + (want[2] - kernel.shape[2], kernel.shape[3]), kernel.dtype)
+        pre["pos_embed"]["kernel"] = np.concatenate([np.asarray(kernel), pad], axis=2)
+    ours = jax.tree_util.tree_map(lambda x: x.shape, state.params["mmdit"])
+    theirs = jax.tree_util.tree_map(lambda x: x.shape, pre)
+    if ours != theirs:
+        model = mmdit_from_config(config_from_diffusers(configs["transformer"]))
+        raise build.ConfigError(f"pretrained={config.pretrained} holds a {model.num_layers}-layer, "
+                                f"{model.inner_dim}-wide MM-DiT that does not match config.mmdit")
+    params = dict(state.params, mmdit=pre)
+    params = jax.device_put(params, shardings.params)
+    ema = jax.device_put(params, shardings.ema_params) if state.ema_params is not None else None
+    return state.replace(params=params, ema_params=ema)
+
+
+def _checkpoint_manager(workdir: Path, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options)
+
+
+def _restore(mngr, state, shardings):
+    step = mngr.latest_step()
+    if step is None:
+        return state, 0
+    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                          data=ocp.args.JsonRestore()))
+    logging.info("resumed from step %d", step)
+    return restored.state, int(restored.data["examples_seen"])
+
+
+def _save(mngr, state, examples_seen: int, force: bool = False) -> None:
+    step = int(jax.device_get(state.step))
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=ocp.args.JsonSave({"examples_seen": examples_seen})), force=force)
+    mngr.wait_until_finished()
+
+
+def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int | None = None) -> TrainState:
+    """Train stage 1 for config.num_train_steps (resuming from workdir's latest checkpoint).
+
+    `stop_after=N` behaves as a preemption after step N (save, stop): tests use it to check that
+    an interrupted and resumed run equals an uninterrupted one.
+    """
+    from perco_jax.data.pipeline import make_dataset
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    build.validate(config)
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    rules = parallel.rules_from_config(config.sharding_rules)
+    model = build.build_perco(config)
+    autoencoder = build.build_autoencoder(config)
+    prompt_encoder, text_params = build.build_text(config, workdir)
+    tx = make_optimizer(config)
+    writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
+
+    with jax.set_mesh(mesh):
+        state, shardings = init_state(config, model, tx, mesh, rules)
+        mngr = _checkpoint_manager(workdir, config)
+        state, examples_seen = _restore(mngr, state, shardings)
+        if examples_seen == 0 and config.pretrained:
+            state = load_pretrained_mmdit(config, state, shardings)
+        frozen = jax.device_put({"autoencoder": _autoencoder_params(config, autoencoder), "text": text_params},
+                                parallel.replicated(mesh))
+        empty = {k: jnp.asarray(v[:1]) for k, v in prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
+        step_fn = jax.jit(make_train_step(model, autoencoder, prompt_encoder, config, tx),
+                          in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
+                          out_shardings=(shardings, None), donate_argnums=(0,))
+        start = int(jax.device_get(state.step))
+        writer.write_hparams({"params_trainable_and_frozen": count_params(state.params),
+                              "bpp_uniform": build.bits_per_pixel(config)})
+        report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
+        data = make_dataset(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                            start_index=examples_seen)
+        preempt = _Preemption()
+        bar = tqdm(total=config.num_train_steps, initial=start, disable=not progress or jax.process_index() > 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        history = []
+        try:
+            for step in range(start, config.num_train_steps):
+                local = next(data)
+                tokens = prompt_encoder.tokenize([c.decode() if isinstance(c, bytes) else str(c)
+                                                  for c in local["caption"]], config.text.max_sequence_length)
+                batch = parallel.global_batch({"image": local["image"], **{k: tokens[k] for k in TOKEN_KEYS
+                                                                            if k in tokens}}, mesh)
+                state, metrics = step_fn(state, batch, frozen, empty)
+                examples_seen += config.batch_size
+                done = step + 1
+                report(done)
+                if done % config.log_every_steps == 0 or done == config.num_train_steps:
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    scalars["bpp_uniform"] = build.bits_per_pixel(config)
+                    writer.write_scalars(done, scalars)
+                    history.append((done, scalars["loss"]))
+                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", usage=f"{scalars['codebook_usage']:.2f}")
+                bar.update(1)
+                if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
+                    _save(mngr, state, examples_seen)
+                elif preempt.requested or mngr.reached_preemption(done) or done == stop_after:
+                    _save(mngr, state, examples_seen, force=True)
+                    logging.warning("preempted: saved step %d and stopped", done)
+                    break
+        finally:
+            bar.close()
+            preempt.restore()
+            writer.flush()
+            mngr.close()
+    (workdir / "loss_history.json").write_text(json.dumps(history))
+    return state
+
+
+def _autoencoder_params(config, autoencoder):
+    """The frozen autoencoder's params: none for space-to-depth, the converted VAE otherwise."""
+    if config.autoencoder == "space_to_depth":
+        return {}
+    if not config.pretrained:
+        x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
+        return nn.meta.unbox(autoencoder.init(jax.random.PRNGKey(config.seed + 2), x))["params"]
+    from perco_jax.checkpoint import load_weights
+
+    return load_weights(config.pretrained, ["vae"])[1]["vae"]
+
+

@@ -1,0 +1,60 @@
+"""The stage-1 training step: conditional flow matching on the autoencoder latent given z_l and the
+caption (dropped to the empty prompt in `caption_dropout` of the examples), plus the VQ terms.
+
+    batch = {"image": [B, H, W, 3] in [-1, 1], "clip_l": [B, 77], "clip_g": [B, 77], "t5": [B, L]}
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from perco_jax import flow
+from perco_jax.models.vae import latents_from_moments, scale_latents
+from perco_jax.train.state import TrainState, ema_update, step_key
+
+TOKEN_KEYS = ("clip_l", "clip_g", "t5")
+
+
+def make_train_step(model, autoencoder, prompt_encoder, config, tx):
+    """(state, batch, frozen) -> (state, metrics); `frozen` = {"autoencoder": ..., "text": ...} params."""
+    shift = (flow.resolution_shift(config.image_size, config.image_size)
+             if config.sigma_sampling.resolution_shift else 1.0)
+    max_len = config.text.max_sequence_length
+    p_drop = float(config.text.caption_dropout)
+
+    def train_step(state: TrainState, batch: dict, frozen: dict, empty_tokens: dict):
+        b = batch["image"].shape[0]
+        k_vae, k_drop, k_sigma, k_noise, k_vq = (step_key(state, i) for i in range(5))
+        mean, logvar = autoencoder.apply({"params": frozen["autoencoder"]}, batch["image"], method=autoencoder.encode)
+        x0 = scale_latents(latents_from_moments(mean, logvar, k_vae), autoencoder.scaling_factor,
+                           autoencoder.shift_factor)
+        drop = jax.random.uniform(k_drop, (b,)) < p_drop
+        tokens = {k: jnp.where(drop[:, None], empty_tokens[k], batch[k]) for k in TOKEN_KEYS if k in batch}
+        context, pooled = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_len)
+        context, pooled = jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
+        sigma = flow.sample_sigmas(k_sigma, b, scheme=config.sigma_sampling.scheme,
+                                   mean=config.sigma_sampling.mean, std=config.sigma_sampling.std, shift=shift)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        x_t = flow.interpolate(x0, noise, sigma)
+
+        def loss_fn(params):
+            (v, q), updates = model.apply({"params": params, "vq": state.vq_state}, x0, x_t, sigma * 1000.0,
+                                          context, pooled, train=True, mutable=["vq"], rngs={"vq": k_vq})
+            fm = flow.flow_matching_loss(v, x0, noise, sigma, config.loss_weighting)
+            return fm + q["loss"], (fm, q, updates["vq"])
+
+        (loss, (fm, q, vq_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = ema_update(ema, params, config.ema_decay)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+                                  vq_state=vq_state)
+        metrics = {"loss": loss, "flow_loss": fm, "vq_loss": q["loss"], "perplexity": q["perplexity"],
+                   "codebook_usage": q["usage"], "grad_norm": optax.global_norm(grads)}
+        return new_state, metrics
+
+    return train_step
+

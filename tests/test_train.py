@@ -1,0 +1,111 @@
+"""Stage-1 training on the tiny config: it learns, resumes exactly, agrees across device counts,
+and the full-size codecs build (abstractly) with the right rates."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from perco_jax import build
+from perco_jax.config import load_config
+from perco_jax.train.loop import train
+
+FAST = ["num_train_steps=8", "batch_size=4", "log_every_steps=1", "checkpoint_every_steps=4",
+        "mmdit.num_layers=2", "text.max_sequence_length=8"]
+
+
+def params_of(state):
+    return jax.tree_util.tree_leaves(jax.device_get(state.params))
+
+
+@pytest.mark.slow
+def test_tiny_training_loss_falls(tmp_path):
+    config = load_config("tiny", ["num_train_steps=150", "log_every_steps=10", "checkpoint_every_steps=1000"])
+    train(config, tmp_path, progress=False)
+    history = json.loads((tmp_path / "loss_history.json").read_text())
+    first = np.mean([l for _, l in history[:2]])
+    last = np.mean([l for _, l in history[-3:]])
+    assert last < 0.7 * first, (first, last)
+    assert (tmp_path / "config.json").exists()
+    assert any(f.name.startswith("events.out.tfevents") for f in tmp_path.iterdir())  # TensorBoard
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    config = load_config("tiny", FAST)
+    full = train(config, tmp_path / "a", progress=False)
+    part = train(config, tmp_path / "b", progress=False, stop_after=3)  # "preempted" after step 3
+    assert int(part.step) == 3
+    resumed = train(config, tmp_path / "b", progress=False)
+    assert int(resumed.step) == int(full.step) == 8
+    for x, y in zip(params_of(full), params_of(resumed)):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(full.vq_state)),
+                    jax.tree_util.tree_leaves(jax.device_get(resumed.vq_state))):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(tmp_path):
+    script = textwrap.dedent(f"""
+        import numpy as np, jax
+        from perco_jax.config import load_config
+        from perco_jax.train.loop import train
+        assert jax.device_count() == 8
+        over = {FAST!r} + ["num_train_steps=2", "batch_size=8", "ema_decay=0.0"]
+        runs = {{}}
+        for name, mesh in [("one", ["mesh.data=1"]), ("eight", ["mesh.data=8"]), ("fsdp", ["mesh.data=4", "mesh.fsdp=2"])]:
+            s = train(load_config("tiny", over + mesh), r"{tmp_path}/" + name, progress=False)
+            runs[name] = jax.tree_util.tree_leaves(jax.device_get(s.params))
+        for other in ("eight", "fsdp"):
+            err = max(float(np.abs(a - b).max()) for a, b in zip(runs["one"], runs[other]))
+            print(other, "max param difference", err)
+            assert err < 1e-5, (other, err)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+
+
+@pytest.mark.parametrize("preset", ["sd3_medium", "sd35_large"])
+def test_full_size_codec_builds_abstractly(preset):
+    config = load_config(preset, ["codec.grid_side=16"])
+    model = build.build_perco(config)
+    side, ch = build.latent_geometry(config)
+    x = jax.ShapeDtypeStruct((1, side, side, ch), np.float32)
+    shapes = jax.eval_shape(lambda x: model.init({"params": jax.random.PRNGKey(0), "vq": jax.random.PRNGKey(1)}, x, x,
+                                                 np.zeros((1,)), np.zeros((1, 8, 4096)), np.zeros((1, 2048))), x)
+    n = sum(int(np.prod(l.shape)) for l in jax.tree_util.tree_leaves(shapes["params"]))
+    assert side == 64 and n > (2.0e9 if preset == "sd3_medium" else 8.0e9)
+    kernel = shapes["params"]["mmdit"]["pos_embed"]["kernel"]
+    kernel = getattr(kernel, "value", kernel)
+    assert kernel.shape[2] == 16 + config.codec.code_dim
+
+
+def test_bitrate_presets():
+    config = load_config("sd3_medium", ["codec.grid_side=8", "codec.codebook_size=256"])
+    assert build.bits_per_pixel(config) == pytest.approx(0.00195, abs=1e-5)
+    config = load_config("sd3_medium")  # 16x16, K=1024
+    assert build.bits_per_pixel(config) == pytest.approx(0.0098, abs=1e-4)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("codec.grid_side=12", "grid_side"),       # does not divide the 64-side latent into powers of 2
+    ("codec.codebook_size=1", "K >= 2"),
+    ("trainable=some", "trainable"),
+    ("autoencoder=jpeg", "autoencoder"),
+    ("mmdit.in_channels=4", "in_channels"),
+])
+def test_bad_config_values_fail_at_start(override, match):
+    with pytest.raises(build.ConfigError, match=match):
+        build.validate(load_config("sd3_medium", [override]))
+
+
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown config"):
+        load_config("sd4_ultra")
+    with pytest.raises(ValueError, match="no config field"):
+        load_config("tiny", ["codec.gridside=4"])
