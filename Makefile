@@ -19,7 +19,7 @@ $(STAMP): $(PY) setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/perco-jax demo --workdir runs/demo
+	$(VENV)/bin/perco-jax demo --workdir demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

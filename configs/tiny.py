@@ -29,8 +29,9 @@ def get_config():
     config.image_size = 64
     config.autoencoder = "space_to_depth"
     config.space_to_depth_factor = 4
-    config.mmdit.update(in_channels=48, out_channels=48, num_attention_heads=4, caption_projection_dim=64,
-                        num_layers=3, dual_attention_layers=())
+    # width 192 > the 2x2x(48+8) = 224-value patches' intrinsic size is what lets it denoise at all
+    config.mmdit.update(in_channels=48, out_channels=48, num_attention_heads=4, attention_head_dim=48,
+                        caption_projection_dim=192, num_layers=3, dual_attention_layers=())
     config.codec = common.codec("8x8_k256", code_dim=8)
     config.codec.update(preset="tiny_4x4_k64", grid_side=4, codebook_size=64)
     config.hyper_encoder.update(width=32, depth=1, out_channels=16, num_groups=8)
@@ -43,5 +44,8 @@ def get_config():
     config.log_every_steps = 25
     config.checkpoint_every_steps = 100
     config.data.update(source="synthetic", image_size=64)
+    # 64^2 is below SD3's 256^2 base: no resolution shift in training, none in sampling
+    config.sigma_sampling.resolution_shift = False
+    config.scheduler_shift = 1.0
     config.sample.update(steps=10, guidance=2.0)
     return config

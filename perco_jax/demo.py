@@ -1,8 +1,12 @@
 """`make demo`: the built-in job on the tiny config, with nothing downloaded.
 
-Today it builds a small random diffusers SD3 transformer in the tiny config's shapes, saves it as a
-diffusers folder, converts it with `perco-jax convert`, reloads the weights folder and checks the
-Flax model against diffusers on the same inputs. Later stages grow this into the codec's job.
+1. SD3 port check: a small random diffusers SD3 transformer is converted with `perco-jax convert`
+   and compared with diffusers on the same inputs.
+2. Stage 1: the tiny codec (space-to-depth autoencoder, small random frozen text encoders, a small
+   MM-DiT, hyper-encoder and VQ) trains on the built-in synthetic captioned scenes, with progress;
+   a finished run is reused (training resumes from the workdir's checkpoint).
+3. Reconstruction of held-out scenes from their z_l indices and captions; side-by-side PNG
+   (original | reconstruction) and a table of bpp and PSNR.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 
-def run_demo(workdir: str) -> int:
+def check_sd3_port(work: Path) -> float:
+    """Convert a random tiny diffusers transformer and return the relative error against it."""
     import jax
     import torch
     from diffusers import SD3Transformer2DModel
@@ -23,8 +28,6 @@ def run_demo(workdir: str) -> int:
     from perco_jax.convert.transformer import config_from_diffusers
     from perco_jax.models.mmdit import mmdit_from_config
 
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
     cfg = load_config("tiny").mmdit.to_dict()
     cfg.pop("extra_in_channels")
     cfg["qk_norm"] = cfg["qk_norm"] or None
@@ -34,34 +37,76 @@ def run_demo(workdir: str) -> int:
         for p in ref.parameters():
             p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.05)
     ref.save_pretrained(work / "diffusers_transformer")
-    print(f"[1/3] saved a random tiny SD3 transformer (diffusers) to {work / 'diffusers_transformer'}")
-
-    if cli(["convert", "--diffusers", str(work / "diffusers_transformer"), "--out", str(work / "weights")]):
-        return 1
+    if cli(["convert", "--diffusers", str(work / "diffusers_transformer"), "--out", str(work / "weights"),
+            "--quiet"]):
+        raise RuntimeError("conversion failed")
     configs, params = load_weights(work / "weights", ["transformer"])
     model = mmdit_from_config(config_from_diffusers(configs["transformer"]))
-    print(f"[2/3] converted to {work / 'weights'}")
-
     rng = np.random.default_rng(0)
     lat = rng.standard_normal((2, cfg["in_channels"], 16, 12)).astype(np.float32)
     t = np.array([250.0, 750.0], np.float32)
     ctx = rng.standard_normal((2, 10, cfg["joint_attention_dim"])).astype(np.float32)
     pooled = rng.standard_normal((2, cfg["pooled_projection_dim"])).astype(np.float32)
-    fwd = jax.jit(lambda p, *a: model.apply({"params": p["transformer"]}, *a))
-    ours = np.asarray(fwd(params, lat.transpose(0, 2, 3, 1), t, ctx, pooled))
-    start = time.perf_counter()
-    ours = np.asarray(fwd(params, lat.transpose(0, 2, 3, 1), t, ctx, pooled))
-    t_jax = time.perf_counter() - start
+    ours = np.asarray(jax.jit(lambda p, *a: model.apply({"params": p}, *a))(
+        params["transformer"], lat.transpose(0, 2, 3, 1), t, ctx, pooled))
     with torch.no_grad():
-        start = time.perf_counter()
         theirs = ref(torch.from_numpy(lat), torch.from_numpy(ctx), torch.from_numpy(pooled),
                      torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
-        t_torch = time.perf_counter() - start
-    err = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-    print(f"[3/3] Flax vs diffusers on a 16x12 latent: relative max error {err:.2e} "
-          f"(jax {t_jax * 1e3:.1f} ms, torch {t_torch * 1e3:.1f} ms)")
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def run_demo(workdir: str) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from perco_jax import build
+    from perco_jax.config import load_config
+    from perco_jax.data.pipeline import make_dataset
+    from perco_jax.images import save_image
+    from perco_jax.reconstruct import make_decoder, make_encoder
+    from perco_jax.train.loop import train
+
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    err = check_sd3_port(work / "sd3_port")
+    print(f"[1/3] SD3 port: converted MM-DiT vs diffusers, relative max error {err:.2e}")
     if err > 1e-4:
-        print("demo FAILED: outputs differ")
+        print("demo FAILED: the converted MM-DiT differs from diffusers")
         return 1
-    print("demo OK")
+
+    config = load_config("tiny")
+    print(f"[2/3] stage 1: training the tiny codec for {config.num_train_steps} steps on synthetic scenes "
+          f"(z_l: {config.codec.grid_side}x{config.codec.grid_side} indices, K={config.codec.codebook_size})")
+    state = train(config, work / "stage1")
+
+    model, autoencoder = build.build_perco(config), build.build_autoencoder(config)
+    prompt_encoder, text_params = build.build_text(config, work / "stage1")
+    side, channels = build.latent_geometry(config)
+    batch = next(make_dataset(config, split="validation"))
+    images = jnp.asarray(batch["image"][:8])
+    captions = [str(c) for c in batch["caption"][:8]]
+    params = state.ema_params if state.ema_params is not None else state.params
+    indices = make_encoder(model, autoencoder)(params, state.vq_state, {}, images)
+    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
+    empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
+    decode = make_decoder(model, autoencoder, prompt_encoder, latent_shape=(side, side, channels),
+                          max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
+    frozen = {"autoencoder": {}, "text": text_params}
+    recon = np.asarray(decode(params, state.vq_state, frozen, indices, tokens, empty, jax.random.PRNGKey(0),
+                              jnp.float32(config.sample.guidance), steps=config.sample.steps))
+    originals = np.asarray(images) / 2 + 0.5
+    grid = np.concatenate([np.concatenate([o, r], axis=1) for o, r in zip(originals, recon)], axis=0)
+    save_image(grid, work / "reconstructions.png")
+    bpp = build.bits_per_pixel(config)
+    print(f"[3/3] reconstructions of {len(captions)} held-out scenes -> {work / 'reconstructions.png'}")
+    print(f"  {'caption':<70}{'bpp(z_l)':>10}{'PSNR':>8}")
+    for c, o, r in zip(captions, originals, recon):
+        print(f"  {c[:68]:<70}{bpp:>10.4f}{psnr(o, r):>8.2f}")
+    print(f"demo OK in {time.time() - start:.0f} s")
     return 0

@@ -1,0 +1,55 @@
+"""The codec's decoder side: z_l codes + caption -> image, by the rectified-flow sampler.
+
+    codes [B, g, g, d] (from VQ.lookup of the decoded indices), caption tokens
+      -> Euler steps of the MM-DiT velocity (CFG on the caption, z_l in both branches)
+      -> unscale -> autoencoder.decode -> image [B, H, W, 3] in [0, 1]
+
+`make_decoder` returns one jitted function; the encoder side (`encode_indices`) is another.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from perco_jax import flow
+from perco_jax.models.vae import latents_from_moments, scale_latents, unscale_latents
+
+
+def make_encoder(model, autoencoder):
+    """Jitted (params, vq_state, ae_params, images [B, H, W, 3] in [-1, 1]) -> indices [B, g, g]."""
+    def encode(params, vq_state, ae_params, images):
+        mean, logvar = autoencoder.apply({"params": ae_params}, images, method=autoencoder.encode)
+        x0 = scale_latents(latents_from_moments(mean, logvar), autoencoder.scaling_factor, autoencoder.shift_factor)
+        q = model.apply({"params": params, "vq": vq_state}, x0, method=model.encode)
+        return q["indices"]
+
+    return jax.jit(encode)
+
+
+def make_decoder(model, autoencoder, prompt_encoder, *, latent_shape, max_sequence_length: int,
+                 shift: float = 1.0):
+    """Jitted (params, vq_state, frozen, indices [B, g, g], tokens, empty_tokens, noise, guidance, steps)
+    -> images [B, H, W, 3] in [0, 1]. `latent_shape` = (h, w, C) of the autoencoder latent."""
+    def decode(params, vq_state, frozen, indices, tokens, empty_tokens, rng, guidance, *, steps: int):
+        b = indices.shape[0]
+        codes = model.apply({"params": params, "vq": vq_state}, indices, method=model.lookup)
+        cond = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_sequence_length)
+        empty = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in empty_tokens.items()}
+        uncond = prompt_encoder.encode_tokens(frozen["text"], empty, max_sequence_length=max_sequence_length)
+        context = jnp.concatenate([uncond[0], cond[0]])
+        pooled = jnp.concatenate([uncond[1], cond[1]])
+        codes2 = jnp.concatenate([codes, codes])
+
+        def velocity(x, t):
+            return model.apply({"params": params, "vq": vq_state}, x, t, codes2, context, pooled,
+                               method=model.velocity)
+
+        sigmas, timesteps = flow.sigma_schedule(steps, shift)
+        noise = jax.random.normal(rng, (b,) + tuple(latent_shape), jnp.float32)
+        latents = flow.euler_sample(flow.guided(velocity, guidance), noise, jnp.asarray(sigmas),
+                                    jnp.asarray(timesteps))
+        z = unscale_latents(latents, autoencoder.scaling_factor, autoencoder.shift_factor)
+        images = autoencoder.apply({"params": frozen["autoencoder"]}, z, method=autoencoder.decode)
+        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+    return jax.jit(decode, static_argnames=("steps",))
