@@ -14,11 +14,13 @@ from perco_jax.tiny import save_tiny_sd3_pipeline
 from tests.test_convert_transformer import to_original
 from tests.test_single_file_vae import to_ldm
 
-# Head widths, the VAE's group count and T5's relative max_distance are not stored in a single
-# file: as in SD3, CLIP and T5 heads are 64 wide, the VAE has 32 groups and max_distance is 128.
+# Head widths, the VAE's group count, T5's relative max_distance and the scheduler shift are not
+# stored in a single file: as in SD3, CLIP and T5 heads are 64 wide, the VAE has 32 groups,
+# max_distance is 128 and the shift is 3.
 HEAD64 = ["vae.block_out_channels=(32, 32, 32)", "vae.norm_num_groups=32", "clip_l.hidden_size=64", "clip_l.num_attention_heads=1", "clip_g.hidden_size=64",
           "clip_g.num_attention_heads=1", "t5.d_model=128", "t5.d_kv=64", "t5.num_heads=2",
-          "mmdit.joint_attention_dim=128", "t5.relative_attention_max_distance=128"]
+          "mmdit.joint_attention_dim=128", "t5.relative_attention_max_distance=128",
+          "scheduler_shift=3.0"]
 
 
 @pytest.mark.slow

@@ -57,10 +57,11 @@ def test_eight_devices_equal_one(tmp_path):
         assert jax.device_count() == 8
         over = {FAST!r} + ["num_train_steps=2", "batch_size=8", "ema_decay=0.0"]
         runs = {{}}
-        for name, mesh in [("one", ["mesh.data=1"]), ("eight", ["mesh.data=8"]), ("fsdp", ["mesh.data=4", "mesh.fsdp=2"])]:
+        # data x fsdp = 4 x 2 uses all 8 devices and both batch axes
+        for name, mesh in [("one", ["mesh.data=1"]), ("fsdp", ["mesh.data=4", "mesh.fsdp=2"])]:
             s = train(load_config("tiny", over + mesh), r"{tmp_path}/" + name, progress=False)
             runs[name] = jax.tree_util.tree_leaves(jax.device_get(s.params))
-        for other in ("eight", "fsdp"):
+        for other in ("fsdp",):
             err = max(float(np.abs(a - b).max()) for a, b in zip(runs["one"], runs[other]))
             print(other, "max param difference", err)
             assert err < 1e-5, (other, err)
