@@ -55,20 +55,11 @@ def check_sd3_port(work: Path) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 def run_demo(workdir: str) -> int:
-    import jax
-    import jax.numpy as jnp
-
     from perco_jax import build
     from perco_jax.config import load_config
-    from perco_jax.data.pipeline import make_dataset
     from perco_jax.images import save_image
-    from perco_jax.reconstruct import make_decoder, make_encoder
+    from perco_jax.reconstruct import psnr, reconstruct_heldout
     from perco_jax.train.loop import train
 
     work = Path(workdir)
@@ -85,22 +76,7 @@ def run_demo(workdir: str) -> int:
           f"(z_l: {config.codec.grid_side}x{config.codec.grid_side} indices, K={config.codec.codebook_size})")
     state = train(config, work / "stage1")
 
-    model, autoencoder = build.build_perco(config), build.build_autoencoder(config)
-    prompt_encoder, text_params = build.build_text(config, work / "stage1")
-    side, channels = build.latent_geometry(config)
-    batch = next(make_dataset(config, split="validation"))
-    images = jnp.asarray(batch["image"][:8])
-    captions = [str(c) for c in batch["caption"][:8]]
-    params = state.ema_params if state.ema_params is not None else state.params
-    indices = make_encoder(model, autoencoder)(params, state.vq_state, {}, images)
-    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
-    empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
-    decode = make_decoder(model, autoencoder, prompt_encoder, latent_shape=(side, side, channels),
-                          max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
-    frozen = {"autoencoder": {}, "text": text_params}
-    recon = np.asarray(decode(params, state.vq_state, frozen, indices, tokens, empty, jax.random.PRNGKey(0),
-                              jnp.float32(config.sample.guidance), steps=config.sample.steps))
-    originals = np.asarray(images) / 2 + 0.5
+    originals, recon, captions = reconstruct_heldout(config, state, work / "stage1")
     grid = np.concatenate([np.concatenate([o, r], axis=1) for o, r in zip(originals, recon)], axis=0)
     save_image(grid, work / "reconstructions.png")
     bpp = build.bits_per_pixel(config)

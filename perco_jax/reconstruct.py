@@ -53,3 +53,40 @@ def make_decoder(model, autoencoder, prompt_encoder, *, latent_shape, max_sequen
         return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
     return jax.jit(decode, static_argnames=("steps",))
+
+
+def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
+    """(originals, reconstructions [n, H, W, 3] in [0, 1], captions) for held-out synthetic scenes
+    (the data pipeline's validation split), through indices -> codes -> sampler -> image."""
+    import numpy as np
+
+    from perco_jax import build
+    from perco_jax.data.pipeline import make_dataset
+
+    model, autoencoder = build.build_perco(config), build.build_autoencoder(config)
+    prompt_encoder, text_params = build.build_text(config, workdir)
+    side, channels = build.latent_geometry(config)
+    batch = next(make_dataset(config, split="validation"))
+    images = jnp.asarray(batch["image"][:n])
+    captions = [str(c) for c in batch["caption"][:n]]
+    params = state.ema_params if state.ema_params is not None else state.params
+    frozen = {"autoencoder": {}, "text": text_params}
+    if config.autoencoder != "space_to_depth":
+        from perco_jax.train.loop import _autoencoder_params
+        frozen["autoencoder"] = _autoencoder_params(config, autoencoder)
+    indices = make_encoder(model, autoencoder)(params, state.vq_state, frozen["autoencoder"], images)
+    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
+    empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
+    decode = make_decoder(model, autoencoder, prompt_encoder, latent_shape=(side, side, channels),
+                          max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
+    recon = decode(params, state.vq_state, frozen, indices, tokens, empty, jax.random.PRNGKey(seed),
+                   jnp.float32(config.sample.guidance), steps=config.sample.steps)
+    return np.asarray(images) / 2 + 0.5, np.asarray(recon), captions
+
+
+def psnr(a, b) -> float:
+    """PSNR in dB of images in [0, 1]."""
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))
