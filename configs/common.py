@@ -91,7 +91,9 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.hyper_encoder = ml_collections.ConfigDict(dict(
         width=256, depth=2, out_channels=64, num_groups=32, attention=True))
     config.vq = ml_collections.ConfigDict(dict(decay=0.99, commitment_cost=0.0, restart_threshold=0.03))
-    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1))
+    # cache: precompute each distinct caption's embeddings once (text_cache.py) instead of running
+    # the frozen encoders in every step
+    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1, cache=False))
 
     # ---- stage-1 training (field names follow Flax's examples)
     config.num_train_steps = 100_000

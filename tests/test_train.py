@@ -63,8 +63,7 @@ def test_eight_devices_equal_one(tmp_path):
     script = textwrap.dedent(f"""
         import numpy as np, jax
         from perco_jax.config import load_config
-        from perco_jax.reconstruct import psnr, reconstruct_heldout
-from perco_jax.train.loop import train
+        from perco_jax.train.loop import train
         assert jax.device_count() == 8
         over = {FAST!r} + ["num_train_steps=2", "batch_size=8", "ema_decay=0.0"]
         runs = {{}}
@@ -141,3 +140,19 @@ def test_bf16_accumulation_and_partial_training(tmp_path):
     assert not np.array_equal(p0["hyper_encoder"]["conv_in"]["kernel"], p1["hyper_encoder"]["conv_in"]["kernel"])
     history = json.loads((tmp_path / "run" / "loss_history.json").read_text())
     assert all(np.isfinite(l) for _, l in history)
+
+
+def test_precomputed_text_embeddings_train_the_same(tmp_path):
+    """config.text.cache: embeddings computed once per caption (and persisted) give the same
+    training as encoding the captions inside the step."""
+    over = FAST + ["num_train_steps=3", "ema_decay=0.0", "checkpoint_every_steps=3"]
+    plain = train(load_config("tiny", over), tmp_path / "plain", progress=False)
+    cached = train(load_config("tiny", over + ["text.cache=True"]), tmp_path / "cached", progress=False)
+    for x, y in zip(params_of(plain), params_of(cached)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    from perco_jax import build
+    from perco_jax.text_cache import TextEmbeddingCache
+    config = load_config("tiny", over)
+    encoder, text_params = build.build_text(config, tmp_path / "cached")
+    reloaded = TextEmbeddingCache(encoder, text_params, config.text.max_sequence_length, tmp_path / "cached")
+    assert len(reloaded) == 1 + 3 * 4  # the empty prompt + 3 steps x 4 distinct synthetic captions

@@ -142,7 +142,16 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             state = load_pretrained_mmdit(config, state, shardings)
         frozen = jax.device_put({"autoencoder": _autoencoder_params(config, autoencoder), "text": text_params},
                                 parallel.replicated(mesh))
-        empty = {k: jnp.asarray(v[:1]) for k, v in prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
+        cache = None
+        if config.text.get("cache", False):
+            from perco_jax.text_cache import TextEmbeddingCache
+
+            cache = TextEmbeddingCache(prompt_encoder, text_params, config.text.max_sequence_length, workdir)
+            e_ctx, e_pooled = cache([""])
+            empty = {"context": jnp.asarray(e_ctx), "pooled": jnp.asarray(e_pooled)}
+        else:
+            empty = {k: jnp.asarray(v[:1]) for k, v in
+                     prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
         step_fn = jax.jit(make_train_step(model, autoencoder, prompt_encoder, config, tx),
                           in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
                           out_shardings=(shardings, None), donate_argnums=(0,))
@@ -159,10 +168,14 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         try:
             for step in range(start, config.num_train_steps):
                 local = next(data)
-                tokens = prompt_encoder.tokenize([c.decode() if isinstance(c, bytes) else str(c)
-                                                  for c in local["caption"]], config.text.max_sequence_length)
-                batch = parallel.global_batch({"image": local["image"], **{k: tokens[k] for k in TOKEN_KEYS
-                                                                            if k in tokens}}, mesh)
+                captions = [c.decode() if isinstance(c, bytes) else str(c) for c in local["caption"]]
+                if cache is not None:
+                    ctx, pooled = cache(captions)
+                    text = {"context": ctx, "pooled": pooled}
+                else:
+                    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
+                    text = {k: tokens[k] for k in TOKEN_KEYS if k in tokens}
+                batch = parallel.global_batch({"image": local["image"], **text}, mesh)
                 state, metrics = step_fn(state, batch, frozen, empty)
                 examples_seen += config.batch_size
                 done = step + 1
@@ -176,6 +189,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
                 bar.update(1)
                 if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
                     _save(mngr, state, examples_seen)
+                    if cache is not None and jax.process_index() == 0:
+                        cache.save()
                 elif preempt.requested or mngr.reached_preemption(done) or done == stop_after:
                     _save(mngr, state, examples_seen, force=True)
                     logging.warning("preempted: saved step %d and stopped", done)

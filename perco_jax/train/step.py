@@ -2,6 +2,8 @@
 caption (dropped to the empty prompt in `caption_dropout` of the examples), plus the VQ terms.
 
     batch = {"image": [B, H, W, 3] in [-1, 1], "clip_l": [B, 77], "clip_g": [B, 77], "t5": [B, L]}
+    or, with precomputed embeddings (`text_cache.py`), "context" [B, L, D] and "pooled" [B, P]
+    instead of the token ids; `empty` is then {"context", "pooled"} of the empty prompt.
 """
 from __future__ import annotations
 
@@ -23,15 +25,19 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
     max_len = config.text.max_sequence_length
     p_drop = float(config.text.caption_dropout)
 
-    def train_step(state: TrainState, batch: dict, frozen: dict, empty_tokens: dict):
+    def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
         k_vae, k_drop, k_sigma, k_noise, k_vq = (step_key(state, i) for i in range(5))
         mean, logvar = autoencoder.apply({"params": frozen["autoencoder"]}, batch["image"], method=autoencoder.encode)
         x0 = scale_latents(latents_from_moments(mean, logvar, k_vae), autoencoder.scaling_factor,
                            autoencoder.shift_factor)
         drop = jax.random.uniform(k_drop, (b,)) < p_drop
-        tokens = {k: jnp.where(drop[:, None], empty_tokens[k], batch[k]) for k in TOKEN_KEYS if k in batch}
-        context, pooled = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_len)
+        if "context" in batch:  # precomputed: drop to the empty prompt's embeddings
+            context = jnp.where(drop[:, None, None], empty["context"], batch["context"])
+            pooled = jnp.where(drop[:, None], empty["pooled"], batch["pooled"])
+        else:
+            tokens = {k: jnp.where(drop[:, None], empty[k], batch[k]) for k in TOKEN_KEYS if k in batch}
+            context, pooled = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_len)
         context, pooled = jax.lax.stop_gradient(context), jax.lax.stop_gradient(pooled)
         sigma = flow.sample_sigmas(k_sigma, b, scheme=config.sigma_sampling.scheme,
                                    mean=config.sigma_sampling.mean, std=config.sigma_sampling.std, shift=shift)

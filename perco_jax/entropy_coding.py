@@ -1,0 +1,207 @@
+"""Entropy coding of VQ index grids with the masked entropy model, group by group.
+
+A schedule (`perco_jax.schedules`) splits the H x W grid into groups 0..S-1. Group s is range
+coded under the probabilities the model predicts with mask = groups >= s, i.e. from the indices of
+groups 0..s-1 only; the decoder recovers the grid in the same order, filling in each decoded group
+before predicting the next. Within a group, positions are taken in row-major order.
+
+`apply_fn(indices [B, H, W] int32, mask [B, H, W] bool, context [B, L, C] | None) -> logits
+[B, H, W, K] float32` is the caller's jitted model function (see `make_apply_fn`).
+
+DETERMINISM RULE. The range decoder only works if it builds bit-identical coding tables to the
+encoder's, so the encoder must compute every group's probabilities exactly as the decoder will:
+for each step s, one call of the SAME jitted function with the SAME shapes (the same batch B, the
+full H x W grid, the same context) and the mask of that step (groups >= s). Never compute all
+groups' probabilities with one forward pass (or a stacked batch of masks) at encode time: a
+different shape compiles to a different program whose float results may differ in the last bit,
+and a single differing bit can change a quantised table and derail the decoder. What is
+guaranteed equal on both sides:
+  - the model input: the model replaces every masked position by its mask token, so the values
+    at not-yet-decoded positions (true indices at the encoder, zeros at the decoder) are
+    ignored exactly;
+  - the other batch entries: attention and every other layer act per example, so the entries
+    of a batch are independent: with the batch shape fixed, padding it with zero grids (or
+    changing the other images) leaves an image's probabilities bit-identical (tested). The batch
+    SIZE is part of the shape, though: the same image in a batch of 2 and of 4 gets probabilities
+    that can differ in the last bit (observed on CPU). Hence `batch_size`: encoder and decoder
+    run the model on chunks of exactly batch_size images (the last chunk zero-padded), so each
+    payload depends only on its own image and decodes alone or with any other payloads as long
+    as both sides use the same batch_size (None = the whole batch, i.e. the same B);
+  - the softmax: one jitted function on the full logits array, then an exact gather.
+Encoder and decoder must run on the same backend and software versions (see
+`codec/range_coding.py`). Uniform coding needs no model: see `range_coding.encode_uniform`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from perco_jax.codec import range_coding
+
+ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+
+def make_apply_fn(model, params) -> ApplyFn:
+    """The jitted apply_fn(indices, mask, context) -> logits of an `EntropyModel` and its params."""
+    @jax.jit
+    def apply_fn(indices, mask, context=None):
+        return model.apply(params, indices, mask, context)
+    return apply_fn
+
+
+@jax.jit
+def _softmax(logits: jax.Array) -> jax.Array:
+    """Probabilities [B, H, W, K] float32 from logits [B, H, W, K] (one program per shape)."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _check_groups(groups, grid: tuple[int, int]) -> np.ndarray:
+    g = np.asarray(groups)
+    if g.shape != tuple(grid) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"groups must be an integer array of the grid's shape {tuple(grid)}, "
+                         f"got {g.dtype} {g.shape}")
+    if g.size and (g.min() < 0 or (np.bincount(g.ravel()) == 0).any()):
+        raise ValueError("groups must number the positions 0..S-1 with no group empty (use schedules.get_schedule)")
+    return g.astype(np.int32)
+
+
+def _positions(groups: np.ndarray, step: int) -> np.ndarray:
+    """Raster (row-major) positions [n_s] of group `step`."""
+    return np.flatnonzero(groups.ravel() == step)
+
+
+def _check_indices(indices) -> np.ndarray:
+    x = np.asarray(indices)
+    if x.ndim != 3 or not np.issubdtype(x.dtype, np.integer):
+        raise ValueError(f"indices must be an integer array [B, H, W], got {x.dtype} {x.shape}")
+    return x.astype(np.int32)
+
+
+def group_probabilities(apply_fn: ApplyFn, indices, groups, step: int,
+                        context=None) -> np.ndarray:
+    """Probabilities [B, n_s, K] float32 of the positions of group `step` (row-major order).
+
+    indices [B, H, W] int (only the positions of groups < step matter), groups [H, W] int; the
+    model runs once on the full grid with mask = groups >= step.
+    """
+    x = _check_indices(indices)
+    g = _check_groups(groups, x.shape[1:])
+    mask = np.broadcast_to(g >= step, x.shape)
+    logits = apply_fn(jnp.asarray(x), jnp.asarray(mask), context)
+    if logits.ndim != 4 or logits.shape[:3] != x.shape:
+        raise ValueError(f"apply_fn returned logits of shape {logits.shape}, expected {x.shape + ('K',)}")
+    probs = np.asarray(_softmax(logits))
+    return probs.reshape(x.shape[0], -1, probs.shape[-1])[:, _positions(g, step)]
+
+
+def _groups_of(apply_fn, x, g, context):
+    """Yields (positions [n_s], probs [B, n_s, K]) for every step, as the decoder will see them."""
+    for step in range(int(g.max()) + 1):
+        yield _positions(g, step), group_probabilities(apply_fn, x, g, step, context)
+
+
+def _chunks(n: int, batch_size: Optional[int]):
+    """Slices of 0..n in chunks of batch_size (all of it when None)."""
+    if batch_size is None:
+        yield slice(0, n)
+        return
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1 or None, got {batch_size!r}")
+    for start in range(0, n, int(batch_size)):
+        yield slice(start, min(start + int(batch_size), n))
+
+
+def _pad(a, size: Optional[int]):
+    """a [n, ...] zero-padded along axis 0 to size (unchanged when None or a is None)."""
+    if a is None or size is None or a.shape[0] == size:
+        return a
+    xp = jnp if isinstance(a, jax.Array) else np
+    return xp.concatenate([a, xp.zeros((size - a.shape[0],) + tuple(a.shape[1:]), a.dtype)])
+
+
+def _check_context(context, b: int):
+    if context is not None and (context.ndim < 1 or context.shape[0] != b):
+        raise ValueError(f"context must have the batch size {b} first, got shape {context.shape}")
+    return context
+
+
+def encode_indices(apply_fn: ApplyFn, indices, groups, context=None,
+                   batch_size: Optional[int] = None) -> list[bytes]:
+    """One range-coded payload per image of indices [B, H, W] int in [0, K), under groups [H, W].
+
+    Runs the model once per group with that step's mask (see the determinism rule above), on
+    the whole batch (batch_size=None) or on chunks of batch_size images, the last one padded with
+    zero grids (and zero context). The decoder must use the same batch shape: the same B when
+    batch_size is None, else the same batch_size (then any subset of the payloads decodes).
+    """
+    x = _check_indices(indices)
+    g = _check_groups(groups, x.shape[1:])
+    context = _check_context(context, x.shape[0])
+    payloads = []
+    for sl in _chunks(x.shape[0], batch_size):
+        b = sl.stop - sl.start
+        xs = _pad(x[sl], batch_size)
+        cs = None if context is None else _pad(context[sl], batch_size)
+        flat = xs.reshape(xs.shape[0], -1)
+        symbols = [[] for _ in range(b)]
+        probs = [[] for _ in range(b)]
+        for pos, p in _groups_of(apply_fn, xs, g, cs):
+            if flat.size and (flat.min() < 0 or flat.max() >= p.shape[-1]):
+                raise ValueError(f"indices must be in [0, {p.shape[-1]}), got range "
+                                 f"[{flat.min()}, {flat.max()}]")
+            for i in range(b):
+                symbols[i].append(flat[i, pos])
+                probs[i].append(p[i])
+        payloads += [range_coding.encode_groups(symbols[i], probs[i]) for i in range(b)]
+    return payloads
+
+
+def decode_indices(apply_fn: ApplyFn, payloads: Sequence[bytes], grid: tuple[int, int], groups,
+                   context=None, batch_size: Optional[int] = None) -> np.ndarray:
+    """Inverse of encode_indices: indices [B, H, W] int32 from B payloads (B = len(payloads)).
+
+    Needs the batch shape of the encoder (see encode_indices) and each image's context; raises
+    `range_coding.CodingError` on data that cannot be decoded.
+    """
+    h, w = (int(v) for v in grid)
+    g = _check_groups(groups, (h, w))
+    n = len(payloads)
+    context = _check_context(context, n)
+    out = np.zeros((n, h, w), np.int32)
+    for sl in _chunks(n, batch_size):
+        b = sl.stop - sl.start
+        decoders = [range_coding.Decoder(p) for p in payloads[sl]]
+        x = np.zeros((batch_size or b, h * w), np.int32)
+        cs = None if context is None else _pad(context[sl], batch_size)
+        for step in range(int(g.max()) + 1):
+            pos = _positions(g, step)
+            p = group_probabilities(apply_fn, x.reshape(-1, h, w), g, step, cs)
+            for i in range(b):
+                x[i, pos] = decoders[i].decode(p[i])
+        out[sl] = x[:b].reshape(b, h, w)
+    return out
+
+
+def rate_bits(apply_fn: ApplyFn, indices, groups, context=None,
+              batch_size: Optional[int] = None) -> np.ndarray:
+    """Cross-entropy [B] float64 in bits of each image's indices [B, H, W] under the schedule.
+
+    Uses the same quantised coding tables as the range coder (and the same batching as
+    encode_indices), so a payload is this long plus the coder's few bytes of overhead.
+    """
+    x = _check_indices(indices)
+    g = _check_groups(groups, x.shape[1:])
+    context = _check_context(context, x.shape[0])
+    bits = np.zeros(x.shape[0], np.float64)
+    for sl in _chunks(x.shape[0], batch_size):
+        b = sl.stop - sl.start
+        xs = _pad(x[sl], batch_size)
+        cs = None if context is None else _pad(context[sl], batch_size)
+        flat = xs.reshape(xs.shape[0], -1)
+        for pos, p in _groups_of(apply_fn, xs, g, cs):
+            for i in range(b):
+                bits[sl.start + i] += range_coding.cross_entropy_bits(flat[i, pos], p[i])
+    return bits
