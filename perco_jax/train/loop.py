@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 from flax import linen as nn
 from tqdm.auto import tqdm
 
@@ -119,6 +118,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     `stop_after=N` behaves as a preemption after step N (save, stop): tests use it to check that
     an interrupted and resumed run equals an uninterrupted one.
     """
+    from clu import metric_writers, periodic_actions  # (imports TensorFlow: only when training)
+
     from perco_jax.data.pipeline import make_dataset
 
     workdir = Path(workdir)
