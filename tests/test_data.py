@@ -67,6 +67,9 @@ def test_synthetic_captions_describe_the_image():
         assert set(caption.split()) <= VOCABULARY, caption
         assert caption.endswith(f"on a {scene.background} background")
         assert 1 <= len(scene.shapes) <= 3
+        # the caption names exactly the drawn shapes
+        nouns = [w for w in caption.split() if w in {"circle", "square", "triangle", "star"}]
+        assert nouns == [s.kind for s in scene.shapes], (caption, scene.shapes)
         pixels = np.round(image * 255).reshape(-1, 3)
         # every colour word of the caption is drawn: some pixel has (nearly) that colour
         words = caption.split()

@@ -122,6 +122,9 @@ def test_perplexity_usage_bounds():
     vq, z, variables = _vq_setup(k=16, shape=(2, 5, 5))
     out = vq.apply(variables, z)
     n_used = len(np.unique(np.asarray(out["indices"])))
+    counts = np.bincount(np.asarray(out["indices"]).ravel(), minlength=16) / out["indices"].size
+    nz = counts[counts > 0]
+    assert float(out["perplexity"]) == pytest.approx(float(np.exp(-(nz * np.log(nz)).sum())), rel=1e-5)
     assert 1.0 - 1e-5 <= float(out["perplexity"]) <= n_used + 1e-4
     assert float(out["usage"]) == pytest.approx(n_used / 16)
     # all positions on one code: perplexity 1, usage 1/K
