@@ -273,3 +273,12 @@ def write_folder(folder: str | os.PathLike, state_dict: Mapping[str, np.ndarray]
         shutil.rmtree(folder)
     tmp.rename(folder)
     return folder
+
+
+def convert_checked(entries: Sequence[Entry], source: TensorSource, flax_shapes: Mapping[tuple, tuple], *,
+                    name: str, what: str, ignore: Iterable[str] = (), hint: Callable[[], str] | None = None,
+                    dtype=np.float32, progress: bool = False) -> dict:
+    """The whole of a network's conversion: key map covers the model, checkpoint matches, then stream."""
+    check_covers(entries, flax_shapes, name)
+    check_entries(entries, source, flax_shapes, ignore=ignore, what=what, hint=hint)
+    return load_params(entries, source, dtype=dtype, progress=progress, desc=name)

@@ -21,7 +21,7 @@ from flax import linen as nn
 
 from perco_jax.convert.common import (ConversionError, DictSource, Entry, SafetensorsSource, TensorSource,
                                       check_covers, check_entries, diffusers_weight_files, export_state_dict,
-                                      flat_shapes, load_params, write_folder)
+                                      flat_shapes, load_params, write_folder, convert_checked)
 from perco_jax.models.clip import ACTIVATIONS, CLIPTextEncoder
 from perco_jax.models.t5 import T5Encoder
 
@@ -165,12 +165,11 @@ def clip_from_source(source: TensorSource, model: CLIPTextEncoder, *, dtype=jnp.
     """Check then stream `source` (transformers keys) into params for `model`; raises ConversionError."""
     shapes = flat_shapes(abstract_params(model))
     entries = clip_key_map(model)
-    check_covers(entries, shapes, "CLIP")
     ignore = [k for k in source.keys() if k == "text_model.embeddings.position_ids" or k == "logit_scale"
               or k.startswith(("vision_model.", "visual_projection."))]
-    check_entries(entries, source, shapes, ignore=ignore, what="CLIP text encoder (CLIPTextModelWithProjection)",
-                  hint=lambda: _clip_hint(source))
-    return load_params(entries, source, dtype=dtype, progress=progress, desc="CLIP")
+    return convert_checked(entries, source, shapes, name="CLIP", ignore=ignore,
+                           what="CLIP text encoder (CLIPTextModelWithProjection)",
+                           hint=lambda: _clip_hint(source), dtype=dtype, progress=progress)
 
 
 def _t5_hint(source: TensorSource, model: T5Encoder) -> str:
@@ -192,11 +191,9 @@ def t5_from_source(source: TensorSource, model: T5Encoder, *, dtype=jnp.float32,
     embed_key = next((k for k in T5_EMBED_KEYS if k in source), T5_EMBED_KEYS[0])
     shapes = flat_shapes(abstract_params(model))
     entries = t5_key_map(model, embed_key)
-    check_covers(entries, shapes, "T5")
     ignore = [k for k in source.keys() if k in T5_EMBED_KEYS or k == "lm_head.weight" or k.startswith("decoder.")]
-    check_entries(entries, source, shapes, ignore=ignore, what="T5 encoder (T5EncoderModel)",
-                  hint=lambda: _t5_hint(source, model))
-    return load_params(entries, source, dtype=dtype, progress=progress, desc="T5")
+    return convert_checked(entries, source, shapes, name="T5", ignore=ignore, what="T5 encoder (T5EncoderModel)",
+                           hint=lambda: _t5_hint(source, model), dtype=dtype, progress=progress)
 
 
 def clip_from_state_dict(config: Mapping, state_dict: Mapping, *, dtype=jnp.float32, compute_dtype=None):

@@ -16,7 +16,7 @@ from flax import linen as nn
 
 from perco_jax.convert.common import (ConversionError, DictSource, Entry, SafetensorsSource, TensorSource,
                                       check_covers, check_entries, diffusers_weight_files, export_state_dict,
-                                      flat_shapes, load_params, write_folder)
+                                      flat_shapes, load_params, write_folder, convert_checked)
 from perco_jax.models.vae import AutoencoderKL
 
 CLASS_NAME = "AutoencoderKL"
@@ -157,9 +157,8 @@ def vae_from_source(source: TensorSource, model: AutoencoderKL, *, dtype=jnp.flo
     """Check then stream `source` (diffusers keys) into params for `model`; raises ConversionError."""
     shapes = flat_shapes(abstract_params(model))
     entries = vae_key_map(model)
-    check_covers(entries, shapes, "VAE")
-    check_entries(entries, source, shapes, what="SD3 VAE (AutoencoderKL)", hint=lambda: _hint(source))
-    return load_params(entries, source, dtype=dtype, progress=progress, desc="VAE")
+    return convert_checked(entries, source, shapes, name="VAE", what="SD3 VAE (AutoencoderKL)",
+                           hint=lambda: _hint(source), dtype=dtype, progress=progress)
 
 
 def vae_from_state_dict(config: Mapping, state_dict: Mapping, *, dtype=jnp.float32, compute_dtype=None):
