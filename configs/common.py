@@ -63,9 +63,23 @@ BITRATE_PRESETS = {
 
 
 def codec(preset: str = "16x16_k1024", code_dim: int = 16) -> ml_collections.ConfigDict:
+    """z_l's shape and how `compress` sends it.
+
+    schedule: a schedule spec (perco_jax.schedules.parse_spec: "qlds:8", "checkerboard", ...,
+    or "uniform" for fixed-length coding). coding_batch_size: the entropy model always runs on
+    batches of exactly this many images (the last one padded), at compress and at decompress, so
+    that both build bit-identical coding tables (see perco_jax/entropy_coding.py); changing it
+    makes older bitstreams undecodable, which the fingerprint catches.
+    """
     if preset not in BITRATE_PRESETS:
         raise ValueError(f"unknown bitrate preset {preset!r}; known: {sorted(BITRATE_PRESETS)}")
-    return ml_collections.ConfigDict(dict(preset=preset, code_dim=code_dim, **BITRATE_PRESETS[preset]))
+    return ml_collections.ConfigDict(dict(preset=preset, code_dim=code_dim, schedule="qlds:8",
+                                          coding_batch_size=8, **BITRATE_PRESETS[preset]))
+
+
+# The masks stage 2 trains on: every schedule compress may be asked to use (see training_mask).
+TRAINING_SCHEDULES = ("checkerboard", "checkerboard4", "quincunx", "qlds:4", "qlds:8", "qlds:12",
+                      "implicit_var", "random:8", "cosine:8")
 
 
 def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -94,6 +108,20 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # cache: precompute each distinct caption's embeddings once (text_cache.py) instead of running
     # the frozen encoders in every step
     config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1, cache=False))
+
+    # ---- the entropy model of the indices (MaskGIT-like; conditional = sees the caption's
+    # SD3 text embeddings, which the decoder has before it decodes the indices)
+    config.entropy_model = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=8, mlp_ratio=4,
+                                                          conditional=True))
+
+    # ---- which stage `train` runs: 1 = MM-DiT + hyper-encoder + VQ (flow matching),
+    # 2 = the entropy model on the indices of the frozen stage-1 run in `stage1_workdir`
+    config.stage = 1
+    config.stage1_workdir = ""
+    # stage 2's own optimisation settings (the other training fields are shared)
+    config.stage2 = ml_collections.ConfigDict(dict(
+        num_train_steps=50_000, batch_size=256, learning_rate=3e-4, warmup_steps=1000, ema_decay=0.999,
+        schedules=TRAINING_SCHEDULES))
 
     # ---- stage-1 training (field names follow Flax's examples)
     config.num_train_steps = 100_000

@@ -50,4 +50,7 @@ def get_config():
     config.sigma_sampling.resolution_shift = False
     config.scheduler_shift = 1.0
     config.sample.update(steps=20, guidance=2.0)
+    config.codec.coding_batch_size = 4
+    config.entropy_model.update(width=128, depth=3, num_heads=4)
+    config.stage2.update(num_train_steps=400, batch_size=32, learning_rate=1e-3, warmup_steps=20, ema_decay=0.99)
     return config

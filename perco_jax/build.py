@@ -9,8 +9,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
+from perco_jax import schedules
+from perco_jax.models.entropy_model import EntropyModel
 from perco_jax.models.hyper_encoder import HyperEncoder, num_stages
 from perco_jax.models.mmdit import mmdit_from_config
 from perco_jax.models.perco import PerCo
@@ -72,6 +75,54 @@ def validate(config) -> None:
     need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
+    need(config.stage in (1, 2), f"stage={config.stage!r}: 1 (codec) or 2 (entropy model)")
+    need(config.stage == 1 or config.stage1_workdir,
+         "stage=2 trains the entropy model on a finished stage-1 run: set stage1_workdir=DIR")
+    em = config.entropy_model
+    need(em.width >= 1 and em.depth >= 1 and em.num_heads >= 1 and em.width % em.num_heads == 0,
+         f"entropy_model: width={em.width} must be a positive multiple of num_heads={em.num_heads}, depth >= 1")
+    need(int(config.codec.coding_batch_size) == config.codec.coding_batch_size and config.codec.coding_batch_size >= 1,
+         f"codec.coding_batch_size={config.codec.coding_batch_size!r}: need an integer >= 1")
+    for spec in (config.codec.schedule, *config.stage2.schedules):
+        try:
+            schedules.parse_spec(spec)
+        except ValueError as e:
+            raise ConfigError(f"codec.schedule / stage2.schedules: {e}") from e
+    need(len(config.stage2.schedules) >= 1 and schedules.UNIFORM not in config.stage2.schedules,
+         "stage2.schedules: list at least one masking schedule ('uniform' needs no training)")
+    need(config.stage2.batch_size >= 1 and config.stage2.batch_size % jax.process_count() == 0,
+         f"stage2.batch_size={config.stage2.batch_size} must be a positive multiple of the process count")
+    need(0 <= config.stage2.ema_decay < 1, f"stage2.ema_decay={config.stage2.ema_decay}: need 0 <= decay < 1")
+
+
+STAGE2_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")
+
+
+def stage_config(config):
+    """The config a stage trains with: for stage 2, the top-level optimisation fields replaced by
+    config.stage2's (so one optimiser / loop serves both stages)."""
+    if config.stage == 1:
+        return config
+    out = config.copy_and_resolve_references()
+    for k in STAGE2_FIELDS:
+        out[k] = config.stage2[k]
+    return out
+
+
+def build_entropy_model(config) -> EntropyModel:
+    """The MIM entropy model over the codec's grid; conditioned on the SD3 text context
+    [B, L, mmdit.joint_attention_dim] when entropy_model.conditional."""
+    em = config.entropy_model
+    return EntropyModel(codebook_size=config.codec.codebook_size, width=em.width, depth=em.depth,
+                        num_heads=em.num_heads, mlp_ratio=em.mlp_ratio, max_grid=config.codec.grid_side,
+                        context_dim=config.mmdit.joint_attention_dim if em.conditional else 0,
+                        dtype=jnp.dtype(config.dtype))
+
+
+def training_schedules(config) -> jnp.ndarray:
+    """groups [M, g, g] int32 of config.stage2.schedules on the codec's grid."""
+    g = config.codec.grid_side
+    return jnp.asarray(np.stack([schedules.from_spec(s, g, g) for s in config.stage2.schedules]))
 
 
 def build_autoencoder(config):

@@ -1,10 +1,9 @@
-"""The codec's decoder side: z_l codes + caption -> image, by the rectified-flow sampler.
+"""The codec's two halves as jitted functions: images -> indices (`make_encoder`), and
+indices + caption -> image by the rectified-flow sampler (`make_decoder`):
 
     codes [B, g, g, d] (from VQ.lookup of the decoded indices), caption tokens
       -> Euler steps of the MM-DiT velocity (CFG on the caption, z_l in both branches)
       -> unscale -> autoencoder.decode -> image [B, H, W, 3] in [0, 1]
-
-`make_decoder` returns one jitted function; the encoder side (`encode_indices`) is another.
 """
 from __future__ import annotations
 
@@ -15,24 +14,32 @@ from perco_jax import flow
 from perco_jax.models.vae import latents_from_moments, scale_latents, unscale_latents
 
 
+def encode_images(model, autoencoder, codec: dict, ae_params, images: jax.Array) -> jax.Array:
+    """indices [B, g, g] int32 of images [B, H, W, 3] in [-1, 1]; codec = {"params", "vq"} of a
+    stage-1 model. Deterministic: the autoencoder's latent mean (no posterior sample)."""
+    mean, logvar = autoencoder.apply({"params": ae_params}, images, method=autoencoder.encode)
+    x0 = scale_latents(latents_from_moments(mean, logvar), autoencoder.scaling_factor, autoencoder.shift_factor)
+    return model.apply(codec, x0, method=model.encode)["indices"]
+
+
 def make_encoder(model, autoencoder):
-    """Jitted (params, vq_state, ae_params, images [B, H, W, 3] in [-1, 1]) -> indices [B, g, g]."""
-    def encode(params, vq_state, ae_params, images):
-        mean, logvar = autoencoder.apply({"params": ae_params}, images, method=autoencoder.encode)
-        x0 = scale_latents(latents_from_moments(mean, logvar), autoencoder.scaling_factor, autoencoder.shift_factor)
-        q = model.apply({"params": params, "vq": vq_state}, x0, method=model.encode)
-        return q["indices"]
-
-    return jax.jit(encode)
+    """Jitted (codec {"params", "vq"}, ae_params, images [B, H, W, 3] in [-1, 1]) -> indices [B, g, g]."""
+    return jax.jit(lambda codec, ae_params, images: encode_images(model, autoencoder, codec, ae_params, images))
 
 
-def make_decoder(model, autoencoder, prompt_encoder, *, latent_shape, max_sequence_length: int,
-                 shift: float = 1.0):
-    """Jitted (params, vq_state, frozen, indices [B, g, g], tokens, empty_tokens, noise, guidance, steps)
-    -> images [B, H, W, 3] in [0, 1]. `latent_shape` = (h, w, C) of the autoencoder latent."""
-    def decode(params, vq_state, frozen, indices, tokens, empty_tokens, rng, guidance, *, steps: int):
+def initial_noise(seed: int, n: int, latent_shape) -> jax.Array:
+    """The sampler's starting noise [n, h, w, C]: image i of a call gets fold_in(key(seed), i), so
+    an image's noise does not depend on how many others are decoded with it."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(keys)
+
+
+def make_decoder(model, autoencoder, prompt_encoder, *, max_sequence_length: int, shift: float = 1.0):
+    """Jitted (codec {"params", "vq"}, frozen {"autoencoder", "text"}, indices [B, g, g], tokens,
+    empty_tokens, noise [B, h, w, C], guidance, *, steps) -> images [B, H, W, 3] in [0, 1]."""
+    def decode(codec, frozen, indices, tokens, empty_tokens, noise, guidance, *, steps: int):
         b = indices.shape[0]
-        codes = model.apply({"params": params, "vq": vq_state}, indices, method=model.lookup)
+        codes = model.apply(codec, indices, method=model.lookup)
         cond = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_sequence_length)
         empty = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in empty_tokens.items()}
         uncond = prompt_encoder.encode_tokens(frozen["text"], empty, max_sequence_length=max_sequence_length)
@@ -41,11 +48,9 @@ def make_decoder(model, autoencoder, prompt_encoder, *, latent_shape, max_sequen
         codes2 = jnp.concatenate([codes, codes])
 
         def velocity(x, t):
-            return model.apply({"params": params, "vq": vq_state}, x, t, codes2, context, pooled,
-                               method=model.velocity)
+            return model.apply(codec, x, t, codes2, context, pooled, method=model.velocity)
 
         sigmas, timesteps = flow.sigma_schedule(steps, shift)
-        noise = jax.random.normal(rng, (b,) + tuple(latent_shape), jnp.float32)
         latents = flow.euler_sample(flow.guided(velocity, guidance), noise, jnp.asarray(sigmas),
                                     jnp.asarray(timesteps))
         z = unscale_latents(latents, autoencoder.scaling_factor, autoencoder.shift_factor)
@@ -74,13 +79,15 @@ def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
     if config.autoencoder != "space_to_depth":
         from perco_jax.train.loop import _autoencoder_params
         frozen["autoencoder"] = _autoencoder_params(config, autoencoder)
-    indices = make_encoder(model, autoencoder)(params, state.vq_state, frozen["autoencoder"], images)
+    codec = {"params": params, "vq": state.vq_state}
+    indices = make_encoder(model, autoencoder)(codec, frozen["autoencoder"], images)
     tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
     empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
-    decode = make_decoder(model, autoencoder, prompt_encoder, latent_shape=(side, side, channels),
+    decode = make_decoder(model, autoencoder, prompt_encoder,
                           max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
-    recon = decode(params, state.vq_state, frozen, indices, tokens, empty, jax.random.PRNGKey(seed),
-                   jnp.float32(config.sample.guidance), steps=config.sample.steps)
+    noise = initial_noise(seed, len(captions), (side, side, channels))
+    recon = decode(codec, frozen, indices, tokens, empty, noise, jnp.float32(config.sample.guidance),
+                   steps=config.sample.steps)
     return np.asarray(images) / 2 + 0.5, np.asarray(recon), captions
 
 

@@ -279,6 +279,34 @@ def get_schedule(name: str, h: int, w: int, steps: int | None = None, seed: int 
                      + (" ('uniform' is fixed-length coding, not a schedule)" if name == UNIFORM else ""))
 
 
+def parse_spec(spec: str) -> tuple[str, int, int]:
+    """(name, steps, seed) of a schedule spec as written in configs and on the command line:
+    "name" for the fixed patterns (and "uniform"), "name:steps" or "name:steps:seed" for the
+    stepped ones (qlds:8, random:8:3). steps and seed are 0 where they do not apply."""
+    parts = str(spec).split(":")
+    name = parts[0]
+    if name != UNIFORM and name not in SCHEDULES:
+        raise ValueError(f"unknown masking schedule {name!r} in {spec!r}; known: {', '.join((UNIFORM,) + SCHEDULES)}")
+    seeded = name in ("random", "cosine")
+    if len(parts) != (1 if name not in STEPPED else 2) and not (seeded and len(parts) == 3):
+        form = f"{name}:STEPS[:SEED]" if seeded else f"{name}:STEPS" if name in STEPPED else name
+        raise ValueError(f"schedule spec {spec!r}: write it as {form}")
+    try:
+        nums = [int(p) for p in parts[1:]]
+    except ValueError:
+        raise ValueError(f"schedule spec {spec!r}: steps and seed must be integers") from None
+    steps, seed = (nums + [0, 0])[:2]
+    if name in STEPPED and not 1 <= steps <= 0xFFFF or not 0 <= seed <= 0xFFFF:
+        raise ValueError(f"schedule spec {spec!r}: need 1 <= steps <= 65535 and 0 <= seed <= 65535")
+    return name, steps, seed
+
+
+def from_spec(spec: str, h: int, w: int) -> np.ndarray:
+    """groups [H, W] of a schedule spec (see parse_spec); "uniform" has no groups (ValueError)."""
+    name, steps, seed = parse_spec(spec)
+    return get_schedule(name, h, w, steps or None, seed)
+
+
 def num_groups(groups: np.ndarray) -> int:
     """S, the number of groups of a schedule's groups [H, W]."""
     return int(groups.max()) + 1

@@ -147,9 +147,10 @@ def masked_loss_bits(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array
 def training_mask(rng: jax.Array, groups: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
     """Random coding steps for training: (mask [B, H, W], loss_mask [B, H, W]) bool.
 
-    groups [H, W] int (a schedule, ids 0..S-1). Each example draws a step s uniformly from
-    0..S-1 and gets mask = groups >= s (the current and later groups are unknown, exactly what the
-    coder sees at step s) and loss_mask = groups == s (the positions coded at step s).
+    groups [H, W] int (a schedule, ids 0..S-1), or [M, H, W] (M schedules: each example first
+    draws one uniformly). Each example draws a step s uniformly from 0..S-1 of its schedule and
+    gets mask = groups >= s (the current and later groups are unknown, exactly what the coder sees
+    at step s) and loss_mask = groups == s (the positions coded at step s).
 
     Why the loss covers group s only: those are the positions whose probabilities are actually
     used for coding under this mask, so the loss is the rate of that group's indices. Later
@@ -159,6 +160,12 @@ def training_mask(rng: jax.Array, groups: jax.Array, batch: int) -> tuple[jax.Ar
     estimates the bits per index of the whole schedule.
     """
     groups = jnp.asarray(groups, jnp.int32)
+    if groups.ndim == 3:
+        k_sched, rng = jax.random.split(rng)
+        groups = groups[jax.random.randint(k_sched, (batch,), 0, groups.shape[0])]
+        num_steps = jnp.max(groups, axis=(1, 2)) + 1
+        s = jnp.floor(jax.random.uniform(rng, (batch,)) * num_steps).astype(jnp.int32)[:, None, None]
+        return groups >= s, groups == s
     num_steps = jnp.max(groups) + 1
     s = jax.random.randint(rng, (batch,), 0, num_steps)[:, None, None]
     return groups[None] >= s, groups[None] == s

@@ -1,6 +1,7 @@
-"""The training loop shared by both stages (stage 1 here): sharded jit step on a device mesh,
-orbax CheckpointManager (periodic + SIGTERM, keep-N, exact resume), clu metric writers and
-periodic actions, a progress bar.
+"""The training loop shared by both stages: sharded jit step on a device mesh, orbax
+CheckpointManager (periodic + SIGTERM, keep-N, exact resume), clu metric writers and periodic
+actions, a progress bar. config.stage picks what trains: 1 = the codec (`step.py`), 2 = the
+entropy model on the frozen stage-1 codec's indices (`stage2.py`).
 
     train(config, workdir) -> final TrainState
 """
@@ -41,8 +42,9 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def init_state(config, model, tx, mesh, rules):
-    """(state, shardings): a fresh sharded TrainState built by a jit with out_shardings."""
+def init_state(config, model, tx, mesh, rules, abstract: bool = False):
+    """(state, shardings): a fresh sharded stage-1 TrainState built by a jit with out_shardings
+    (abstract=True: its ShapeDtypeStructs, nothing allocated)."""
     side, channels = build.latent_geometry(config)
 
     def make(rng):
@@ -57,8 +59,10 @@ def init_state(config, model, tx, mesh, rules):
                           vq_state=variables["vq"], rng=k_state)
 
     rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(make, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    shapes = jax.eval_shape(make, rng)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
+    if abstract:
+        return nn.meta.unbox(shapes), shardings
     state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
     return state, shardings
 
@@ -105,6 +109,24 @@ def _restore(mngr, state, shardings):
     return restored.state, int(restored.data["examples_seen"])
 
 
+def restore_latest(workdir: str | Path, abstract_state, shardings):
+    """The latest TrainState saved by `train` in workdir (None if there is none), restored onto
+    `shardings` (the mesh may differ from the one it was saved on)."""
+    path = Path(workdir).absolute() / "checkpoints"
+    if not path.is_dir():
+        return None
+    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            return None
+        target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                        abstract_state, shardings)
+        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    finally:
+        mngr.close()
+
+
 def _save(mngr, state, examples_seen: int, force: bool = False) -> None:
     step = int(jax.device_get(state.step))
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -113,7 +135,7 @@ def _save(mngr, state, examples_seen: int, force: bool = False) -> None:
 
 
 def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int | None = None) -> TrainState:
-    """Train stage 1 for config.num_train_steps (resuming from workdir's latest checkpoint).
+    """Train stage config.stage for its num_train_steps (resuming from workdir's latest checkpoint).
 
     `stop_after=N` behaves as a preemption after step N (save, stop): tests use it to check that
     an interrupted and resumed run equals an uninterrupted one.
@@ -121,12 +143,14 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     from clu import metric_writers, periodic_actions  # (imports TensorFlow: only when training)
 
     from perco_jax.data.pipeline import make_dataset
+    from perco_jax.train import stage2
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     build.validate(config)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    config = build.stage_config(config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.sharding_rules)
     model = build.build_perco(config)
@@ -136,13 +160,22 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
     with jax.set_mesh(mesh):
-        state, shardings = init_state(config, model, tx, mesh, rules)
+        frozen = {"autoencoder": _autoencoder_params(config, autoencoder), "text": text_params}
+        if config.stage == 1:
+            state, shardings = init_state(config, model, tx, mesh, rules)
+            step = make_train_step(model, autoencoder, prompt_encoder, config, tx)
+            postfix = {"loss": "loss", "usage": "codebook_usage"}
+        else:
+            entropy_model = build.build_entropy_model(config)
+            frozen["codec"] = stage2.codec_params(stage2.restore_stage1(config, config.stage1_workdir, mesh, rules))
+            state, shardings = stage2.init_state(config, entropy_model, tx, mesh, rules)
+            step = stage2.make_train_step(entropy_model, model, autoencoder, prompt_encoder, config, tx)
+            postfix = {"bits/index": "bits_per_index"}
         mngr = _checkpoint_manager(workdir, config)
         state, examples_seen = _restore(mngr, state, shardings)
-        if examples_seen == 0 and config.pretrained:
+        if config.stage == 1 and examples_seen == 0 and config.pretrained:
             state = load_pretrained_mmdit(config, state, shardings)
-        frozen = jax.device_put({"autoencoder": _autoencoder_params(config, autoencoder), "text": text_params},
-                                parallel.replicated(mesh))
+        frozen = jax.device_put(frozen, parallel.replicated(mesh))
         cache = None
         if config.text.get("cache", False):
             from perco_jax.text_cache import TextEmbeddingCache
@@ -153,21 +186,20 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         else:
             empty = {k: jnp.asarray(v[:1]) for k, v in
                      prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
-        step_fn = jax.jit(make_train_step(model, autoencoder, prompt_encoder, config, tx),
-                          in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
+        step_fn = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
                           out_shardings=(shardings, None), donate_argnums=(0,))
         start = int(jax.device_get(state.step))
-        writer.write_hparams({"params_trainable_and_frozen": count_params(state.params),
+        writer.write_hparams({"stage": config.stage, "params_trainable_and_frozen": count_params(state.params),
                               "bpp_uniform": build.bits_per_pixel(config)})
         report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
         data = make_dataset(config, process_index=jax.process_index(), process_count=jax.process_count(),
                             start_index=examples_seen)
         preempt = _Preemption()
         bar = tqdm(total=config.num_train_steps, initial=start, disable=not progress or jax.process_index() > 0,
-                   desc="train", unit="step", dynamic_ncols=True)
+                   desc=f"train stage {config.stage}", unit="step", dynamic_ncols=True)
         history = []
         try:
-            for step in range(start, config.num_train_steps):
+            for i in range(start, config.num_train_steps):
                 local = next(data)
                 captions = [c.decode() if isinstance(c, bytes) else str(c) for c in local["caption"]]
                 if cache is not None:
@@ -179,14 +211,14 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
                 batch = parallel.global_batch({"image": local["image"], **text}, mesh)
                 state, metrics = step_fn(state, batch, frozen, empty)
                 examples_seen += config.batch_size
-                done = step + 1
+                done = i + 1
                 report(done)
                 if done % config.log_every_steps == 0 or done == config.num_train_steps:
                     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     scalars["bpp_uniform"] = build.bits_per_pixel(config)
                     writer.write_scalars(done, scalars)
                     history.append((done, scalars["loss"]))
-                    bar.set_postfix(loss=f"{scalars['loss']:.4f}", usage=f"{scalars['codebook_usage']:.2f}")
+                    bar.set_postfix({k: f"{scalars[m]:.4f}" for k, m in postfix.items()})
                 bar.update(1)
                 if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
                     _save(mngr, state, examples_seen)
@@ -201,7 +233,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             preempt.restore()
             writer.flush()
             mngr.close()
-    (workdir / "loss_history.json").write_text(json.dumps(history))
+    if jax.process_index() == 0:
+        (workdir / "loss_history.json").write_text(json.dumps(history))
     return state
 
 

@@ -1,0 +1,360 @@
+"""compress / decompress of whole images with a trained codec (stage 1 + stage 2).
+
+    Codec.load(folder).compress(image, caption)  -> bytes      (perco_jax.codec.bitstream)
+    Codec.load(folder).decompress(bytes)         -> image [H, W, 3] float32 in [0, 1]
+
+Image size policy: RESIZE. An image of any size H x W (RGB, or grey replicated to RGB) is
+resized (bicubic, antialiased) to the model's square config.image_size, coded, decoded at
+image_size and resized back to H x W (stored in the header), so the output has the input's
+size; the aspect ratio is not kept inside the model. Crop beforehand for a centre-crop protocol.
+
+Indices are coded under config.codec.schedule (or the schedule passed in) with the MIM entropy
+model, or with fixed-length "uniform" coding. Determinism (see perco_jax/entropy_coding.py): the
+text context and the entropy model always run on batches of exactly codec.coding_batch_size
+images, unsharded, on both sides, so a stream decodes alone or with any others. The image
+encoder may be sharded over the local devices: its indices are sent, not recomputed.
+
+A codec folder is a perco-jax weights folder (perco_jax.checkpoint) with the components
+"codec" (config = the run's whole config; params {"params", "vq"}: the stage-1 EMA weights),
+"entropy_model", "text" (the three SD3 text encoders; config = their module fields),
+"autoencoder" (the SD3 VAE; absent for space-to-depth), the tokenizers, and the fingerprint that
+bitstreams carry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from perco_jax import build, entropy_coding, schedules
+from perco_jax.codec import bitstream, range_coding
+from perco_jax.codec.bitstream import BitstreamError, Header
+
+_TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
+MAX_SIDE = 0xFFFF  # the header stores the original size as uint16
+
+
+def prepare_image(image, size: int) -> np.ndarray:
+    """An image [H, W, 3] / [H, W, 1] / [H, W] (float in [0, 1] or uint8) -> [size, size, 3]
+    float32 in [-1, 1] (the RESIZE policy). ValueError for anything else."""
+    x = np.asarray(image)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"image must be uint8 or float in [0, 1], got dtype {x.dtype}")
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"image must be [H, W, 3] RGB or [H, W] / [H, W, 1] grey, got shape {x.shape}"
+                         + (" (drop the alpha channel first)" if x.ndim == 3 and x.shape[-1] == 4 else ""))
+    h, w = x.shape[:2]
+    if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
+        raise ValueError(f"image size {h}x{w} is outside 1..{MAX_SIDE} pixels per side")
+    if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
+        raise ValueError("float images must have values in [0, 1]")
+    x = np.broadcast_to(x, (h, w, 3)).astype(np.float32)
+    if (h, w) != (size, size):
+        x = np.asarray(jax.image.resize(x, (size, size, 3), "bicubic", antialias=True))
+    return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+
+
+def _digest(tree) -> str:
+    h = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(tree), key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_of(config, codec_params, entropy_params) -> bytes:
+    """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights."""
+    from perco_jax.train.stage2 import _comparable
+
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return bitstream.fingerprint({"config": _comparable(cfg), "entropy_model": cfg["entropy_model"],
+                                  "codec": cfg["codec"], "weights": _digest([codec_params, entropy_params])})
+
+
+def _module_fields(m) -> dict:
+    out = {}
+    for f in dataclasses.fields(m):
+        if f.name in ("parent", "name"):
+            continue
+        v = getattr(m, f.name)
+        out[f.name] = str(jnp.dtype(v)) if f.name == "dtype" else v
+    return out
+
+
+@dataclasses.dataclass(eq=False)
+class Codec:
+    config: ml_collections.ConfigDict
+    codec_params: dict       # {"params", "vq"} of the stage-1 model
+    entropy_params: dict     # the entropy model's params
+    ae_params: dict          # the autoencoder's ({} for space-to-depth)
+    text_params: dict        # {"text_encoder", "text_encoder_2", "text_encoder_3"}
+    prompt_encoder: object   # perco_jax.text.PromptEncoder
+    fingerprint: bytes
+
+    def __post_init__(self):
+        from perco_jax.reconstruct import make_decoder, make_encoder
+
+        c = self.config
+        self.model = build.build_perco(c)
+        self.autoencoder = build.build_autoencoder(c)
+        self.entropy_model = build.build_entropy_model(c)
+        self.grid = (c.codec.grid_side, c.codec.grid_side)
+        self.batch = int(c.codec.coding_batch_size)
+        self._encode = make_encoder(self.model, self.autoencoder)
+        self._apply = entropy_coding.make_apply_fn(self.entropy_model, {"params": self.entropy_params})
+        self._decode = make_decoder(self.model, self.autoencoder, self.prompt_encoder,
+                                    max_sequence_length=c.text.max_sequence_length, shift=c.scheduler_shift)
+        side, channels = build.latent_geometry(c)
+        self.latent_shape = (side, side, channels)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_runs(cls, config, stage1_workdir, stage2_workdir) -> "Codec":
+        """The codec of a finished stage-1 run and the stage-2 run trained on it."""
+        from perco_jax import parallel
+        from perco_jax.train import stage2
+        from perco_jax.train.loop import _autoencoder_params, restore_latest
+        from perco_jax.train.state import make_optimizer
+
+        config = config.copy_and_resolve_references()
+        build.validate(config)
+        mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+        rules = parallel.rules_from_config(config.sharding_rules)
+        codec = stage2.codec_params(stage2.restore_stage1(config, stage1_workdir, mesh, rules))
+        c2 = build.stage_config(_as_stage2(config))
+        em = build.build_entropy_model(c2)
+        abstract, shardings = stage2.init_state(c2, em, make_optimizer(c2), mesh, rules, abstract=True)
+        s2 = restore_latest(Path(stage2_workdir), abstract, shardings)
+        if s2 is None:
+            raise build.ConfigError(f"{stage2_workdir} has no stage-2 checkpoint: train stage 2 first")
+        entropy = s2.ema_params if s2.ema_params is not None else s2.params
+        encoder, text_params = build.build_text(config, stage1_workdir)
+        ae = _autoencoder_params(config, build.build_autoencoder(config))
+        codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))
+        return cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy))
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write this codec as a weights folder (`perco-jax compress --checkpoint FOLDER`)."""
+        from perco_jax.checkpoint import save_weights
+
+        pe = self.prompt_encoder
+        text_cfg = {"text_encoder": _module_fields(pe.clip_l), "text_encoder_2": _module_fields(pe.clip_g),
+                    "text_encoder_3": _module_fields(pe.t5) if pe.t5 is not None else None,
+                    "joint_attention_dim": pe.joint_attention_dim}
+        components = {"codec": (self.config.to_dict(), self.codec_params),
+                      "entropy_model": (self.config.entropy_model.to_dict(), self.entropy_params),
+                      "text": (text_cfg, self.text_params)}
+        if jax.tree_util.tree_leaves(self.ae_params):
+            components["autoencoder"] = (self.config.vae.to_dict(), self.ae_params)
+        with tempfile.TemporaryDirectory() as tmp:
+            dirs = {}
+            for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), pe.tokenizers):
+                if tok is not None:
+                    tok.save_pretrained(str(Path(tmp) / name))
+                    dirs[name] = Path(tmp) / name
+            return save_weights(folder, components, extra_dirs=dirs,
+                                metadata={"kind": "codec", "fingerprint": self.fingerprint.hex()})
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "Codec":
+        """A codec folder written by `Codec.save` (CheckpointError if it is not one)."""
+        from perco_jax.checkpoint import CheckpointError, load_weights, read_manifest
+        from perco_jax.models.clip import CLIPTextEncoder
+        from perco_jax.models.t5 import T5Encoder
+        from perco_jax.text import PromptEncoder, load_tokenizer
+
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if manifest.get("metadata", {}).get("kind") != "codec":
+            raise CheckpointError(f"{folder} is a weights folder but not a trained codec (write one with "
+                                  "`perco-jax export` or `perco-jax demo`)")
+        configs, params = load_weights(folder)
+        config = ml_collections.ConfigDict(configs["codec"])
+        tc = configs["text"]
+
+        def module(kind, fields):
+            return kind(**{k: (jnp.dtype(v) if k == "dtype" else tuple(v) if isinstance(v, list) else v)
+                           for k, v in fields.items()})
+
+        t5 = module(T5Encoder, tc["text_encoder_3"]) if tc.get("text_encoder_3") else None
+        encoder = PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
+                                module(CLIPTextEncoder, tc["text_encoder"]), module(CLIPTextEncoder, tc["text_encoder_2"]),
+                                load_tokenizer(folder / "tokenizer_3") if t5 is not None else None, t5,
+                                joint_attention_dim=tc["joint_attention_dim"])
+        fp = bytes.fromhex(manifest["metadata"]["fingerprint"])
+        return cls(config, params["codec"], params["entropy_model"], params.get("autoencoder", {}),
+                   params["text"], encoder, fp)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _chunks(self, n: int):
+        for start in range(0, n, self.batch):
+            yield slice(start, min(start + self.batch, n))
+
+    def encode_images(self, images) -> np.ndarray:
+        """indices [B, g, g] int32 of prepared images [B, S, S, 3] in [-1, 1]."""
+        images = np.asarray(images, np.float32)
+        out = []
+        n_dev = jax.local_device_count()
+        for sl in self._chunks(images.shape[0]):
+            x = entropy_coding._pad(images[sl], self.batch)
+            if n_dev > 1 and self.batch % n_dev == 0:  # shard the image batch over the local devices
+                from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+                x = jax.device_put(x, NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), P("data")))
+            out.append(np.asarray(self._encode(self.codec_params, self.ae_params, x))[: sl.stop - sl.start])
+        return np.concatenate(out) if out else np.zeros((0,) + self.grid, np.int32)
+
+    def context(self, captions: Sequence[str]) -> Optional[jax.Array]:
+        """The entropy model's text context [n, L, D] (None when it is unconditional), computed on
+        chunks of exactly coding_batch_size captions (padded with the empty prompt)."""
+        if not self.entropy_model.context_dim:
+            return None
+        captions = list(captions)
+        out = []
+        for sl in self._chunks(len(captions)):
+            chunk = captions[sl] + [""] * (self.batch - (sl.stop - sl.start))
+            ctx, _ = self.prompt_encoder(self.text_params, chunk, self.config.text.max_sequence_length)
+            out.append(np.asarray(ctx)[: sl.stop - sl.start])
+        return jnp.asarray(np.concatenate(out))
+
+    def _groups(self, spec: str):
+        name, steps, seed = schedules.parse_spec(spec)
+        return name, steps, seed, (None if name == schedules.UNIFORM else schedules.from_spec(spec, *self.grid))
+
+    def encode_indices(self, indices, captions: Sequence[str], schedule: Optional[str] = None) -> list[bytes]:
+        """Index payloads (no container) of indices [B, g, g] under `schedule` (default: the config's)."""
+        name, _, _, groups = self._groups(schedule or self.config.codec.schedule)
+        k = self.config.codec.codebook_size
+        if groups is None:
+            return [range_coding.encode_uniform(x.ravel(), k) for x in np.asarray(indices)]
+        return entropy_coding.encode_indices(self._apply, indices, groups, self.context(captions),
+                                             batch_size=self.batch)
+
+    def rate_bits(self, indices, captions: Sequence[str], schedule: str) -> np.ndarray:
+        """Model cross-entropy [B] in bits of indices [B, g, g] under `schedule` (no coding)."""
+        name, _, _, groups = self._groups(schedule)
+        if groups is None:
+            return np.full(len(indices), float(range_coding.uniform_bits(self.config.codec.codebook_size)
+                                               * self.grid[0] * self.grid[1]))
+        return entropy_coding.rate_bits(self._apply, indices, groups, self.context(captions), batch_size=self.batch)
+
+    # ------------------------------------------------------------------ compress
+
+    def compress_batch(self, images: Sequence, captions: Optional[Sequence[str]] = None,
+                       schedule: Optional[str] = None) -> list[bytes]:
+        """One bitstream per image (any sizes; see the RESIZE policy); captions default to ""."""
+        captions = [""] * len(images) if captions is None else [str(c) for c in captions]
+        if len(captions) != len(images):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        spec = schedule or self.config.codec.schedule
+        name, steps, seed, _ = self._groups(spec)
+        sizes = [np.shape(im)[:2] for im in images]
+        prepared = np.stack([prepare_image(im, self.config.image_size) for im in images]) if len(images) else \
+            np.zeros((0,) + (self.config.image_size,) * 2 + (3,), np.float32)
+        indices = self.encode_images(prepared)
+        payloads = self.encode_indices(indices, captions, spec)
+        out = []
+        for (h, w), caption, payload in zip(sizes, captions, payloads):
+            header = Header(fingerprint=self.fingerprint, image_height=int(h), image_width=int(w),
+                            grid_h=self.grid[0], grid_w=self.grid[1], codebook_size=self.config.codec.codebook_size,
+                            schedule=name, schedule_steps=steps, schedule_seed=seed,
+                            caption_coding=bitstream.smallest_caption_coding(caption))
+            out.append(bitstream.pack(header, caption, payload))
+        return out
+
+    def compress(self, image, caption: str = "", schedule: Optional[str] = None) -> bytes:
+        return self.compress_batch([image], [caption], schedule)[0]
+
+    # ------------------------------------------------------------------ decompress
+
+    def read_batch(self, streams: Sequence[bytes]) -> tuple[list[Header], list[str], np.ndarray]:
+        """(headers, captions, indices [B, g, g]) of bitstreams; BitstreamError (a ValueError) on
+        malformed, corrupted or foreign streams."""
+        parsed = [bitstream.unpack(bytes(s)) for s in streams]
+        k = self.config.codec.codebook_size
+        for header, _, _ in parsed:
+            bitstream.check_fingerprint(header, self.fingerprint)
+            if (header.grid_h, header.grid_w) != self.grid or header.codebook_size != k:
+                raise BitstreamError(f"bitstream holds a {header.grid_h}x{header.grid_w} grid of K={header.codebook_size}, "
+                                     f"this codec codes {self.grid[0]}x{self.grid[1]}, K={k}")
+        indices = np.zeros((len(parsed),) + self.grid, np.int32)
+        by_spec: dict[tuple, list[int]] = {}
+        for i, (h, _, _) in enumerate(parsed):
+            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed), []).append(i)
+        for (name, steps, seed), rows in by_spec.items():
+            if name == schedules.UNIFORM:
+                for i in rows:
+                    indices[i] = range_coding.decode_uniform(parsed[i][2], self.grid[0] * self.grid[1], k).reshape(self.grid)
+                continue
+            groups = schedules.get_schedule(name, *self.grid, steps or None, seed)
+            captions = [parsed[i][1] for i in rows]
+            indices[rows] = entropy_coding.decode_indices(self._apply, [parsed[i][2] for i in rows], self.grid,
+                                                          groups, self.context(captions), batch_size=self.batch)
+        return [p[0] for p in parsed], [p[1] for p in parsed], indices
+
+    def decode_images(self, indices, captions: Sequence[str], *, steps: Optional[int] = None,
+                      guidance: Optional[float] = None, seed: int = 0) -> np.ndarray:
+        """images [B, S, S, 3] in [0, 1] from indices [B, g, g] and captions (the flow sampler)."""
+        steps = int(steps or self.config.sample.steps)
+        guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
+        from perco_jax.reconstruct import initial_noise
+
+        n = len(captions)
+        noise = np.asarray(initial_noise(seed, n, self.latent_shape))
+        empty = self.prompt_encoder.tokenize([""], self.config.text.max_sequence_length)
+        out = []
+        for sl in self._chunks(n):
+            chunk = list(captions[sl]) + [""] * (self.batch - (sl.stop - sl.start))
+            tokens = self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length)
+            x = self._decode(self.codec_params, {"autoencoder": self.ae_params, "text": self.text_params},
+                             jnp.asarray(entropy_coding._pad(np.asarray(indices[sl]), self.batch)), tokens, empty,
+                             jnp.asarray(entropy_coding._pad(noise[sl], self.batch)), guidance, steps=steps)
+            out.append(np.asarray(x)[: sl.stop - sl.start])
+        side = self.config.image_size
+        return np.concatenate(out) if out else np.zeros((0, side, side, 3), np.float32)
+
+    def decompress_batch(self, streams: Sequence[bytes], *, steps: Optional[int] = None,
+                         guidance: Optional[float] = None, seed: int = 0) -> list[np.ndarray]:
+        """Images [H, W, 3] float32 in [0, 1], each at its original size."""
+        headers, captions, indices = self.read_batch(streams)
+        images = self.decode_images(indices, captions, steps=steps, guidance=guidance, seed=seed)
+        out = []
+        for h, im in zip(headers, images):
+            if (h.image_height, h.image_width) != im.shape[:2]:
+                im = np.clip(np.asarray(jax.image.resize(im, (h.image_height, h.image_width, 3), "bicubic",
+                                                         antialias=True)), 0.0, 1.0)
+            out.append(im)
+        return out
+
+    def decompress(self, stream: bytes, **kw) -> np.ndarray:
+        return self.decompress_batch([stream], **kw)[0]
+
+
+def _as_stage2(config):
+    c = config.copy_and_resolve_references()
+    c.stage = 2
+    return c
+
+
+def rate_split(stream: bytes) -> dict:
+    """Bytes of a bitstream split into caption, indices and container (header, lengths, CRC)."""
+    header, caption, payload = bitstream.unpack(stream)
+    cap = len(bitstream.encode_caption(caption, header.caption_coding))
+    return {"total": len(stream), "caption": cap, "indices": len(payload),
+            "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width}
+
