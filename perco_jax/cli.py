@@ -1,4 +1,4 @@
-"""The `perco-jax` command: convert, generate, demo, info (more subcommands as the codec grows)."""
+"""The `perco-jax` command: convert, generate, train, export, compress, decompress, demo, info."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,75 @@ def _train(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from perco_jax.codec.codec import Codec
+    from perco_jax.config import load_config
+
+    config = load_config(args.config, args.override)
+    out = Codec.from_runs(config, args.stage1, args.stage2).save(args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _outputs(inputs: list[str], out: str, suffix: str) -> list:
+    """Output paths: `out` itself for one input (unless it is a folder), else out/NAME.suffix."""
+    from pathlib import Path
+
+    o = Path(out)
+    if len(inputs) == 1 and not o.is_dir() and not out.endswith(("/", "\\")):
+        return [o]
+    o.mkdir(parents=True, exist_ok=True)
+    names = [Path(i).stem for i in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError("inputs share a file name; compress them into separate folders")
+    return [o / f"{n}{suffix}" for n in names]
+
+
+def _compress(args) -> int:
+    import math
+
+    from perco_jax.codec.codec import Codec, rate_split
+    from perco_jax.images import load_image
+
+    captions = args.caption or [""]
+    if len(captions) not in (1, len(args.inputs)):
+        raise ValueError(f"give one --caption for all inputs or one per input ({len(args.inputs)})")
+    captions = captions * len(args.inputs) if len(captions) == 1 else captions
+    outs = _outputs(args.inputs, args.out, ".perco")
+    codec = Codec.load(args.checkpoint)
+    images = [load_image(p) for p in args.inputs]
+    streams = codec.compress_batch(images, captions, schedule=args.schedule)
+    g, k = codec.grid, codec.config.codec.codebook_size
+    uniform = math.ceil(g[0] * g[1] * math.log2(k) / 8)
+    print(f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}")
+    for path, out, stream in zip(args.inputs, outs, streams):
+        out.write_bytes(stream)
+        r = rate_split(stream)
+        bpp = 8 / r["pixels"]
+        print(f"{str(out)[-27:]:<28}{r['total']:>7}{r['total'] * bpp:>9.4f}{r['caption'] * bpp:>9.4f}"
+              f"{r['indices'] * bpp:>9.4f}{r['container'] * bpp:>10.4f}"
+              f"{100 * (1 - r['indices'] / uniform):>11.1f}%")
+    print(f"(bpp columns split the total; 'vs uniform' = index bytes saved against fixed-length "
+          f"coding, {uniform} bytes for {g[0]}x{g[1]} indices of K={k})")
+    return 0
+
+
+def _decompress(args) -> int:
+    from pathlib import Path
+
+    from perco_jax.codec.codec import Codec
+    from perco_jax.images import save_image
+
+    outs = _outputs(args.inputs, args.out, ".png")
+    codec = Codec.load(args.checkpoint)
+    streams = [Path(p).read_bytes() for p in args.inputs]
+    images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    for out, image in zip(outs, images):
+        save_image(image, out)
+        print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="perco-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -118,11 +187,39 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(fn=_demo)
 
-    t = sub.add_parser("train", help="stage-1 training (resumes from the workdir's latest checkpoint)")
+    t = sub.add_parser("train", help="stage 1 (codec) or, with --config.stage=2 --config.stage1_workdir=DIR, "
+                                     "stage 2 (entropy model); resumes from the workdir's latest checkpoint")
     t.add_argument("--config", default="tiny", help="preset name or config file (configs/*.py)")
     t.add_argument("--workdir", required=True)
     t.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
     t.set_defaults(fn=_train)
+
+    e = sub.add_parser("export", help="a trained codec folder from a stage-1 and a stage-2 run")
+    e.add_argument("--config", default="tiny", help="the runs' preset name or config file")
+    e.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    e.add_argument("--stage1", required=True, help="stage-1 workdir")
+    e.add_argument("--stage2", required=True, help="stage-2 workdir (trained on --stage1)")
+    e.add_argument("--out", required=True, help="codec folder to write (what --checkpoint takes)")
+    e.set_defaults(fn=_export)
+
+    c = sub.add_parser("compress", help="images -> .perco bitstreams")
+    c.add_argument("--checkpoint", required=True, help="codec folder (perco-jax export / demo/checkpoint)")
+    c.add_argument("inputs", nargs="+", help="image files (any size: resized to the model's, size kept)")
+    c.add_argument("-o", "--out", required=True, help="OUT.perco for one image, or a folder")
+    c.add_argument("--caption", action="append", help="the caption z_g (once for all, or once per image; "
+                                                      "default: none, the empty prompt)")
+    c.add_argument("--schedule", help="masking schedule spec (qlds:8, checkerboard, implicit_var, uniform, ...; "
+                                      "default: the codec's)")
+    c.set_defaults(fn=_compress)
+
+    dc = sub.add_parser("decompress", help=".perco bitstreams -> images")
+    dc.add_argument("--checkpoint", required=True, help="the codec folder that compressed them")
+    dc.add_argument("inputs", nargs="+", help=".perco files")
+    dc.add_argument("-o", "--out", required=True, help="OUT.png for one stream, or a folder")
+    dc.add_argument("--steps", type=int, help="sampler steps (default: the codec config's)")
+    dc.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
+    dc.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
+    dc.set_defaults(fn=_decompress)
 
     i = sub.add_parser("info", help="print a config and its model sizes")
     i.add_argument("--config", default="tiny", help="preset name or config file")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from perco_jax import flow
 from perco_jax.models.vae import latents_from_moments, scale_latents, unscale_latents
@@ -27,10 +28,12 @@ def make_encoder(model, autoencoder):
     return jax.jit(lambda codec, ae_params, images: encode_images(model, autoencoder, codec, ae_params, images))
 
 
-def initial_noise(seed: int, n: int, latent_shape) -> jax.Array:
-    """The sampler's starting noise [n, h, w, C]: image i of a call gets fold_in(key(seed), i), so
-    an image's noise does not depend on how many others are decoded with it."""
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(jnp.arange(n))
+def initial_noise(seed: int, ids, latent_shape) -> jax.Array:
+    """The sampler's starting noise [n, h, w, C] for n images with ids [n] (uint32): image j gets
+    fold_in(key(seed), ids[j]), so its noise depends on its id, not on the others decoded with it
+    (the codec uses the CRC of the image's bitstream)."""
+    ids = jnp.asarray(np.asarray(ids, np.uint32))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(ids)
     return jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(keys)
 
 
@@ -85,7 +88,7 @@ def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
     empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
     decode = make_decoder(model, autoencoder, prompt_encoder,
                           max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
-    noise = initial_noise(seed, len(captions), (side, side, channels))
+    noise = initial_noise(seed, np.arange(len(captions)), (side, side, channels))
     recon = decode(codec, frozen, indices, tokens, empty, noise, jnp.float32(config.sample.guidance),
                    steps=config.sample.steps)
     return np.asarray(images) / 2 + 0.5, np.asarray(recon), captions

@@ -1,5 +1,7 @@
 """Helpers for parity tests: randomise PyTorch reference models and compare outputs."""
+import contextlib
 import math
+import signal
 
 import numpy as np
 import torch
@@ -29,3 +31,17 @@ def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Fails the test (instead of hanging it) if the block runs longer than `seconds`."""
+    def handler(signum, frame):
+        raise TimeoutError(f"took longer than {seconds} s")
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -1,14 +1,13 @@
 """Bitstream container and range coding: round trips, rate, and strict handling of bad input."""
-import contextlib
 import dataclasses
 import math
-import signal
 import struct
 import zlib
 
 import numpy as np
 import pytest
 
+from tests.reference import time_limit
 from perco_jax import schedules
 from perco_jax.codec import bitstream as bs
 from perco_jax.codec import range_coding as rc
@@ -18,18 +17,6 @@ HEADER = bs.Header(fingerprint=FP, image_height=512, image_width=384, grid_h=16,
                    codebook_size=1024, schedule="qlds", schedule_steps=8)
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float):
-    """Fails the test (instead of hanging it) if the block runs longer than `seconds`."""
-    def handler(signum, frame):
-        raise TimeoutError(f"took longer than {seconds} s")
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------- container
@@ -53,7 +40,8 @@ def test_layout_and_overhead():
     assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
     caption = "a photo of a cat"
     assert zlib.decompress(bs.encode_caption(caption, bs.CAPTION_DEFLATE), wbits=-15) == caption.encode()
-    assert bs.smallest_caption_coding("a cat") == bs.CAPTION_UTF8
+    assert bs.smallest_caption_coding("a cat", codings=(bs.CAPTION_DEFLATE, bs.CAPTION_UTF8)) == bs.CAPTION_UTF8
+    assert bs.smallest_caption_coding("a cat") == bs.CAPTION_ENGLISH
     assert bs.smallest_caption_coding("a cat " * 20) == bs.CAPTION_DEFLATE
 
 

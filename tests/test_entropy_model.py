@@ -230,3 +230,18 @@ def test_errors(coder):
         ec.encode_indices(f, np.zeros((1, 8, 8), np.int32), get_schedule("checkerboard", 4, 4))
     with pytest.raises(ValueError, match="batch_size"):
         ec.encode_indices(f, np.zeros((1, 8, 8), np.int32), groups, batch_size=0)
+
+
+def test_training_mask_over_several_schedules_matches_one_schedule_step_each():
+    stack = np.stack([get_schedule("checkerboard", 4, 4), get_schedule("qlds", 4, 4, 8),
+                      get_schedule("implicit_var", 4, 4)])
+    mask, loss_mask = training_mask(jax.random.key(3), stack, 600)
+    mask, loss_mask = np.asarray(mask), np.asarray(loss_mask)
+    seen = set()
+    for m, l in zip(mask, loss_mask):
+        hits = [(j, s) for j, g in enumerate(stack) for s in range(g.max() + 1)
+                if np.array_equal(m, g >= s) and np.array_equal(l, g == s)]
+        assert hits, "each example's masks are one (schedule, step) of the stack"
+        seen.update(hits)
+    # every (schedule, step) pair is drawn (600 draws over 2 + 8 + 3 pairs)
+    assert len(seen) == sum(int(g.max()) + 1 for g in stack)

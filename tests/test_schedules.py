@@ -139,3 +139,16 @@ def test_registry():
         S.schedule_name(200)
     with pytest.raises(ValueError):
         S.checkerboard(0, 3)
+
+
+def test_schedule_specs_parse_and_refuse_malformed_ones():
+    from perco_jax.schedules import from_spec, parse_spec
+
+    assert parse_spec("qlds:8") == ("qlds", 8, 0)
+    assert parse_spec("random:8:3") == ("random", 8, 3)
+    assert parse_spec("checkerboard") == ("checkerboard", 0, 0)
+    assert parse_spec("uniform") == ("uniform", 0, 0)
+    np.testing.assert_array_equal(from_spec("cosine:5:2", 6, 6), S.get_schedule("cosine", 6, 6, 5, 2))
+    for bad in ("qlds", "qlds:x", "qlds:8:1", "checkerboard:4", "zigzag", "random:0", "random:8:70000", ""):
+        with pytest.raises(ValueError):
+            parse_spec(bad)

@@ -11,7 +11,8 @@ Layout (all integers little-endian):
                     codebook_size (uint32), schedule id (uint8, see perco_jax.schedules),
                     schedule_steps, schedule_seed (uint16 each), caption_coding, flags (uint8)
     32      1-5   caption length L (unsigned LEB128 varint, minimal form)
-            L     caption: raw DEFLATE (zlib, wbits=-15) or plain UTF-8, per caption_coding
+            L     caption: raw DEFLATE (zlib, wbits=-15), plain UTF-8 or the English-text
+                  context model (perco_jax.codec.caption_coding), per caption_coding
             1-5   payload length P (varint)
             P     index payload (range coded or uniform, see perco_jax.codec.range_coding)
             4     CRC32 of every byte before it
@@ -43,7 +44,8 @@ FINGERPRINT_BYTES = 8
 
 CAPTION_DEFLATE = 0   # raw DEFLATE (no zlib header / checksum: the container has a CRC)
 CAPTION_UTF8 = 1      # plain UTF-8 (for captions so short that DEFLATE would grow them)
-CAPTION_CODINGS = {CAPTION_DEFLATE: "deflate", CAPTION_UTF8: "utf8"}
+CAPTION_ENGLISH = 2   # range coded under a static English context model (codec/caption_coding.py)
+CAPTION_CODINGS = {CAPTION_DEFLATE: "deflate", CAPTION_UTF8: "utf8", CAPTION_ENGLISH: "english"}
 
 MAX_CAPTION_BYTES = 1 << 16   # decoded UTF-8; SD3's encoders read a few hundred tokens at most
 MAX_CODEBOOK = 1 << 19        # = range_coding.MAX_ALPHABET
@@ -62,8 +64,8 @@ class Header:
     schedule: a name from perco_jax.schedules.SCHEDULES, or "uniform" (fixed-length coding).
     schedule_steps: the number of groups for stepped schedules (qlds, random, cosine; 1..65535),
     0 for the others. schedule_seed: the seed of random / cosine (0..65535), 0 for the others.
-    caption_coding: CAPTION_DEFLATE or CAPTION_UTF8. flags: 8 bits for the codec, not
-    interpreted here.
+    caption_coding: one of CAPTION_CODINGS (see `smallest_caption_coding`). flags: 8 bits for
+    the codec, not interpreted here.
     """
     version: int = VERSION
     fingerprint: bytes
@@ -153,7 +155,7 @@ def _read_varint(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- captions
 
 def encode_caption(caption: str, coding: int) -> bytes:
-    """Caption bytes as stored under `coding` (CAPTION_DEFLATE or CAPTION_UTF8)."""
+    """Caption bytes as stored under `coding` (one of CAPTION_CODINGS)."""
     if not isinstance(caption, str):
         raise BitstreamError(f"caption must be a str, got {type(caption).__name__}")
     try:
@@ -167,12 +169,22 @@ def encode_caption(caption: str, coding: int) -> bytes:
     if coding == CAPTION_DEFLATE:
         comp = zlib.compressobj(level=9, method=zlib.DEFLATED, wbits=-15, memLevel=9)
         return comp.compress(raw) + comp.flush()
+    if coding == CAPTION_ENGLISH:
+        from perco_jax.codec import caption_coding  # imports this module: not at the top
+        return caption_coding.encode(raw)
     raise BitstreamError(f"unknown caption coding {coding!r}")
 
 
-def smallest_caption_coding(caption: str) -> int:
-    """The caption coding that stores `caption` in the fewest bytes (DEFLATE on ties)."""
-    sizes = {c: len(encode_caption(caption, c)) for c in (CAPTION_DEFLATE, CAPTION_UTF8)}
+def smallest_caption_coding(caption: str, codings=None) -> int:
+    """The caption coding that stores `caption` in the fewest bytes.
+
+    codings: the ids to choose from (default: all of CAPTION_CODINGS); ties go to the lowest id
+    (DEFLATE, then UTF-8, then the English model).
+    """
+    codings = tuple(CAPTION_CODINGS) if codings is None else tuple(codings)
+    if not codings:
+        raise ValueError("no caption codings to choose from")
+    sizes = {c: len(encode_caption(caption, c)) for c in codings}
     return min(sizes, key=lambda c: (sizes[c], c))
 
 
@@ -188,10 +200,16 @@ def _decode_caption(stored: bytes, coding: int) -> str:
             raise BitstreamError(f"caption inflates to more than {MAX_CAPTION_BYTES} bytes")
         if not d.eof or d.unused_data or d.unconsumed_tail:
             raise BitstreamError("corrupted caption (DEFLATE stream incomplete or with extra bytes)")
-    else:
+    elif coding == CAPTION_ENGLISH:
+        from perco_jax.codec import caption_coding  # imports this module: not at the top
+        # raises CodingError (a BitstreamError); output bounded by MAX_CAPTION_BYTES and len(stored)
+        raw = caption_coding.decode(stored)
+    elif coding == CAPTION_UTF8:
         raw = stored
         if len(raw) > MAX_CAPTION_BYTES:
             raise BitstreamError(f"caption is more than {MAX_CAPTION_BYTES} bytes")
+    else:
+        raise BitstreamError(f"unknown caption coding {coding!r}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import os
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -307,15 +308,16 @@ class Codec:
                                                           groups, self.context(captions), batch_size=self.batch)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
-    def decode_images(self, indices, captions: Sequence[str], *, steps: Optional[int] = None,
+    def decode_images(self, indices, captions: Sequence[str], noise_ids=None, *, steps: Optional[int] = None,
                       guidance: Optional[float] = None, seed: int = 0) -> np.ndarray:
-        """images [B, S, S, 3] in [0, 1] from indices [B, g, g] and captions (the flow sampler)."""
+        """images [B, S, S, 3] in [0, 1] from indices [B, g, g] and captions (the flow sampler);
+        image j starts from the noise of (seed, noise_ids[j]) (default ids 0..B-1)."""
         steps = int(steps or self.config.sample.steps)
         guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
         from perco_jax.reconstruct import initial_noise
 
         n = len(captions)
-        noise = np.asarray(initial_noise(seed, n, self.latent_shape))
+        noise = np.asarray(initial_noise(seed, np.arange(n) if noise_ids is None else noise_ids, self.latent_shape))
         empty = self.prompt_encoder.tokenize([""], self.config.text.max_sequence_length)
         out = []
         for sl in self._chunks(n):
@@ -330,9 +332,12 @@ class Codec:
 
     def decompress_batch(self, streams: Sequence[bytes], *, steps: Optional[int] = None,
                          guidance: Optional[float] = None, seed: int = 0) -> list[np.ndarray]:
-        """Images [H, W, 3] float32 in [0, 1], each at its original size."""
+        """Images [H, W, 3] float32 in [0, 1], each at its original size. An image's sampler noise
+        comes from (seed, CRC32 of its stream): the same stream and seed give the same image in
+        any batch (up to float rounding)."""
         headers, captions, indices = self.read_batch(streams)
-        images = self.decode_images(indices, captions, steps=steps, guidance=guidance, seed=seed)
+        ids = [zlib.crc32(bytes(s)) for s in streams]
+        images = self.decode_images(indices, captions, ids, steps=steps, guidance=guidance, seed=seed)
         out = []
         for h, im in zip(headers, images):
             if (h.image_height, h.image_width) != im.shape[:2]:

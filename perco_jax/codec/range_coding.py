@@ -33,7 +33,7 @@ Programming errors (wrong shapes, symbols out of range at the encoder) raise Val
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import constriction
 import numpy as np
@@ -47,7 +47,7 @@ _TOTAL = 1 << PRECISION
 # Floors take at most half of the mass (and constriction's 24-bit tables hold K <= 2^24 symbols).
 MAX_ALPHABET = 1 << (PRECISION - 1)
 _PROBE_BITS = 30  # float -> integer resolution before renormalisation (exact in float64)
-_MAX_TRIM = 8     # trailing bytes the encoder tries to drop (see _trim)
+_MAX_TRIM = 8     # trailing bytes the encoder tries to drop (see trim_tail)
 
 
 class CodingError(BitstreamError):
@@ -126,8 +126,8 @@ def _decodes_to(data: bytes, groups: list[tuple[np.ndarray, np.ndarray]]) -> boo
         return False
 
 
-def _trim(data: bytes, groups: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
-    """The shortest of data with its last 0.._MAX_TRIM bytes dropped that still decodes right.
+def trim_tail(data: bytes, decodes: Callable[[bytes], bool]) -> bytes:
+    """The shortest of data with its last 0.._MAX_TRIM bytes dropped for which decodes(...) holds.
 
     The decoder reads missing bytes as zeros. The sealed coder's tail only has to point inside
     the final coding interval, so the prefix rounded *up* (prefix + 1 when the dropped bytes are
@@ -142,7 +142,7 @@ def _trim(data: bytes, groups: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
             if value >> (8 * len(prefix)):
                 break
             prefix = value.to_bytes(len(prefix), "big")
-        if not _decodes_to(prefix, groups):
+        if not decodes(prefix):
             break
         best = prefix
     return best
@@ -165,7 +165,7 @@ def encode_groups(symbols_per_group: Sequence, probs_per_group: Sequence, trim: 
         if s.size:
             enc.encode(s, family, table)
     data = _to_bytes(enc.get_compressed())
-    return _trim(data, groups) if trim else data
+    return trim_tail(data, lambda d: _decodes_to(d, groups)) if trim else data
 
 
 class Decoder:

@@ -1,0 +1,92 @@
+"""Rate of the learned entropy model against uniform coding, per masking schedule.
+
+For a trained codec folder (default: the one `make demo` leaves at demo/checkpoint) and held-out
+images of its data (the validation split), codes the z_l indices of every image with each
+schedule through the real bitstream, checks they decode, and prints bits per index, bpp and the
+ratio to uniform coding (log2 K bits per index) side by side, with the coding time per image;
+writes rate.csv and rate.png (bits per index against the number of coding steps) to --out.
+
+    python benchmarks/rate.py [--checkpoint demo/checkpoint] [--images 64] [--out benchmarks/out]
+"""
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from perco_jax.codec.codec import Codec
+from perco_jax.codec.report import format_rates, schedule_rates
+from perco_jax.data.pipeline import make_dataset
+
+SPECS = ("uniform", "checkerboard", "checkerboard4", "quincunx", "qlds:4", "qlds:8", "qlds:12",
+         "implicit_var", "random:8", "cosine:8")
+
+
+def heldout(config, n: int):
+    images, captions = [], []
+    data = make_dataset(config, split="validation")
+    while len(images) < n:
+        batch = next(data)
+        images += [np.asarray(x) / 2 + 0.5 for x in batch["image"]]
+        captions += [str(c) for c in batch["caption"]]
+    return images[:n], captions[:n]
+
+
+def plot(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    uniform = next(r for r in rows if r["schedule"] == "uniform")
+    ax.axhline(uniform["bits_per_index"], color="gray", ls="--", label="uniform (log2 K)")
+    for r in rows:
+        if r["schedule"] != "uniform":
+            ax.scatter(r["groups"], r["bits_per_index"])
+            ax.annotate(r["schedule"], (r["groups"], r["bits_per_index"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("coding steps (groups)")
+    ax.set_ylabel("bits per index")
+    ax.set_title("z_l rate per masking schedule")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default="demo/checkpoint")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--out", default="benchmarks/out")
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_dir():
+        sys.exit(f"{args.checkpoint} does not exist: run `make demo` first (it trains and exports the tiny codec)")
+    codec = Codec.load(args.checkpoint)
+    images, captions = heldout(codec.config, args.images)
+    rows = schedule_rates(codec, images, captions, SPECS)
+    uniform = next(r for r in rows if r["schedule"] == "uniform")["bits_per_index"]
+    k = codec.config.codec.codebook_size
+    print(f"{len(images)} held-out images, {codec.grid[0]}x{codec.grid[1]} indices, K={k} "
+          f"(uniform = {np.log2(k):.2f} bits/index + byte rounding)")
+    print(format_rates(rows))
+    print(f"\n  {'schedule':<14}{'coded bits / uniform bits':>27}")
+    for r in rows:
+        print(f"  {r['schedule']:<14}{r['bits_per_index'] / uniform:>27.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "rate.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    made = plot(rows, out / "rate.png")
+    print(f"\nwrote {out / 'rate.csv'}" + (f" and {out / 'rate.png'}" if made else " (no matplotlib: no plot)"))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    main()

@@ -1,0 +1,544 @@
+"""The global message z_g: captions from a captioner, a caption cache, and text configurations.
+
+- `Captioner.load(folder)` runs a captioner through transformers (PyTorch, CPU or GPU) from a
+  local checkpoint folder: BLIP-2 (`Blip2ForConditionalGeneration` + its processor), or any
+  image-text-to-text model transformers can load (`AutoModelForImageTextToText`, or the older
+  `AutoModelForVision2Seq`), including Molmo-style checkpoints that ship their own code (only
+  with `trust_remote_code=True`, which runs that code: pass it only for checkpoints you trust).
+  Decoding is greedy (deterministic), at most `max_new_tokens` tokens (32 as in PerCo), batched,
+  with a progress bar. Nothing is downloaded.
+- `CaptionCache(path)`: a JSONL file of {"key", "caption", "captioner"} lines, appended as captions
+  are made and read back on the next run, so a data set is captioned once. The key is the
+  SHA-256 of the image's 8-bit RGB pixels (`image_key`): the same picture gets the same key
+  whether it comes from a PNG, a re-saved PNG or an array.
+- `resolve_caption(...)`: what `compress` uses: the given caption, else a cached one, else the
+  captioner's; a clear error when there is none of them.
+- `apply_text_mode(caption, mode, tokenizer)`: the text configurations compared in the seed:
+  "none" (empty prompt), "full", "truncate:N" (the first N tokens of a tokenizer).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 32   # PerCo's caption budget
+DEFAULT_BATCH_SIZE = 8
+TEXT_MODES = ("none", "full", "truncate:N")
+
+
+class CaptionError(ValueError):
+    """No caption can be had (no caption, cache entry or captioner), or a captioner that cannot be used."""
+
+
+# ----------------------------------------------------------------------------- images and keys
+
+def to_rgb8(image) -> np.ndarray:
+    """An image as HWC uint8 RGB: a file path, a PIL image, or an array (HW, HWC with 1, 3 or 4
+    channels; uint8, or floats in [0, 1] rounded to 8 bits)."""
+    if isinstance(image, (str, os.PathLike)):
+        from perco_jax.images import load_image
+
+        image = load_image(image)  # float32 k / 255: rounds back to k exactly
+    elif not isinstance(image, np.ndarray) and hasattr(image, "convert"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("image has non-finite values")
+        return np.round(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise ValueError(f"expected uint8 or float pixels in [0, 1], got {arr.dtype}")
+
+
+def image_key(image) -> str:
+    """SHA-256 (hex) of an image's 8-bit RGB pixels and size: the caption cache's key."""
+    rgb = to_rgb8(image)
+    h = hashlib.sha256(b"perco-jax rgb8 %dx%d\n" % (rgb.shape[0], rgb.shape[1]))
+    h.update(rgb.tobytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- the cache
+
+class CaptionCache:
+    """Captions by image key, kept in a JSONL file (one {"key", "caption", "captioner"} a line).
+
+    Entries are appended (and flushed) as they are added; opening the cache reads the file
+    back. A later line for the same (key, captioner) wins. Lines that cannot be read (e.g. a
+    line cut short by a crash) are skipped with a warning.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._entries: dict[tuple[str, str], str] = {}
+        self._latest: dict[str, tuple[str, str]] = {}   # key -> (captioner, caption), last written
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        entry = json.loads(line)
+                        key, caption, captioner = entry["key"], entry["caption"], entry.get("captioner", "")
+                        if not (isinstance(key, str) and isinstance(caption, str) and isinstance(captioner, str)):
+                            raise TypeError("key, caption and captioner must be strings")
+                    except (ValueError, KeyError, TypeError) as e:
+                        logger.warning("%s line %d: skipped (%s)", self.path, n, e)
+                        continue
+                    self._remember(key, caption, captioner)
+
+    def _remember(self, key: str, caption: str, captioner: str) -> None:
+        self._entries[(key, captioner)] = caption
+        self._latest[key] = (captioner, caption)
+
+    def get(self, key: str, captioner: str | None = None) -> str | None:
+        """The cached caption of `key` by `captioner` (None: by any captioner, the last one
+        written), or None."""
+        if captioner is None:
+            hit = self._latest.get(key)
+            return None if hit is None else hit[1]
+        return self._entries.get((key, captioner))
+
+    def put(self, key: str, caption: str, captioner: str = "") -> None:
+        """Adds (and appends to the file) the caption of `key` made by `captioner`."""
+        if not isinstance(caption, str):
+            raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+        line = json.dumps({"key": key, "caption": caption, "captioner": captioner}, ensure_ascii=False)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # start on a new line even after a line cut short by a crash
+                f.seek(f.tell() - 1)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line.encode("utf-8") + b"\n")
+        self._remember(key, caption, captioner)
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._latest
+
+
+# ----------------------------------------------------------------------------- the captioner
+
+def _read_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CaptionError(f"{folder} is not a transformers checkpoint folder (config.json: {e})") from e
+
+
+def captioner_name(path: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, prompt: str | None = None) -> str:
+    """The default name of a captioner in the cache: folder name, decoding, token budget, prompt."""
+    return f"{Path(path).name}:greedy:{int(max_new_tokens)}" + (f":{prompt}" if prompt else "")
+
+
+def _from_pretrained(cls, folder: Path, dtype, **kwargs):
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # renamed in transformers 4.56
+    return cls.from_pretrained(folder, **{key: dtype}, **kwargs)
+
+
+def _auto_model_classes():
+    import transformers
+
+    names = ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
+    return [getattr(transformers, n) for n in names if hasattr(transformers, n)]
+
+
+class Captioner:
+    """A captioning model with its processor; `captioner(images)` -> list of captions.
+
+    Build with `Captioner.load(folder)`. `name` identifies the captioner in the caption cache
+    (by default `captioner_name(folder, max_new_tokens, prompt)`).
+    """
+
+    def __init__(self, model, processor, *, kind: str, name: str, prompt: str | None = None,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE):
+        if kind not in ("blip2", "auto", "molmo"):
+            raise ValueError(f"unknown captioner kind {kind!r}")
+        _check_positive(max_new_tokens, "max_new_tokens")
+        _check_positive(batch_size, "batch_size")
+        self.model = model
+        self.processor = processor
+        self.kind = kind
+        self.name = name
+        self.prompt = prompt
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+
+    @classmethod
+    def load(cls, path: str | Path, *, kind: str | None = None, device: str | None = None, dtype=None,
+             trust_remote_code: bool = False, prompt: str | None = None,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, batch_size: int = DEFAULT_BATCH_SIZE,
+             name: str | None = None) -> "Captioner":
+        """Loads a captioner from a local checkpoint folder (never downloads).
+
+        kind: "blip2" (Blip2ForConditionalGeneration + Blip2Processor), "auto" (any
+        image-text-to-text model through the Auto classes) or None: "blip2" when config.json
+        says model_type "blip-2", else "auto" (which becomes "molmo" for checkpoints with Molmo's
+        own `generate_from_batch`). trust_remote_code: allow running code shipped in the folder
+        (needed by Molmo; refused otherwise with a message saying so). device: "cuda" when
+        available, else "cpu". dtype: a torch dtype or its name; float16 on CUDA, float32 on CPU.
+        prompt: text the caption continues (BLIP-2) or the instruction (chat models; default
+        "Describe this image in one sentence.").
+        """
+        try:
+            import torch
+            import transformers
+        except ImportError as e:
+            raise CaptionError(f"captioning needs PyTorch and transformers ({e}); install perco-jax[torch]") from e
+        folder = Path(path)
+        user_prompt = prompt
+        if not folder.is_dir():
+            raise CaptionError(f"no captioner checkpoint folder at {folder}")
+        config = _read_config(folder)
+        model_type = config.get("model_type", "")
+        if kind is None:
+            kind = "blip2" if model_type == "blip-2" else "auto"
+        if kind not in ("blip2", "auto"):
+            raise CaptionError(f"unknown captioner kind {kind!r} (blip2 or auto)")
+        if config.get("auto_map") and not trust_remote_code and kind != "blip2":
+            raise CaptionError(
+                f"the captioner in {folder} ({model_type or 'unknown type'}) ships its own model code; "
+                f"loading it runs that code: pass trust_remote_code=True (--trust-remote-code) if you "
+                f"trust this checkpoint")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        common = dict(local_files_only=True)
+        try:
+            if kind == "blip2":
+                model = _from_pretrained(transformers.Blip2ForConditionalGeneration, folder, dtype, **common)
+                try:
+                    processor = transformers.Blip2Processor.from_pretrained(folder, **common)
+                except (OSError, ValueError, TypeError):
+                    processor = transformers.AutoProcessor.from_pretrained(folder, **common)
+            else:
+                common["trust_remote_code"] = trust_remote_code
+                processor = transformers.AutoProcessor.from_pretrained(folder, **common)
+                model, errors = None, []
+                classes = _auto_model_classes()
+                if trust_remote_code:
+                    classes.append(transformers.AutoModelForCausalLM)  # Molmo registers itself here
+                for auto in classes:
+                    try:
+                        model = _from_pretrained(auto, folder, dtype, **common)
+                        break
+                    except (ValueError, KeyError) as e:  # "unrecognized configuration class"
+                        errors.append(f"{auto.__name__}: {e}")
+                if model is None:
+                    raise CaptionError(f"{folder} ({model_type}) is not an image-to-text model transformers "
+                                       f"can load: " + "; ".join(errors))
+                if hasattr(model, "generate_from_batch") and hasattr(processor, "process"):
+                    kind = "molmo"
+                if prompt is None:
+                    prompt = "Describe this image in one sentence."
+        except CaptionError:
+            raise
+        except (OSError, ValueError) as e:
+            raise CaptionError(f"cannot load the captioner in {folder}: {e}") from e
+        model.to(device).eval()
+        if name is None:
+            name = captioner_name(folder, max_new_tokens, user_prompt)
+        return cls(model, processor, kind=kind, name=name, prompt=prompt, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size)
+
+    # -- generation
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _generation_config(self, max_new_tokens: int):
+        gc = copy.deepcopy(self.model.generation_config)
+        gc.do_sample = False
+        gc.num_beams = 1
+        gc.num_return_sequences = 1
+        gc.max_new_tokens = max_new_tokens
+        return gc
+
+    def _is_encoder_decoder(self) -> bool:
+        cfg = self.model.config
+        text_cfg = getattr(cfg, "text_config", None)
+        return bool(getattr(cfg, "is_encoder_decoder", False) or getattr(text_cfg, "is_encoder_decoder", False))
+
+    def _inputs(self, images: list[np.ndarray]):
+        import torch
+
+        proc = self.processor
+        if self.kind == "blip2":
+            texts = [self.prompt] * len(images) if self.prompt else None
+        else:
+            text = self.prompt or ""
+            if getattr(proc, "chat_template", None):
+                messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+                text = proc.apply_chat_template(messages, add_generation_prompt=True)
+            texts = [text] * len(images)
+            tok = getattr(proc, "tokenizer", None)
+            if tok is not None and not self._is_encoder_decoder():
+                tok.padding_side = "left"  # batched decoder-only generation continues on the right
+        kwargs = dict(images=list(images), return_tensors="pt")
+        if texts is not None:
+            kwargs.update(text=texts, padding=True)
+        inputs = proc(**kwargs)
+        dtype = next(self.model.parameters()).dtype
+        return {k: (v.to(self.device, dtype) if torch.is_floating_point(v) else v.to(self.device))
+                for k, v in inputs.items()}
+
+    def _prompt_ids(self, inputs):
+        """The token ids the decoder-only language model's output starts with (to strip)."""
+        import torch
+
+        if "input_ids" in inputs:
+            return inputs["input_ids"]
+        cfg = self.model.config
+        if self.kind == "blip2" and getattr(cfg, "image_token_index", None) is not None:
+            n = inputs["pixel_values"].shape[0]
+            ids = [cfg.image_token_index] * cfg.num_query_tokens + [cfg.text_config.bos_token_id]
+            return torch.tensor([ids] * n, device=self.device)
+        return None
+
+    def _decode(self, out, inputs) -> list[str]:
+        tok = getattr(self.processor, "tokenizer", self.processor)
+        if not self._is_encoder_decoder():
+            prompt = self._prompt_ids(inputs)
+            if prompt is not None and out.shape[1] >= prompt.shape[1] and \
+                    bool((out[:, :prompt.shape[1]] == prompt.to(out.device)).all()):
+                out = out[:, prompt.shape[1]:]
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+        return [clean_caption(t) for t in texts]
+
+    def _generate_molmo(self, images: list[np.ndarray], max_new_tokens: int) -> list[str]:
+        import torch
+
+        from PIL import Image
+
+        gc = self._generation_config(max_new_tokens)
+        tok = self.processor.tokenizer
+        captions = []
+        for img in images:
+            inputs = self.processor.process(images=[Image.fromarray(img)], text=self.prompt)
+            inputs = {k: v.to(self.device).unsqueeze(0) for k, v in inputs.items()}
+            if "images" in inputs and torch.is_floating_point(inputs["images"]):
+                inputs["images"] = inputs["images"].to(next(self.model.parameters()).dtype)
+            out = self.model.generate_from_batch(inputs, gc, tokenizer=tok)
+            new = out[0, inputs["input_ids"].shape[1]:]
+            captions.append(clean_caption(tok.decode(new, skip_special_tokens=True)))
+        return captions
+
+    def generate(self, images: Sequence[np.ndarray], max_new_tokens: int | None = None) -> list[str]:
+        """Captions of one batch of HWC uint8 RGB images (one model call)."""
+        import torch
+
+        n_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        _check_positive(n_tokens, "max_new_tokens")
+        images = [to_rgb8(im) for im in images]
+        if not images:
+            return []
+        with torch.inference_mode():
+            if self.kind == "molmo":
+                return self._generate_molmo(images, n_tokens)
+            inputs = self._inputs(images)
+            out = self.model.generate(**inputs, generation_config=self._generation_config(n_tokens))
+        return self._decode(out, inputs)
+
+    def caption(self, images: Iterable, *, cache: CaptionCache | None = None, max_new_tokens: int | None = None,
+                batch_size: int | None = None, progress: bool = True) -> list[str]:
+        """Captions of images (paths, PIL images or arrays), in order, batched, with a progress bar.
+
+        With a cache, images it holds (by this captioner's name) are not run through the model,
+        and new captions are appended to it as each batch finishes.
+        """
+        from tqdm.auto import tqdm
+
+        batch_size = self.batch_size if batch_size is None else batch_size
+        _check_positive(batch_size, "batch_size")
+        images = list(images)
+        captions: list[str | None] = [None] * len(images)
+        pending: list[tuple[int, str, np.ndarray]] = []
+        bar = tqdm(total=len(images), desc=f"captioning ({self.name})", unit="img", disable=not progress)
+
+        def flush():
+            texts = self.generate([p[2] for p in pending], max_new_tokens)
+            for (i, key, _), text in zip(pending, texts):
+                captions[i] = text
+                if cache is not None:
+                    cache.put(key, text, self.name)
+            bar.update(len(pending))
+            pending.clear()
+
+        try:
+            for i, image in enumerate(images):
+                rgb = to_rgb8(image)
+                key = image_key(rgb)
+                hit = cache.get(key, self.name) if cache is not None else None
+                if hit is not None:
+                    captions[i] = hit
+                    bar.update(1)
+                    continue
+                pending.append((i, key, rgb))
+                if len(pending) == batch_size:
+                    flush()
+            if pending:
+                flush()
+        finally:
+            bar.close()
+        return captions  # type: ignore[return-value]
+
+    def __call__(self, images, **kwargs) -> list[str]:
+        return self.caption(images, **kwargs)
+
+
+def _check_positive(n, what: str) -> None:
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{what} must be a positive integer, got {n!r}")
+
+
+def clean_caption(text: str) -> str:
+    """A generated caption with runs of whitespace (newlines included) made single spaces."""
+    return " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------- for compress
+
+def resolve_caption(image, *, caption: str | None = None, captioner: "Captioner | str | Path | None" = None,
+                    cache: CaptionCache | str | Path | None = None, trust_remote_code: bool = False,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> str:
+    """The caption `compress` sends for an image.
+
+    In order: `caption` when given (also ""), else a cached caption of the image (by this
+    captioner when one is given, by any captioner otherwise), else the captioner's caption
+    (added to the cache). CaptionError when there is none: no caption, no cache entry and no
+    captioner. captioner may be a loaded Captioner or a checkpoint folder; cache a CaptionCache
+    or a JSONL path.
+    """
+    if caption is not None:
+        if not isinstance(caption, str):
+            raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+        return caption
+    if isinstance(cache, (str, os.PathLike)):
+        cache = CaptionCache(cache)
+    if cache is not None:
+        name = None
+        if isinstance(captioner, Captioner):
+            name = captioner.name
+        elif captioner is not None:
+            name = captioner_name(captioner, max_new_tokens)
+        hit = cache.get(image_key(image), name)
+        if hit is not None:
+            return hit  # the captioner is not even loaded
+    if captioner is None:
+        where = f"{image}" if isinstance(image, (str, os.PathLike)) else "the image"
+        raise CaptionError(
+            f"no caption for {where}: give one (--caption TEXT), a captioner checkpoint folder "
+            f"(--captioner PATH, e.g. a local BLIP-2 copy)" +
+            (f", or a caption cache that holds this image ({cache.path} does not)" if cache is not None
+             else ", or a caption cache that holds this image (--caption-cache FILE)") +
+            "; or use --text-mode none to send no caption")
+    if not isinstance(captioner, Captioner):
+        captioner = Captioner.load(captioner, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
+    return captioner.caption([image], cache=cache, progress=False)[0]
+
+
+# ----------------------------------------------------------------------------- text configurations
+
+def parse_text_mode(mode: str, n_tokens: int | None = None) -> tuple[str, int | None]:
+    """("none" | "full" | "truncate", N or None) of a text mode; ValueError naming the valid ones.
+
+    "truncate:N" truncates to N tokens; "truncate" takes N from n_tokens (if both are given
+    they must agree).
+    """
+    if not isinstance(mode, str):
+        raise ValueError(f"text mode must be a string ({', '.join(TEXT_MODES)}), got {mode!r}")
+    name, sep, arg = mode.strip().partition(":")
+    name = name.strip().lower()
+    if name in ("none", "full") and not sep:
+        return name, None
+    if name == "truncate":
+        n = n_tokens
+        if sep:
+            try:
+                n = int(arg)
+            except ValueError:
+                raise ValueError(f"text mode {mode!r}: N in truncate:N must be an integer") from None
+            if n_tokens is not None and n_tokens != n:
+                raise ValueError(f"text mode {mode!r} disagrees with n_tokens={n_tokens}")
+        if n is None or isinstance(n, bool) or int(n) != n or n < 0:
+            raise ValueError(f"text mode {mode!r} needs a token count N >= 0 (truncate:N)")
+        return "truncate", int(n)
+    raise ValueError(f"unknown text mode {mode!r} (known: {', '.join(TEXT_MODES)})")
+
+
+def truncate_tokens(caption: str, n: int, tokenizer=None) -> str:
+    """The caption's first n tokens as text.
+
+    With a fast (Rust) transformers tokenizer: the longest prefix of the caption that ends where
+    one of its tokens ends and tokenizes to at most n tokens (normally what the first n tokens
+    cover; shorter where a token's span would re-tokenize to more, e.g. a lone sentencepiece "▁").
+    Being a prefix of the caption, it keeps the caption's case and spacing. With a slow
+    tokenizer: the first n token ids decoded back to text. With no tokenizer: the first n
+    whitespace-separated words. Special tokens (BOS / EOS) are not counted; the result is stripped.
+    """
+    if isinstance(n, bool) or int(n) != n:
+        raise ValueError(f"token count must be an integer, got {n!r}")
+    if n <= 0 or not caption:
+        return ""
+    if tokenizer is None:
+        return " ".join(caption.split()[:n])
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
+
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
+        if len(enc["input_ids"]) <= n:
+            return caption.strip()
+        for end in sorted({b for _, b in enc["offset_mapping"][:n] if b > 0}, reverse=True):
+            prefix = caption[:end].strip()
+            if count(prefix) <= n:
+                return prefix
+        return ""
+    ids = tokenizer(caption, add_special_tokens=False, truncation=False)["input_ids"]
+    if len(ids) <= n:
+        return caption.strip()
+    return tokenizer.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+
+
+def apply_text_mode(caption: str, mode: str, tokenizer=None, n_tokens: int | None = None) -> str:
+    """The prompt sent for a caption under a text configuration (pure function).
+
+    "none": "" (the empty prompt; z_g costs only the container's caption field); "full": the
+    caption unchanged; "truncate:N" (or "truncate" with n_tokens=N): the first N tokens of
+    `tokenizer` (see `truncate_tokens`; SD3's T5 or CLIP tokenizer are the natural choice).
+    """
+    if not isinstance(caption, str):
+        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
+    name, n = parse_text_mode(mode, n_tokens)
+    if name == "none":
+        return ""
+    if name == "full":
+        return caption
+    return truncate_tokens(caption, n, tokenizer)

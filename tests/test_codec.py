@@ -1,0 +1,253 @@
+"""The real codec on a briefly trained tiny model: stage 2, compress / decompress round trips per
+schedule, rate against the model's cross-entropy, corruptions, wrong checkpoints, bad images,
+8-device vs 1-device determinism, the CLI."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+from perco_jax import build, entropy_coding, schedules
+from perco_jax.cli import main as cli
+from perco_jax.codec import bitstream
+from perco_jax.codec.bitstream import BitstreamError
+from perco_jax.codec.codec import Codec, prepare_image, rate_split
+from perco_jax.codec.report import DEFAULT_SPECS
+from perco_jax.config import load_config
+from perco_jax.data.pipeline import make_dataset
+from perco_jax.images import save_image
+from perco_jax.train.loop import train
+
+CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=8", "sample.steps=4",
+         "checkpoint_every_steps=1000", "log_every_steps=10", "entropy_model.width=64", "entropy_model.depth=2"]
+STAGE1 = CODEC + ["num_train_steps=40", "batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(config, codec folder, Codec) of a tiny codec: stage 1 for 40 steps, stage 2 for 150."""
+    work = tmp_path_factory.mktemp("codec")
+    config = load_config("tiny", STAGE1)
+    train(config, work / "stage1", progress=False)
+    config2 = load_config("tiny", STAGE1 + ["stage=2", f"stage1_workdir={work / 'stage1'}",
+                                            "stage2.num_train_steps=150", "stage2.batch_size=16"])
+    train(config2, work / "stage2", progress=False)
+    codec = Codec.from_runs(config2, work / "stage1", work / "stage2")
+    codec.save(work / "checkpoint")
+    return config, work / "checkpoint", Codec.load(work / "checkpoint")
+
+
+@pytest.fixture(scope="module")
+def heldout(trained):
+    config = trained[0]
+    batch = next(make_dataset(config, split="validation"))
+    return [np.asarray(x) / 2 + 0.5 for x in batch["image"][:6]], [str(c) for c in batch["caption"][:6]]
+
+
+def test_every_schedule_round_trips_real_images(trained, heldout):
+    _, _, codec = trained
+    images, captions = heldout
+    want = codec.encode_images(np.stack([im * 2 - 1 for im in images]))
+    for spec in DEFAULT_SPECS:
+        streams = codec.compress_batch(images, captions, schedule=spec)
+        headers, got_captions, indices = codec.read_batch(streams)
+        np.testing.assert_array_equal(indices, want, err_msg=spec)
+        assert got_captions == captions
+        assert {(h.image_height, h.image_width) for h in headers} == {(32, 32)}
+
+
+def test_random_grids_round_trip_under_every_schedule(trained):
+    _, _, codec = trained
+    rng = np.random.default_rng(0)
+    k = codec.config.codec.codebook_size
+    indices = rng.integers(0, k, (5,) + codec.grid).astype(np.int32)
+    captions = ["a red circle", "", "two squares", "ünïcödé ✓", "a blue triangle on green"]
+    for spec in DEFAULT_SPECS:
+        payloads = codec.encode_indices(indices, captions, spec)
+        name, steps, seed = schedules.parse_spec(spec)
+        if name == schedules.UNIFORM:
+            continue
+        got = entropy_coding.decode_indices(codec._apply, payloads, codec.grid, schedules.from_spec(spec, *codec.grid),
+                                            codec.context(captions), batch_size=codec.batch)
+        np.testing.assert_array_equal(got, indices, err_msg=spec)
+
+
+def test_payload_within_one_percent_of_cross_entropy_and_uniform_size(trained, heldout):
+    _, _, codec = trained
+    images, captions = heldout
+    indices = codec.encode_images(np.stack([im * 2 - 1 for im in images]))
+    n, k = codec.grid[0] * codec.grid[1], codec.config.codec.codebook_size
+    for spec in ("qlds:8", "checkerboard", "implicit_var", "cosine:8"):
+        bits = codec.rate_bits(indices, captions, spec)
+        for stream, b in zip(codec.compress_batch(images, captions, spec), bits):
+            payload = rate_split(stream)["indices"]
+            assert payload <= 1.01 * b / 8 + 8, (spec, payload, b / 8)
+            assert payload >= b / 8 - 8, (spec, payload, b / 8)
+    for stream in codec.compress_batch(images, captions, "uniform"):
+        r = rate_split(stream)
+        assert r["indices"] == math.ceil(n * math.log2(k) / 8)
+        assert r["total"] == r["indices"] + r["caption"] + r["container"]
+
+
+def test_mim_codes_heldout_images_in_fewer_bits_than_uniform(trained, heldout):
+    _, _, codec = trained
+    images, captions = heldout
+    uniform = np.mean([rate_split(s)["indices"] for s in codec.compress_batch(images, captions, "uniform")])
+    for spec in DEFAULT_SPECS[1:]:
+        mim = np.mean([rate_split(s)["indices"] for s in codec.compress_batch(images, captions, spec)])
+        assert mim < uniform, (spec, mim, uniform)
+
+
+def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(trained, heldout):
+    _, _, codec = trained
+    images, captions = heldout
+    wide = np.clip(np.repeat(images[0], 2, axis=1)[:, :50], 0, 1)  # 32 x 50: resized in, resized back
+    streams = codec.compress_batch([images[1], wide, images[2]], captions[:3])
+    out = codec.decompress_batch(streams, seed=3)
+    assert out[0].shape == (32, 32, 3) and out[1].shape == (32, 50, 3)
+    _, caps, indices = codec.read_batch(streams)
+    direct = codec.decode_images(indices, caps, [zlib.crc32(s) for s in streams], seed=3)
+    np.testing.assert_allclose(out[0], direct[0], atol=1e-6)
+    np.testing.assert_allclose(out[2], direct[2], atol=1e-6)
+    alone = codec.decompress(streams[2], seed=3)  # another batch: the same image (noise is per image)
+    np.testing.assert_allclose(alone, out[2], atol=1e-4)
+
+
+def _with_crc(body: bytes) -> bytes:
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_corruptions_and_truncations_end_in_a_clean_error_or_a_valid_decode(trained, heldout):
+    _, _, codec = trained
+    images, captions = heldout
+    streams = [codec.compress(images[i], captions[i], spec) for i, spec in
+               enumerate(("qlds:8", "implicit_var", "uniform", "random:8:3"))]
+    rng = np.random.default_rng(1)
+    outcomes = {"error": 0, "decoded": 0}
+    for trial in range(1000):
+        s = bytearray(streams[trial % len(streams)])
+        kind = trial % 4
+        if kind == 0:       # truncation
+            s = s[:rng.integers(0, len(s))]
+        elif kind == 1:     # random byte flips
+            for _ in range(rng.integers(1, 4)):
+                s[rng.integers(0, len(s))] ^= int(rng.integers(1, 256))
+        elif kind == 2:     # garbage appended / inserted
+            at = rng.integers(0, len(s) + 1)
+            s = s[:at] + bytes(rng.integers(0, 256, rng.integers(1, 6)).astype(np.uint8)) + s[at:]
+        else:               # corrupted payload with a recomputed CRC: reaches the range decoder
+            body = bytearray(s[:-4])
+            header, caption, payload = bitstream.unpack(bytes(s))
+            start = len(body) - len(payload)
+            if payload:
+                body[start + rng.integers(0, len(payload))] ^= int(rng.integers(1, 256))
+            else:
+                body = body[:start] + bytes([rng.integers(0, 256)])
+            s = bytearray(_with_crc(bytes(body)))
+        try:
+            _, _, indices = codec.read_batch([bytes(s)])
+        except BitstreamError:
+            outcomes["error"] += 1
+        else:
+            assert indices.shape == (1,) + codec.grid
+            assert indices.min() >= 0 and indices.max() < codec.config.codec.codebook_size
+            outcomes["decoded"] += 1
+    assert outcomes["error"] > 700, outcomes
+
+
+def test_wrong_checkpoint_is_detected(trained, heldout):
+    config, folder, codec = trained
+    images, captions = heldout
+    stream = codec.compress(images[0], captions[0])
+    import jax
+
+    other = Codec(codec.config, codec.codec_params,
+                  jax.tree_util.tree_map(lambda x: x * 1.01, codec.entropy_params), codec.ae_params,
+                  codec.text_params, codec.prompt_encoder,
+                  fingerprint=b"\x00" * 8)
+    from perco_jax.codec.codec import fingerprint_of
+    other.fingerprint = fingerprint_of(other.config, other.codec_params, other.entropy_params)
+    assert other.fingerprint != codec.fingerprint
+    with pytest.raises(BitstreamError, match="different model"):
+        other.read_batch([stream])
+    # the saved folder decodes what the in-memory codec encoded
+    np.testing.assert_array_equal(Codec.load(folder).read_batch([stream])[2], codec.read_batch([stream])[2])
+    from perco_jax.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError):
+        Codec.load(folder / "params")
+
+
+def test_bad_images_raise_one_clear_error(trained):
+    _, _, codec = trained
+    bad = {"rgba": np.zeros((8, 8, 4), np.float32), "empty": np.zeros((0, 8, 3), np.float32),
+           "int16": np.zeros((8, 8, 3), np.int16), "range": np.full((8, 8, 3), 2.0, np.float32),
+           "nan": np.full((8, 8, 3), np.nan, np.float32), "4d": np.zeros((1, 8, 8, 3), np.float32)}
+    for name, image in bad.items():
+        with pytest.raises(ValueError):
+            codec.compress(image)
+    with pytest.raises(ValueError, match="captions"):
+        codec.compress_batch([np.zeros((8, 8, 3))], ["a", "b"])
+    grey = prepare_image(np.full((10, 12), 128, np.uint8), 32)
+    assert grey.shape == (32, 32, 3) and np.allclose(grey, 128 / 255 * 2 - 1, atol=1e-3)
+    with pytest.raises(ValueError, match="unknown masking schedule"):
+        codec.compress(np.zeros((8, 8, 3)), schedule="zigzag")
+
+
+def test_stage2_refuses_a_mismatched_or_missing_stage1(trained, tmp_path):
+    config, folder, _ = trained
+    stage1 = folder.parent / "stage1"
+    with pytest.raises(build.ConfigError, match="codec"):
+        train(load_config("tiny", STAGE1 + ["stage=2", f"stage1_workdir={stage1}", "codec.codebook_size=32"]),
+              tmp_path / "a", progress=False)
+    with pytest.raises(build.ConfigError, match="stage1_workdir"):
+        train(load_config("tiny", STAGE1 + ["stage=2"]), tmp_path / "b", progress=False)
+
+
+def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
+    _, folder, codec = trained
+    images, _ = heldout
+    for i in range(2):
+        save_image(images[i], tmp_path / f"in{i}.png")
+    assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in0.png"), str(tmp_path / "in1.png"),
+                "-o", str(tmp_path / "out"), "--caption", "a scene", "--schedule", "checkerboard"]) == 0
+    printed = capsys.readouterr().out
+    assert "vs uniform" in printed and "in0.perco" in printed
+    assert cli(["decompress", "--checkpoint", str(folder), str(tmp_path / "out" / "in0.perco"),
+                "-o", str(tmp_path / "in0_rec.png"), "--steps", "2"]) == 0
+    assert (tmp_path / "in0_rec.png").stat().st_size > 0
+    (tmp_path / "bad.perco").write_bytes(b"PRCO\x01garbage")
+    assert cli(["decompress", "--checkpoint", str(folder), str(tmp_path / "bad.perco"), "-o",
+                str(tmp_path / "x.png")]) == 2
+    assert "truncated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compress_on_8_devices_decompress_on_1_and_other_batches(trained, heldout, tmp_path):
+    _, folder, codec = trained
+    images, captions = heldout
+    np.save(tmp_path / "images.npy", np.stack(images))
+    (tmp_path / "captions.txt").write_text("\n".join(captions))
+    script = textwrap.dedent(f"""
+        import jax, numpy as np
+        from pathlib import Path
+        from perco_jax.codec.codec import Codec
+        assert jax.device_count() == 8
+        codec = Codec.load({str(folder)!r})
+        images = list(np.load({str(tmp_path / 'images.npy')!r}))
+        captions = Path({str(tmp_path / 'captions.txt')!r}).read_text().split("\\n")
+        streams = codec.compress_batch(images, captions)
+        np.save({str(tmp_path / 'indices.npy')!r}, codec.encode_images(np.stack(images) * 2 - 1))
+        for i, s in enumerate(streams):
+            Path({str(tmp_path)!r}, f"{{i}}.perco").write_bytes(s)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+    streams = [(tmp_path / f"{i}.perco").read_bytes() for i in range(len(images))]
+    want = np.load(tmp_path / "indices.npy")
+    np.testing.assert_array_equal(codec.read_batch(streams)[2], want)            # all together
+    np.testing.assert_array_equal(np.concatenate([codec.read_batch([s])[2] for s in streams]), want)  # one by one
+    np.testing.assert_array_equal(codec.read_batch(streams[::-1])[2], want[::-1])  # other batches
