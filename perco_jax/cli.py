@@ -1,4 +1,4 @@
-"""The `perco-jax` command: convert, generate, train, export, compress, decompress, demo, info."""
+"""The `perco-jax` command: convert, generate, train, export, compress, decompress, evaluate, demo, info."""
 from __future__ import annotations
 
 import argparse
@@ -107,18 +107,41 @@ def _outputs(inputs: list[str], out: str, suffix: str) -> list:
     return [o / f"{n}{suffix}" for n in names]
 
 
+def _captions(args, codec) -> list[str]:
+    """The caption z_g of each input: --caption, else the cache / captioner (issue: none -> error),
+    then the text mode (none | full | truncate:N tokens of SD3's T5 tokenizer, else CLIP-L's)."""
+    from perco_jax import captioning as cap
+
+    name, _ = cap.parse_text_mode(args.text_mode)
+    if name == "none":
+        return [""] * len(args.inputs)
+    given = args.caption
+    if given and len(given) not in (1, len(args.inputs)):
+        raise ValueError(f"give one --caption for all inputs or one per input ({len(args.inputs)})")
+    if given:
+        captions = given * len(args.inputs) if len(given) == 1 else given
+    else:
+        captioner = args.captioner
+        if captioner:
+            captioner = cap.Captioner.load(captioner, trust_remote_code=args.trust_remote_code,
+                                           max_new_tokens=args.caption_tokens)
+        captions = [cap.resolve_caption(p, captioner=captioner, cache=args.caption_cache,
+                                        trust_remote_code=args.trust_remote_code, max_new_tokens=args.caption_tokens)
+                    for p in args.inputs]
+    tokenizers = codec.prompt_encoder.tokenizers
+    tokenizer = tokenizers[2] if tokenizers[2] is not None else tokenizers[0]
+    return [cap.apply_text_mode(c, args.text_mode, tokenizer) for c in captions]
+
+
 def _compress(args) -> int:
     import math
 
     from perco_jax.codec.codec import Codec, rate_split
     from perco_jax.images import load_image
 
-    captions = args.caption or [""]
-    if len(captions) not in (1, len(args.inputs)):
-        raise ValueError(f"give one --caption for all inputs or one per input ({len(args.inputs)})")
-    captions = captions * len(args.inputs) if len(captions) == 1 else captions
     outs = _outputs(args.inputs, args.out, ".perco")
     codec = Codec.load(args.checkpoint)
+    captions = _captions(args, codec)
     images = [load_image(p) for p in args.inputs]
     streams = codec.compress_batch(images, captions, schedule=args.schedule)
     g, k = codec.grid, codec.config.codec.codebook_size
@@ -206,8 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", required=True, help="codec folder (perco-jax export / demo/checkpoint)")
     c.add_argument("inputs", nargs="+", help="image files (any size: resized to the model's, size kept)")
     c.add_argument("-o", "--out", required=True, help="OUT.perco for one image, or a folder")
-    c.add_argument("--caption", action="append", help="the caption z_g (once for all, or once per image; "
-                                                      "default: none, the empty prompt)")
+    c.add_argument("--caption", action="append", help="the caption z_g (once for all, or once per image)")
+    c.add_argument("--captioner", help="a local captioner checkpoint folder (BLIP-2, or Molmo-style with "
+                                       "--trust-remote-code) for images without --caption")
+    c.add_argument("--caption-cache", help="JSONL caption cache (read, and extended by the captioner)")
+    c.add_argument("--caption-tokens", type=int, default=32, help="the captioner's token budget (PerCo: 32)")
+    c.add_argument("--trust-remote-code", action="store_true", help="allow a captioner that ships its own code")
+    c.add_argument("--text-mode", default="full",
+                   help="full (the caption), none (empty prompt, no caption needed) or truncate:N (first N tokens)")
     c.add_argument("--schedule", help="masking schedule spec (qlds:8, checkerboard, implicit_var, uniform, ...; "
                                       "default: the codec's)")
     c.set_defaults(fn=_compress)
@@ -220,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     dc.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
     dc.set_defaults(fn=_decompress)
+
+    from perco_jax.eval.evaluate import add_parser as add_evaluate
+    add_evaluate(sub)
 
     i = sub.add_parser("info", help="print a config and its model sizes")
     i.add_argument("--config", default="tiny", help="preset name or config file")

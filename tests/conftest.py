@@ -8,3 +8,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests build the same tiny programs again (each `train` call jits a fresh step function):
+# a persistent compilation cache, fresh for each session, compiles each program once. Subprocess
+# tests inherit it through the environment.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="perco_jax_xla_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+# The tiny codec the end-to-end tests share (trained once per session): stage 1 as the tiny
+# config for 180 steps, stage 2 for 100 steps on its indices, exported and reloaded.
+STAGE1_OVERRIDES = ["num_train_steps=180", "log_every_steps=10", "checkpoint_every_steps=1000"]
+CODEC_OVERRIDES = STAGE1_OVERRIDES + ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64",
+                                      "entropy_model.depth=2", "stage2.num_train_steps=100", "stage2.batch_size=16"]
+
+
+@pytest.fixture(scope="session")
+def stage1_run(tmp_path_factory):
+    """(config, workdir) of a finished stage-1 run of the tiny config."""
+    from perco_jax.config import load_config
+    from perco_jax.train.loop import train
+
+    work = tmp_path_factory.mktemp("stage1")
+    config = load_config("tiny", STAGE1_OVERRIDES)
+    train(config, work, progress=False)
+    return config, work
+
+
+@pytest.fixture(scope="session")
+def trained_codec(stage1_run, tmp_path_factory):
+    """(config, codec folder, Codec): stage 2 trained on stage1_run, exported, loaded back."""
+    from perco_jax.codec.codec import Codec
+    from perco_jax.config import load_config
+    from perco_jax.train.loop import train
+
+    _, stage1 = stage1_run
+    work = tmp_path_factory.mktemp("codec")
+    config = load_config("tiny", CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}"])
+    train(config, work / "stage2", progress=False)
+    Codec.from_runs(config, stage1, work / "stage2").save(work / "checkpoint")
+    return config, work / "checkpoint", Codec.load(work / "checkpoint")

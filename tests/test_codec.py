@@ -22,23 +22,10 @@ from perco_jax.data.pipeline import make_dataset
 from perco_jax.images import save_image
 from perco_jax.train.loop import train
 
-CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=8", "sample.steps=4",
-         "checkpoint_every_steps=1000", "log_every_steps=10", "entropy_model.width=64", "entropy_model.depth=2"]
-STAGE1 = CODEC + ["num_train_steps=40", "batch_size=8"]
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """(config, codec folder, Codec) of a tiny codec: stage 1 for 40 steps, stage 2 for 150."""
-    work = tmp_path_factory.mktemp("codec")
-    config = load_config("tiny", STAGE1)
-    train(config, work / "stage1", progress=False)
-    config2 = load_config("tiny", STAGE1 + ["stage=2", f"stage1_workdir={work / 'stage1'}",
-                                            "stage2.num_train_steps=150", "stage2.batch_size=16"])
-    train(config2, work / "stage2", progress=False)
-    codec = Codec.from_runs(config2, work / "stage1", work / "stage2")
-    codec.save(work / "checkpoint")
-    return config, work / "checkpoint", Codec.load(work / "checkpoint")
+def trained(trained_codec):
+    """(config, codec folder, Codec) of the session's tiny codec (tests/conftest.py)."""
+    return trained_codec
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +186,12 @@ def test_bad_images_raise_one_clear_error(trained):
 
 def test_stage2_refuses_a_mismatched_or_missing_stage1(trained, tmp_path):
     config, folder, _ = trained
-    stage1 = folder.parent / "stage1"
+    stage1 = config.stage1_workdir
     with pytest.raises(build.ConfigError, match="codec"):
-        train(load_config("tiny", STAGE1 + ["stage=2", f"stage1_workdir={stage1}", "codec.codebook_size=32"]),
+        train(load_config("tiny", ["stage=2", f"stage1_workdir={stage1}", "codec.codebook_size=32"]),
               tmp_path / "a", progress=False)
     with pytest.raises(build.ConfigError, match="stage1_workdir"):
-        train(load_config("tiny", STAGE1 + ["stage=2"]), tmp_path / "b", progress=False)
+        train(load_config("tiny", ["stage=2"]), tmp_path / "b", progress=False)
 
 
 def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
@@ -219,6 +206,22 @@ def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
     assert cli(["decompress", "--checkpoint", str(folder), str(tmp_path / "out" / "in0.perco"),
                 "-o", str(tmp_path / "in0_rec.png"), "--steps", "2"]) == 0
     assert (tmp_path / "in0_rec.png").stat().st_size > 0
+    # no caption and no captioner: one clear error, unless the text mode asks for none
+    assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in0.png"), "-o", str(tmp_path / "n.perco")]) == 2
+    assert "no caption" in capsys.readouterr().err
+    from perco_jax.captioning import CaptionCache, image_key
+    CaptionCache(tmp_path / "caps.jsonl").put(image_key(tmp_path / "in1.png"), "a large red circle on grey", "blip2")
+    for mode, want in (("none", ""), ("full", "a large red circle on grey"), ("truncate:2", None)):
+        assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in1.png"), "-o", str(tmp_path / "c.perco"),
+                    "--caption-cache", str(tmp_path / "caps.jsonl"), "--text-mode", mode]) == 0
+        caption = bitstream.unpack((tmp_path / "c.perco").read_bytes())[1]
+        if want is not None:
+            assert caption == want
+        else:
+            t5 = codec.prompt_encoder.tokenizers[2]
+            assert 0 < len(t5(caption, add_special_tokens=False)["input_ids"]) <= 2
+            assert "a large red circle on grey".startswith(caption)
+    capsys.readouterr()
     (tmp_path / "bad.perco").write_bytes(b"PRCO\x01garbage")
     assert cli(["decompress", "--checkpoint", str(folder), str(tmp_path / "bad.perco"), "-o",
                 str(tmp_path / "x.png")]) == 2

@@ -24,9 +24,9 @@ def params_of(state):
 
 
 @pytest.mark.slow
-def test_tiny_training_loss_falls_and_reconstructions_follow(tmp_path):
-    config = load_config("tiny", ["num_train_steps=250", "log_every_steps=10", "checkpoint_every_steps=1000"])
-    state = train(config, tmp_path, progress=False)
+def test_tiny_training_loss_falls_and_reconstructions_follow(stage1_run):
+    config, tmp_path = stage1_run  # 180 steps of the tiny config (tests/conftest.py)
+    state = train(config, tmp_path, progress=False)  # finished: restores the last state
     history = json.loads((tmp_path / "loss_history.json").read_text())
     first = np.mean([l for _, l in history[:2]])
     last = np.mean([l for _, l in history[-3:]])

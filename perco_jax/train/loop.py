@@ -197,7 +197,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         preempt = _Preemption()
         bar = tqdm(total=config.num_train_steps, initial=start, disable=not progress or jax.process_index() > 0,
                    desc=f"train stage {config.stage}", unit="step", dynamic_ncols=True)
-        history = []
+        hist_path = workdir / "loss_history.json"  # (step, loss) pairs; a resumed run extends them
+        history = [h for h in json.loads(hist_path.read_text()) if h[0] <= start] if hist_path.exists() else []
         try:
             for i in range(start, config.num_train_steps):
                 local = next(data)
@@ -234,7 +235,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             writer.flush()
             mngr.close()
     if jax.process_index() == 0:
-        (workdir / "loss_history.json").write_text(json.dumps(history))
+        hist_path.write_text(json.dumps(history))
     return state
 
 

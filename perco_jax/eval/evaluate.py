@@ -1,0 +1,789 @@
+"""The evaluation driver: rate-distortion-perception of a trained codec on an image set.
+
+    evaluate(codec, "kodak:DIR" | "folder:DIR" | "coco30k:FILELIST", out_dir,
+             metrics_weights={...}, guidance=None, steps=None, sweep=None) -> summary dict
+    perco-jax evaluate --checkpoint W --data SPEC --out DIR [...]     (`add_parser`)
+
+Every image goes through the real bitstream: it is compressed (`Codec.compress_batch`, caption
+included), the stream is written to OUT/streams/NAME.perco, and the reconstruction is decoded from
+those bytes. bpp = 8 * stream bytes / (H * W) of the evaluated image, split into caption, indices
+and container (`rate_split`).
+
+Data specs (images: .jpg .jpeg .png .gif .bmp .webp .jxl, read as 8-bit RGB):
+
+  kodak:DIR         the images of DIR (sorted), at their native size (768x512 / 512x768) unless
+                    `size` is given (`size=512`: Kodak at 512x512)
+  folder:DIR        the same for any folder
+  coco30k:FILELIST  a text file of image paths, one per line (relative to the file's folder; blank
+                    lines and `#` lines skipped): PerCo (SD)'s MS-COCO 30k protocol, every image
+                    resized to 512x512 (PIL bicubic) unless `size` says otherwise
+
+`center_crop=True` first crops the largest centred square (then resizes when a size applies).
+Captions come from a captions.jsonl / captions.csv (perco_jax.data.folder's formats) beside the
+images (DIR, the file list's folder or each image's folder), matched by path, then by file name;
+an image without one is coded with the empty caption.
+
+Metrics, computed on the reconstruction as saved (8-bit PNG under OUT/recon, so a resumed run
+gives the numbers a fresh one would):
+
+  psnr      always
+  ms_ssim   for images larger than 160 px on both sides (5 scales of an 11-px window)
+  lpips     when metrics_weights has "lpips_trunk" and "lpips_heads" (local files, see
+            perco_jax.convert.lpips; "lpips_net": "alex" (default) or "vgg")
+  fid, kid  over the whole set, when metrics_weights has "inception" (a weights file for
+            perco_jax.eval.fid.InceptionFeatures, or any callable images [B, H, W, 3] in [0, 1]
+            -> features [B, D]); statistics from perco_jax.eval.metrics
+  clip_score, miou   not computed by this driver yet (always listed as skipped)
+
+Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
+computed for that image), summary.json (means, FID / KID, which metrics were skipped or only
+partly computed and why), rd.png (bpp against each metric, the published PerCo / PerCo (SD) /
+PerCoV2 points of `published.csv` overlaid for the matching data set when it has rows).
+
+Sweeps: sweep={"guidance": [...], "steps": [...]} evaluates every combination into its own
+subfolder OUT/guidance=G_steps=S/ (the files above) and writes a combined OUT/summary.json,
+OUT/sweep.csv, OUT/rd.png (one point per setting) and OUT/dp.png (the distortion-perception
+trade-off: mean PSNR against FID / KID / LPIPS, one point per setting); the bitstreams (which do not depend on
+guidance or steps) are shared in OUT/streams.
+
+Resuming (resume=True): an image whose row is in per_image.csv and whose reconstruction PNG exists
+is skipped, and saved bitstreams are reused; OUT/run.json (codec fingerprint, data, protocol,
+schedule, seed) and each setting's setting.json (guidance, steps) must match the new run, otherwise
+ValueError (use another out_dir, or resume=False to recompute and overwrite).
+
+Determinism: `Codec.decompress_batch` draws an image's sampler noise from (seed, CRC of its
+stream), so a reconstruction depends only on the codec, the stream and the seed: not on
+batch_size, on resuming, or on the other settings of a sweep.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from perco_jax.eval import metrics
+
+CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
+               "psnr", "ms_ssim", "lpips", "caption")
+IMAGE_METRICS = ("psnr", "ms_ssim", "lpips")
+SET_METRICS = ("fid", "kid")
+NOT_IMPLEMENTED = {"clip_score": "not computed by this driver yet (no CLIP-score model in perco_jax.eval)",
+                   "miou": "not computed by this driver yet (no segmentation model in perco_jax.eval)"}
+RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
+WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception")
+DATA_KINDS = ("kodak", "folder", "coco30k")
+COCO30K_SIZE = 512
+MS_SSIM_MIN_SIDE = (metrics.SSIM_WINDOW - 1) * 2 ** (len(metrics.MS_SSIM_WEIGHTS) - 1)  # 160: sides must exceed it
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".jxl")
+CAPTION_FILES = ("captions.jsonl", "captions.csv")
+PUBLISHED_CSV = Path(__file__).with_name("published.csv")
+PUBLISHED_COLUMNS = ("method", "dataset", "resolution", "bpp", "psnr", "ms_ssim", "lpips", "fid", "kid",
+                     "clip_score", "miou", "source")
+PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "fid", "kid")
+LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    name: str       # unique within the set: the file stem (or its relative path when stems collide)
+    path: Path
+    caption: str
+
+
+@dataclasses.dataclass
+class Dataset:
+    """An evaluation set: its items and the protocol that prepares each image."""
+    spec: str
+    kind: str                   # kodak | folder | coco30k
+    items: list
+    size: Optional[int] = None  # resize to size x size (PIL bicubic); None = native size
+    center_crop: bool = False
+
+    def load(self, item: Item) -> np.ndarray:
+        """The image as evaluated: [H, W, 3] float32 in [0, 1] (8-bit values)."""
+        return preprocess(_read_rgb8(item.path), self.size, self.center_crop)
+
+    def protocol(self) -> dict:
+        return {"size": self.size, "center_crop": self.center_crop}
+
+
+def _read_rgb8(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
+
+
+def preprocess(image: np.ndarray, size: Optional[int] = None, center_crop: bool = False) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [H', W', 3] in [0, 1]: optional centre square crop, then an optional
+    PIL bicubic resize to size x size (the clean-fid / PerCo (SD) resize), kept at 8-bit values."""
+    from PIL import Image
+
+    x = np.asarray(image, np.uint8)
+    if center_crop:
+        h, w = x.shape[:2]
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        x = x[top:top + s, left:left + s]
+    if size is not None and x.shape[:2] != (size, size):
+        x = np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC), np.uint8)
+    return x.astype(np.float32) / 255.0
+
+
+def _caption_table(dirs: Sequence[Path]) -> tuple[dict, dict]:
+    """({resolved path: caption}, {file name: caption}) from the captions files found in `dirs`."""
+    from perco_jax.data.folder import read_captions
+
+    by_path, by_name = {}, {}
+    seen = set()
+    for d in dirs:
+        for fname in CAPTION_FILES:
+            f = (d / fname).resolve()
+            if f in seen or not f.is_file():
+                continue
+            seen.add(f)
+            for rel, caption in read_captions(f):
+                p = Path(rel) if Path(rel).is_absolute() else d / rel
+                by_path.setdefault(str(p.resolve()), caption)
+                by_name.setdefault(Path(rel).name, caption)
+    return by_path, by_name
+
+
+def _names(paths: Sequence[Path], root: Path) -> list[str]:
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    out = []
+    for p in paths:
+        try:
+            rel = p.relative_to(root)
+        except ValueError:
+            rel = Path(*p.parts[1:]) if p.is_absolute() else p
+        out.append("__".join(rel.with_suffix("").parts))
+    if len(set(out)) != len(out):
+        dup = next(n for n in out if out.count(n) > 1)
+        raise ValueError(f"two images would share the result name {dup!r}; list each image once")
+    return out
+
+
+def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = False) -> Dataset:
+    """A Dataset from `kodak:DIR`, `folder:DIR` or `coco30k:FILELIST` (see the module doc)."""
+    kind, sep, where = str(spec).partition(":")
+    if not sep or kind not in DATA_KINDS or not where:
+        raise ValueError(f"data spec {spec!r} must be one of kodak:DIR, folder:DIR, coco30k:FILELIST")
+    if size is not None and int(size) < 1:
+        raise ValueError(f"size must be a positive number of pixels, got {size}")
+    loc = Path(where).expanduser()
+    if kind == "coco30k":
+        if not loc.is_file():
+            raise FileNotFoundError(f"coco30k file list {loc} does not exist (a text file of image paths)")
+        root = loc.parent
+        paths = []
+        for lineno, line in enumerate(loc.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line).expanduser()
+            paths.append(p if p.is_absolute() else root / p)
+        if not paths:
+            raise ValueError(f"coco30k file list {loc} lists no images")
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"image file {missing[0]}{more}, listed in {loc}, does not exist")
+        size = COCO30K_SIZE if size is None else size
+    else:
+        if not loc.is_dir():
+            raise FileNotFoundError(f"image folder {loc} does not exist")
+        root = loc
+        paths = sorted(p for p in loc.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not paths:
+            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {loc}")
+    dirs = [root] + sorted({p.parent for p in paths} - {root})
+    by_path, by_name = _caption_table(dirs)
+    names = _names(paths, root)
+    items = [Item(n, p, by_path.get(str(p.resolve()), by_name.get(p.name, ""))) for n, p in zip(names, paths)]
+    return Dataset(spec=f"{kind}:{where}", kind=kind, items=items, size=None if size is None else int(size),
+                   center_crop=bool(center_crop))
+
+
+# ----------------------------------------------------------------------------- metric networks
+
+@dataclasses.dataclass
+class _Networks:
+    lpips: Optional[Callable] = None      # (a, b) [1, H, W, 3] in [0, 1] -> [1]
+    lpips_fits: Optional[Callable] = None  # (h, w) -> whether every LPIPS tap is non-empty
+    features: Optional[Callable] = None   # images [B, H, W, 3] in [0, 1] -> [B, D]
+    skipped: dict = dataclasses.field(default_factory=dict)
+    real_features: Optional[np.ndarray] = None  # cached over the settings of a sweep
+
+
+def _lpips_fits(net: str, params) -> Callable:
+    """(h, w) -> True when the LPIPS trunk's five taps are non-empty for an h x w image (AlexNet's
+    stride-4 stem and 3x3 pools need about 31 px per side)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from perco_jax.models.lpips import FeatureTrunk
+
+    trunk = FeatureTrunk(net)
+
+    @functools.lru_cache(maxsize=None)
+    def fits(h: int, w: int) -> bool:
+        taps = jax.eval_shape(lambda x: trunk.apply({"params": params["trunk"]}, x),
+                              jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
+        return all(min(t.shape[1:3]) > 0 for t in taps)
+
+    return fits
+
+
+def _networks(weights: Mapping) -> _Networks:
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(WEIGHT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown metrics_weights keys {unknown}; expected some of {list(WEIGHT_KEYS)}")
+    nets = _Networks()
+    trunk, heads = weights.get("lpips_trunk"), weights.get("lpips_heads")
+    if bool(trunk) != bool(heads):
+        raise ValueError("LPIPS needs both weights files: the torchvision trunk (lpips_trunk / --lpips-trunk) "
+                         "and the lpips package's linear heads (lpips_heads / --lpips-heads)")
+    if trunk:
+        import jax
+
+        from perco_jax.convert.lpips import load_lpips
+
+        net = weights.get("lpips_net") or "alex"
+        model, params = load_lpips(trunk, heads, net)
+        apply = jax.jit(lambda p, a, b: model.apply({"params": p}, a * 2.0 - 1.0, b * 2.0 - 1.0))
+        nets.lpips = lambda a, b: apply(params, a, b)
+        nets.lpips_fits = _lpips_fits(net, params)
+    else:
+        nets.skipped["lpips"] = ("no LPIPS weights given (metrics_weights lpips_trunk + lpips_heads, "
+                                 "or --lpips-trunk / --lpips-heads)")
+    inception = weights.get("inception")
+    if callable(inception):
+        nets.features = inception
+    elif inception:
+        try:
+            from perco_jax.eval import fid
+            nets.features = fid.InceptionFeatures.load(inception)
+        except (ImportError, AttributeError) as e:
+            reason = f"the FID InceptionV3 (perco_jax.eval.fid.InceptionFeatures) is not available: {e}"
+            nets.skipped.update(fid=reason, kid=reason)
+    else:
+        reason = "no InceptionV3 weights given (metrics_weights inception, or --inception)"
+        nets.skipped.update(fid=reason, kid=reason)
+    return nets
+
+
+# ----------------------------------------------------------------------------- files
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str] = CSV_COLUMNS) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(columns)
+    for r in rows:
+        w.writerow([_fmt(r.get(c)) for c in columns])
+    _write_atomic(path, buf.getvalue())
+
+
+def _parse(value: str):
+    if value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a per_image.csv with numbers parsed (empty cells -> None; name / caption kept as text)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return [{k: (v if k in ("name", "caption") else _parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
+    """Write `want` to path; with resume, a different stored identity is an error."""
+    have = _read_json(path) if resume and path.exists() else None
+    if have is not None and have != want:
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise ValueError(f"{path.parent} holds results of another {what} (differs in {', '.join(diff)}: "
+                         f"{ {k: have.get(k) for k in diff} } vs { {k: want.get(k) for k in diff} }); "
+                         "give another output folder, or resume=False (--no-resume) to recompute and overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(want, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- published points
+
+def load_published(path: str | os.PathLike | None = None) -> list[dict]:
+    """Rows of the published operating points CSV (`#` lines are comments; empty cells -> None)."""
+    path = Path(path) if path is not None else PUBLISHED_CSV
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    if not lines:
+        return []
+    out = []
+    for r in csv.DictReader(lines):
+        row = {}
+        for k, v in r.items():
+            if k is None:
+                continue
+            v = (v or "").strip()
+            if k in ("method", "dataset", "resolution", "source"):
+                row[k] = v
+            else:
+                try:
+                    row[k] = float(v) if v else None
+                except ValueError:
+                    raise ValueError(f"{path}: column {k} of {r.get('method')!r} is not a number: {v!r}") from None
+        if row.get("bpp") is not None:
+            out.append(row)
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _matplotlib():
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], dataset_kind: str,
+            title: str = "") -> Optional[str]:
+    """bpp (log x) against each metric that has a value. `series`: [{label, points: [(bpp, {metric: v})],
+    annotate: [str] | None, scatter: bool}]. Returns None when written, else why not."""
+    mpl = _matplotlib()
+    if mpl is None:
+        return "matplotlib is not installed (pip install matplotlib)"
+    pub = [r for r in published if r.get("dataset", "").lower() == dataset_kind.lower()]
+    shown = [m for m in PLOT_METRICS
+             if any(v.get(m) is not None and math.isfinite(v[m]) for s in series for _, v in s["points"])]
+    if not shown:
+        return "no metric values to plot"
+    fig, axes = _panels(mpl, len(shown))
+    for ax, m in zip(axes, shown):
+        for s in series:
+            pts = [(b, v[m]) for b, v in s["points"] if v.get(m) is not None and math.isfinite(v[m]) and b > 0]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            if s.get("scatter"):
+                ax.scatter(xs, ys, s=10, alpha=0.35, label=s["label"])
+            else:
+                ax.plot(xs, ys, marker="o", label=s["label"])
+            for (x, y), text in zip(pts, s.get("annotate") or []):
+                ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        methods = sorted({r["method"] for r in pub})
+        for method in methods:
+            pts = sorted((r["bpp"], r[m]) for r in pub if r["method"] == method and r.get(m) is not None)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="s", ls="--", label=f"{method} (published)")
+        ax.set_xscale("log")
+        ax.set_xlabel("bpp")
+        ax.set_ylabel(LABELS[m])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return None
+
+
+def _panels(mpl, n: int):
+    """(figure, n axes side by side) for the plots."""
+    Figure, FigureCanvasAgg = mpl
+    fig = Figure(figsize=(4.2 * n, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, n, squeeze=False)[0]
+
+
+def plot_dp(path: Path, table: Sequence[dict], title: str = "") -> Optional[str]:
+    """The distortion-perception trade-off of a sweep: mean PSNR (x) against each perception metric
+    that has values (FID, KID, LPIPS), one point per setting, one line per step count."""
+    mpl = _matplotlib()
+    if mpl is None:
+        return "matplotlib is not installed (pip install matplotlib)"
+
+    def ok(v):
+        return v is not None and math.isfinite(v)
+
+    shown = [m for m in ("fid", "kid", "lpips") if any(ok(t.get(m)) and ok(t.get("psnr")) for t in table)]
+    if not shown:
+        return "no perception metric (FID, KID, LPIPS) was computed"
+    fig, axes = _panels(mpl, len(shown))
+    for ax, m in zip(axes, shown):
+        for steps in sorted({t["steps"] for t in table}):
+            pts = [t for t in table if t["steps"] == steps and ok(t.get(m)) and ok(t.get("psnr"))]
+            ax.plot([t["psnr"] for t in pts], [t[m] for t in pts], marker="o", label=f"steps={steps}")
+            for t in pts:
+                ax.annotate(f"g={t['guidance']:g}", (t["psnr"], t[m]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xlabel(LABELS["psnr"])
+        ax.set_ylabel(LABELS[m])
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return None
+
+
+# ----------------------------------------------------------------------------- one setting
+
+def _quantise(image: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0) / 255.0
+
+
+def _image_metrics(original: np.ndarray, recon: np.ndarray, nets: _Networks) -> dict:
+    a, b = original[None], recon[None]
+    out = {"psnr": float(np.asarray(metrics.psnr(a, b))[0]), "ms_ssim": None, "lpips": None}
+    if min(original.shape[:2]) > MS_SSIM_MIN_SIDE:
+        out["ms_ssim"] = float(np.asarray(metrics.ms_ssim(a, b))[0])
+    if nets.lpips is not None and nets.lpips_fits(*original.shape[:2]):
+        out["lpips"] = float(np.asarray(nets.lpips(a, b))[0])
+    return out
+
+
+def _rate(stream: bytes) -> dict:
+    from perco_jax.codec.codec import rate_split
+
+    r = rate_split(stream)
+    per = 8.0 / r["pixels"]
+    return {"bytes": r["total"], "bpp": r["total"] * per, "bpp_caption": r["caption"] * per,
+            "bpp_indices": r["indices"] * per, "bpp_container": r["container"] * per}
+
+
+def _streams(codec, items: Sequence[Item], images: Sequence[np.ndarray], streams_dir: Path,
+             schedule: Optional[str], reuse: bool) -> list[bytes]:
+    """The bitstreams of `items` (read from streams_dir when saved and `reuse`, else compressed and saved)."""
+    out: list = [None] * len(items)
+    todo = []
+    for i, it in enumerate(items):
+        f = streams_dir / f"{it.name}.perco"
+        if reuse and f.is_file():
+            out[i] = f.read_bytes()
+        else:
+            todo.append(i)
+    if todo:
+        new = codec.compress_batch([images[i] for i in todo], [items[i].caption for i in todo], schedule=schedule)
+        streams_dir.mkdir(parents=True, exist_ok=True)
+        for i, s in zip(todo, new):
+            tmp = streams_dir / f"{items[i].name}.perco.tmp"
+            tmp.write_bytes(s)
+            os.replace(tmp, streams_dir / f"{items[i].name}.perco")
+            out[i] = s
+    return out
+
+
+def _features(fn: Callable, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Features of images of possibly different sizes (one call per run of equal shapes)."""
+    out = []
+    for _, group in itertools.groupby(images, key=lambda x: x.shape):
+        out.append(np.asarray(fn(np.stack(list(group))), np.float32))
+    return np.concatenate(out)
+
+
+def _set_metrics(ds: Dataset, recon_dir: Path, nets: _Networks, batch_size: int, summary: dict) -> None:
+    if nets.features is None:
+        return
+    n = len(ds.items)
+    if n < 2:
+        reason = f"needs at least 2 images, the set has {n}"
+        summary["skipped"].update(fid=reason, kid=reason)
+        return
+    from perco_jax.images import load_image
+
+    fake, real = [], []
+    for start in range(0, n, batch_size):
+        chunk = ds.items[start:start + batch_size]
+        fake.append(_features(nets.features, [load_image(recon_dir / f"{it.name}.png") for it in chunk]))
+        if nets.real_features is None:
+            real.append(_features(nets.features, [ds.load(it) for it in chunk]))
+    if nets.real_features is None:
+        nets.real_features = np.concatenate(real)
+    fake_f, real_f = np.concatenate(fake), nets.real_features
+    try:
+        summary["fid"] = metrics.frechet_distance(*metrics.feature_statistics(real_f), *metrics.feature_statistics(fake_f))
+    except ValueError as e:
+        summary["skipped"]["fid"] = f"FID failed on {n} images: {e}"
+    kid_mean, kid_std = metrics.kid(real_f, fake_f)
+    summary["kid"], summary["kid_std"] = kid_mean, kid_std
+    if n < 2048:
+        summary.setdefault("notes", []).append(
+            f"FID / KID over {n} images (features of dimension {real_f.shape[1]}): small sets bias FID upwards; "
+            "the COCO-30k protocol uses 30,000")
+
+
+def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict, codec, seed: int,
+               schedule: Optional[str]) -> dict:
+    n = len(rows)
+    mean, count = {}, {}
+    for c in RATE_COLUMNS + IMAGE_METRICS:
+        vals = [r[c] for r in rows if r.get(c) is not None]
+        count[c] = len(vals)
+        mean[c] = float(np.mean(vals)) if vals else None
+    skipped = dict(nets.skipped)
+    partial = {}
+    small = count["psnr"] - count["ms_ssim"]
+    if count["ms_ssim"] == 0:
+        skipped["ms_ssim"] = (f"every image has a side of at most {MS_SSIM_MIN_SIDE} px; MS-SSIM's 5 scales need both "
+                              f"sides larger than {MS_SSIM_MIN_SIDE}")
+    elif small:
+        partial["ms_ssim"] = (f"computed on {count['ms_ssim']} of {n} images: {small} have a side of at most "
+                              f"{MS_SSIM_MIN_SIDE} px; the mean is over the others")
+    if nets.lpips is not None and count["lpips"] < n:
+        (skipped if count["lpips"] == 0 else partial)["lpips"] = (
+            f"computed on {count['lpips']} of {n} images: the others are too small for the LPIPS trunk "
+            "(its five feature maps would be empty)")
+    skipped.update(NOT_IMPLEMENTED)
+    c = codec.config
+    return {
+        "data": ds.spec, "protocol": ds.protocol(), "num_images": n,
+        "codec": {"fingerprint": codec.fingerprint.hex(), "image_size": int(c.image_size),
+                  "grid": list(codec.grid), "codebook_size": int(c.codec.codebook_size),
+                  "schedule": schedule or c.codec.schedule},
+        **setting, "seed": seed,
+        "mean": mean, "count": count, "fid": None, "kid": None, "kid_std": None,
+        "skipped": skipped, "partial": partial,
+    }
+
+
+def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _Networks, *, setting: dict,
+                      seed: int, schedule: Optional[str], batch_size: int, resume: bool, progress: bool,
+                      published: list, label: str) -> dict:
+    from perco_jax.images import save_image
+
+    _check_identity(out / "setting.json", setting, resume, "guidance / steps setting")
+    recon_dir = out / "recon"
+    recon_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "per_image.csv"
+    rows: dict[str, dict] = {}
+    if resume and csv_path.is_file():
+        names = {it.name for it in ds.items}
+        rows = {r["name"]: r for r in read_rows(csv_path)
+                if r["name"] in names and (recon_dir / f"{r['name']}.png").is_file()}
+    batch_size = max(1, int(batch_size))
+    n = len(ds.items)
+    todo = [j for j in range(n) if ds.items[j].name not in rows]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, initial=n - len(todo), disable=not progress, desc=f"evaluate {label}".strip(),
+               unit="img", dynamic_ncols=True)
+    try:
+        for k in range(0, len(todo), batch_size):
+            items = [ds.items[j] for j in todo[k:k + batch_size]]
+            images = [ds.load(it) for it in items]
+            streams = _streams(codec, items, images, streams_dir, schedule, reuse=resume)
+            recons = codec.decompress_batch(streams, steps=setting["steps"], guidance=setting["guidance"], seed=seed)
+            new = 0
+            for it, image, stream, recon in zip(items, images, streams, recons):
+                if it.name in rows:
+                    continue
+                recon = _quantise(recon)
+                save_image(recon, recon_dir / f"{it.name}.png")
+                rows[it.name] = {"name": it.name, "height": image.shape[0], "width": image.shape[1],
+                                 **_rate(stream), **_image_metrics(image, recon, nets), "caption": it.caption}
+                new += 1
+            write_rows(csv_path, [rows[it.name] for it in ds.items if it.name in rows])
+            bar.update(new)
+    finally:
+        bar.close()
+    ordered = [rows[it.name] for it in ds.items]
+    write_rows(csv_path, ordered)
+    summary = _summarise(ds, ordered, nets, setting, codec, seed, schedule)
+    _set_metrics(ds, recon_dir, nets, batch_size, summary)
+    points = [(r["bpp"], r) for r in ordered]
+    set_point = {"bpp": summary["mean"]["bpp"], **summary["mean"], "fid": summary["fid"], "kid": summary["kid"]}
+    why = plot_rd(out / "rd.png", [{"label": "perco-jax (per image)", "points": points, "scatter": True},
+                                   {"label": "perco-jax (mean)", "points": [(set_point["bpp"], set_point)]}],
+                  published, ds.kind, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']}")
+    summary["files"] = {"per_image": "per_image.csv", "recon": "recon/", "streams": os.path.relpath(streams_dir, out),
+                        "plot": None if why else "rd.png"}
+    if why:
+        summary["skipped"]["plot"] = why
+    summary["published_points"] = sum(1 for r in published if r.get("dataset", "").lower() == ds.kind)
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _setting_dir(guidance: float, steps: int) -> str:
+    return f"guidance={guidance:g}_steps={steps}"
+
+
+def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None, guidance: Optional[float] = None,
+             steps: Optional[int] = None, sweep: Optional[Mapping] = None, batch_size: int = 8, resume: bool = True,
+             progress: bool = True, seed: int = 0, schedule: Optional[str] = None, size: Optional[int] = None,
+             center_crop: bool = False, published: str | os.PathLike | None = None) -> dict:
+    """Evaluate `codec` (a perco_jax.codec.codec.Codec) on `data` (a spec string or a Dataset) into
+    out_dir; returns the summary (for a sweep: {"settings": [summary per setting], "sweep": ...}).
+    See the module doc for the outputs, resuming and determinism. `size` / `center_crop` set the
+    protocol (a Dataset keeps its own); `published` is the published-points CSV (default:
+    perco_jax/eval/published.csv)."""
+    ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = codec.config
+    default_g = float(cfg.sample.guidance if guidance is None else guidance)
+    default_s = int(cfg.sample.steps if steps is None else steps)
+    sweep = dict(sweep or {})
+    unknown = sorted(set(sweep) - {"guidance", "steps"})
+    if unknown:
+        raise ValueError(f"unknown sweep keys {unknown}; a sweep takes 'guidance' and / or 'steps' lists")
+    gs = [float(g) for g in sweep.get("guidance") or [default_g]]
+    ss = [int(s) for s in sweep.get("steps") or [default_s]]
+    if any(s < 1 for s in ss):
+        raise ValueError(f"steps must be at least 1, got {ss}")
+    identity = {"fingerprint": codec.fingerprint.hex(), "data": ds.spec, **ds.protocol(),
+                "schedule": schedule or cfg.codec.schedule, "seed": int(seed)}
+    _check_identity(out / "run.json", identity, resume, "evaluation (codec, data, protocol, schedule or seed)")
+    nets = _networks(metrics_weights or {})
+    rows = load_published(published)
+    streams_dir = out / "streams"
+    kw = dict(seed=int(seed), schedule=schedule, batch_size=batch_size, resume=resume, progress=progress,
+              published=rows)
+    if not sweep:
+        return _evaluate_setting(codec, ds, out, streams_dir, nets, setting={"guidance": gs[0], "steps": ss[0]},
+                                 label=ds.kind, **kw)
+    summaries = []
+    for g, s in itertools.product(gs, ss):
+        sub = _setting_dir(g, s)
+        summ = _evaluate_setting(codec, ds, out / sub, streams_dir, nets, setting={"guidance": g, "steps": s},
+                                 label=f"{ds.kind} {sub}", **kw)
+        summ["dir"] = sub
+        summaries.append(summ)
+    table = [{"guidance": x["guidance"], "steps": x["steps"], "dir": x["dir"], **x["mean"], "fid": x["fid"],
+              "kid": x["kid"], "kid_std": x["kid_std"]} for x in summaries]
+    columns = ("guidance", "steps", "dir") + RATE_COLUMNS + IMAGE_METRICS + ("fid", "kid", "kid_std")
+    write_rows(out / "sweep.csv", table, columns)
+    series = []
+    for s in ss:  # one curve per number of steps, along guidance
+        pts = [(t["bpp"], t) for t in table if t["steps"] == s]
+        series.append({"label": f"perco-jax steps={s}", "points": pts,
+                       "annotate": [f"g={t['guidance']:g}" for t in table if t["steps"] == s]})
+    why = plot_rd(out / "rd.png", series, rows, ds.kind, title=f"{ds.spec}  sweep")
+    why_dp = plot_dp(out / "dp.png", table, title=f"{ds.spec}  distortion-perception")
+    combined = {"data": ds.spec, "protocol": ds.protocol(), "num_images": len(ds.items),
+                "sweep": {"guidance": gs, "steps": ss}, "settings": summaries,
+                "files": {"table": "sweep.csv", "plot": None if why else "rd.png",
+                          "dp_plot": None if why_dp else "dp.png"}}
+    skipped = {k: v for k, v in (("plot", why), ("dp_plot", why_dp)) if v}
+    if skipped:
+        combined["skipped"] = skipped
+    _write_atomic(out / "summary.json", json.dumps(combined, indent=2, allow_nan=True) + "\n")
+    return combined
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _run(args) -> int:
+    from perco_jax.codec.codec import Codec
+
+    weights = {k: v for k, v in {"lpips_trunk": args.lpips_trunk, "lpips_heads": args.lpips_heads,
+                                 "lpips_net": args.lpips_net, "inception": args.inception}.items() if v}
+    guidance, steps = args.guidance or [], args.steps or []
+    sweep = {}
+    if len(guidance) > 1 or len(steps) > 1:
+        sweep = {k: v for k, v in (("guidance", guidance), ("steps", steps)) if v}
+    codec = Codec.load(args.checkpoint)
+    result = evaluate(codec, args.data, args.out, metrics_weights=weights,
+                      guidance=guidance[0] if len(guidance) == 1 else None,
+                      steps=steps[0] if len(steps) == 1 else None, sweep=sweep or None,
+                      batch_size=args.batch_size, resume=not args.no_resume, progress=not args.quiet,
+                      seed=args.seed, schedule=args.schedule, size=args.size, center_crop=args.center_crop,
+                      published=args.published)
+    for s in result.get("settings", [result]):
+        m = s["mean"]
+        parts = [f"guidance={s['guidance']:g} steps={s['steps']}", f"bpp={m['bpp']:.5f}"]
+        parts += [f"{k}={m[k]:.4f}" for k in IMAGE_METRICS if m.get(k) is not None]
+        parts += [f"{k}={s[k]:.4f}" for k in SET_METRICS if s.get(k) is not None]
+        print("  ".join(parts))
+    first = result.get("settings", [result])[0]
+    for k, why in first["skipped"].items():
+        print(f"skipped {k}: {why}")
+    print(f"wrote {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
+    """Register `perco-jax evaluate` on an argparse subparsers object (its fn: `set_defaults(fn=...)`)."""
+    p = subparsers.add_parser("evaluate", help="rate-distortion-perception of a codec on an image set "
+                                               "(per-image CSV, summary JSON, plots)")
+    p.add_argument("--checkpoint", required=True, help="codec folder (perco-jax export / demo/checkpoint)")
+    p.add_argument("--data", required=True, help="kodak:DIR, folder:DIR or coco30k:FILELIST (a text file of image "
+                                                 "paths; resized to 512x512)")
+    p.add_argument("--out", required=True, help="results folder (rerunning into it resumes)")
+    p.add_argument("--lpips-trunk", help="torchvision AlexNet / VGG16 weights (.pth / .safetensors) for LPIPS")
+    p.add_argument("--lpips-heads", help="the lpips package's linear heads (weights/v0.1/alex.pth or vgg.pth)")
+    p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS trunk (default alex)")
+    p.add_argument("--inception", help="FID InceptionV3 weights (pt_inception-2015-12-05 or torchvision's) for FID / KID")
+    p.add_argument("--guidance", type=float, nargs="+", metavar="G",
+                   help="guidance scale(s); several values sweep them (default: the codec config's)")
+    p.add_argument("--steps", type=int, nargs="+", metavar="N",
+                   help="sampler step count(s); several values sweep them (default: the codec config's)")
+    p.add_argument("--center-crop", action="store_true", help="crop the largest centred square first")
+    p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE (bicubic; default: native, "
+                                            f"{COCO30K_SIZE} for coco30k)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per compress / decompress step (default 8)")
+    p.add_argument("--schedule", help="masking schedule spec for the indices (default: the codec's)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
+    p.add_argument("--published", help="CSV of published operating points to overlay (default: perco_jax/eval/"
+                                       "published.csv)")
+    p.add_argument("--no-resume", action="store_true", help="recompute every image and overwrite the results")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=_run)
+    return p

@@ -1,0 +1,245 @@
+"""The evaluation driver (perco_jax/eval/evaluate.py) end to end on a handful of small images with a
+tiny codec and tiny random metric networks: files, CSV columns, bpp = 8 * stream bytes / pixels,
+resuming, skipped metrics and their reasons, sweeps, the data specs and the `evaluate` subcommand.
+
+The codec is the session's briefly trained tiny codec (tests/conftest.py).
+"""
+import argparse
+import csv
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from perco_jax import build, parallel
+from perco_jax.codec.codec import Codec, _as_stage2, fingerprint_of
+from perco_jax.config import load_config
+from perco_jax.eval import evaluate as ev
+from perco_jax.images import load_image, save_image
+from perco_jax.models.lpips import TRUNKS, Conv
+
+CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=2", "sample.steps=2",
+         "entropy_model.width=32", "entropy_model.depth=1"]
+
+
+@pytest.fixture(scope="module")
+def codec(trained_codec):
+    """(codec folder, Codec): the session's tiny codec (tests/conftest.py)."""
+    return trained_codec[1], trained_codec[2]
+
+
+SIZES = {"a": (32, 32), "b": (40, 56), "c": (36, 36), "d": (24, 20), "e": (168, 176)}  # b: wide; d: tiny; e: MS-SSIM
+CAPTIONS = {"a.png": "a red circle", "b.png": "two squares, ünïcödé"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, (h, w) in SIZES.items():
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        base = np.stack([yy, xx, 0.5 + 0.3 * np.sin(6 * xx)], -1)
+        save_image(np.clip(base + 0.05 * rng.standard_normal((h, w, 3)), 0, 1), d / f"{name}.png")
+    (d / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": c}) + "\n"
+                                              for f, c in CAPTIONS.items()), encoding="utf-8")
+    return d
+
+
+@pytest.fixture(scope="module")
+def lpips_files(tmp_path_factory):
+    """Random AlexNet trunk + heads in the torchvision / lpips layouts, as .safetensors files."""
+    from safetensors.numpy import save_file
+
+    d = tmp_path_factory.mktemp("lpips")
+    rng = np.random.default_rng(1)
+    trunk, channels, cin = {}, [], 3
+    for stage in TRUNKS["alex"]:
+        for layer in stage:
+            if isinstance(layer, Conv):
+                fan_in = cin * layer.kernel ** 2
+                trunk[f"features.{layer.index}.weight"] = (rng.standard_normal(
+                    (layer.features, cin, layer.kernel, layer.kernel)) * np.sqrt(2 / fan_in)).astype(np.float32)
+                trunk[f"features.{layer.index}.bias"] = np.zeros(layer.features, np.float32)
+                cin = layer.features
+        channels.append(cin)
+    heads = {f"lin{i}.model.1.weight": rng.uniform(0, 0.1, (1, c, 1, 1)).astype(np.float32)
+             for i, c in enumerate(channels)}
+    save_file(trunk, str(d / "trunk.safetensors"))
+    save_file(heads, str(d / "heads.safetensors"))
+    return d / "trunk.safetensors", d / "heads.safetensors"
+
+
+def channel_means(images):
+    """A stand-in for the InceptionV3 feature extractor: [B, H, W, 3] -> [B, 3]."""
+    return np.asarray(images).mean(axis=(1, 2))
+
+
+class Calls:
+    """Counts (and passes on) a codec's compress_batch / decompress_batch calls and their images."""
+
+    def __init__(self, codec, monkeypatch):
+        self.compressed, self.decompressed = 0, 0
+        compress, decompress = codec.compress_batch, codec.decompress_batch
+
+        def c(images, *a, **k):
+            self.compressed += len(images)
+            return compress(images, *a, **k)
+
+        def d(streams, *a, **k):
+            self.decompressed += len(streams)
+            return decompress(streams, *a, **k)
+
+        monkeypatch.setattr(codec, "compress_batch", c)
+        monkeypatch.setattr(codec, "decompress_batch", d)
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpips_files, tmp_path, monkeypatch):
+    _, c = codec
+    out = tmp_path / "out"
+    weights = {"lpips_trunk": lpips_files[0], "lpips_heads": lpips_files[1], "inception": channel_means}
+    calls = Calls(c, monkeypatch)
+    summary = ev.evaluate(c, f"folder:{folder}", out, metrics_weights=weights, batch_size=3, progress=False)
+    assert calls.compressed == calls.decompressed == len(SIZES)
+    for f in ("per_image.csv", "summary.json", "rd.png", "run.json", "setting.json"):
+        assert (out / f).is_file(), f
+    columns, rows = read_csv(out / "per_image.csv")
+    assert tuple(columns) == ev.CSV_COLUMNS
+    assert [r["name"] for r in rows] == sorted(SIZES)
+    for r in rows:
+        h, w = SIZES[r["name"]]
+        stream = (out / "streams" / f"{r['name']}.perco").read_bytes()
+        assert (int(r["height"]), int(r["width"])) == (h, w)
+        assert int(r["bytes"]) == len(stream)
+        assert float(r["bpp"]) == pytest.approx(8 * len(stream) / (h * w), rel=1e-12)
+        parts = float(r["bpp_caption"]) + float(r["bpp_indices"]) + float(r["bpp_container"])
+        assert parts == pytest.approx(float(r["bpp"]), rel=1e-12)
+        assert r["caption"] == CAPTIONS.get(f"{r['name']}.png", "")
+        _, caps, _ = c.read_batch([stream])  # the caption really is in the stream
+        assert caps == [r["caption"]]
+        assert load_image(out / "recon" / f"{r['name']}.png").shape == (h, w, 3)
+        assert np.isfinite(float(r["psnr"]))
+        assert (r["ms_ssim"] != "") == (min(h, w) > 160)
+        assert (r["lpips"] != "") == (r["name"] != "d")  # 24x20 is too small for AlexNet's taps
+    assert float(rows[0]["bpp_caption"]) > float(rows[2]["bpp_caption"])  # "a" has a caption, "c" none
+
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["num_images"] == len(SIZES)
+    assert saved["mean"]["bpp"] == pytest.approx(np.mean([float(r["bpp"]) for r in rows]))
+    assert saved["mean"]["ms_ssim"] == pytest.approx(float(rows[4]["ms_ssim"]))
+    assert np.isfinite(saved["fid"]) and np.isfinite(saved["kid"])
+    assert {"ms_ssim", "lpips"} <= set(saved["partial"])
+    assert {"clip_score", "miou"} <= set(saved["skipped"]) and "fid" not in saved["skipped"]
+    assert saved["files"]["plot"] == "rd.png"
+    assert summary["mean"] == saved["mean"]
+
+    # a rerun skips everything; losing one reconstruction redoes it only, from the saved stream
+    ev.evaluate(c, f"folder:{folder}", out, metrics_weights=weights, batch_size=3, progress=False)
+    assert calls.compressed == calls.decompressed == len(SIZES)
+    (out / "recon" / "c.png").unlink()
+    ev.evaluate(c, f"folder:{folder}", out, metrics_weights=weights, batch_size=3, progress=False)
+    assert calls.compressed == len(SIZES)
+    assert calls.decompressed == len(SIZES) + 1
+    _, again = read_csv(out / "per_image.csv")
+    assert again == rows  # the same noise for c: its metrics are unchanged
+
+    with pytest.raises(ValueError, match="guidance"):  # another setting into the same folder
+        ev.evaluate(c, f"folder:{folder}", out, guidance=5.0, progress=False)
+
+
+def test_skipped_metrics_say_why(codec, folder, tmp_path, monkeypatch):
+    _, c = codec
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("a", "b"):
+        (small / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
+    import perco_jax.eval
+
+    monkeypatch.setitem(sys.modules, "perco_jax.eval.fid", None)  # as if fid.py were missing
+    monkeypatch.delattr(perco_jax.eval, "fid", raising=False)
+    summary = ev.evaluate(c, f"folder:{small}", tmp_path / "out", metrics_weights={"inception": "incept.pth"},
+                          progress=False)
+    skipped = summary["skipped"]
+    assert set(skipped) >= {"ms_ssim", "lpips", "fid", "kid", "clip_score", "miou"}
+    assert "160" in skipped["ms_ssim"] and "lpips-trunk" in skipped["lpips"]
+    assert "not available" in skipped["fid"] and summary["fid"] is None
+    _, rows = read_csv(tmp_path / "out" / "per_image.csv")
+    assert [(r["ms_ssim"], r["lpips"]) for r in rows] == [("", ""), ("", "")]
+    none = ev.evaluate(c, f"folder:{small}", tmp_path / "out2", progress=False)
+    assert "no InceptionV3 weights" in none["skipped"]["fid"]
+    with pytest.raises(ValueError, match="both weights"):
+        ev.evaluate(c, f"folder:{small}", tmp_path / "out3", metrics_weights={"lpips_trunk": "t.pth"})
+
+
+def test_cli_sweep_with_published_points(codec, folder, tmp_path, monkeypatch, capsys):
+    path, c = codec
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    for name in ("a", "b", "c"):
+        (kodak / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
+    published = tmp_path / "published.csv"  # made-up points (only the overlay is under test)
+    published.write_text("# test rows\nmethod,dataset,resolution,bpp,psnr,ms_ssim,lpips,fid,kid,clip_score,miou,source\n"
+                         "X,kodak,512x512,0.01,20,,,,,,,test\nX,kodak,512x512,0.05,22,,,,,,,test\n"
+                         "Y,coco30k,512x512,0.02,30,,,,,,,test\n")
+    monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))  # the fixture's (compiled) codec
+    calls = Calls(c, monkeypatch)
+    parser = argparse.ArgumentParser(prog="perco-jax")
+    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "sweep"
+    args = parser.parse_args(["evaluate", "--checkpoint", str(path), "--data", f"kodak:{kodak}", "--out", str(out),
+                              "--guidance", "1", "2.5", "--steps", "2", "--quiet", "--published", str(published)])
+    assert args.fn is ev._run and args.guidance == [1.0, 2.5] and args.lpips_net == "alex"
+    assert args.fn(args) == 0
+    assert "bpp=" in capsys.readouterr().out
+    assert calls.compressed == 3 and calls.decompressed == 6  # streams shared by the settings
+    combined = json.loads((out / "summary.json").read_text())
+    assert [s["dir"] for s in combined["settings"]] == ["guidance=1_steps=2", "guidance=2.5_steps=2"]
+    for s in combined["settings"]:
+        assert s["published_points"] == 2
+        for f in ("per_image.csv", "summary.json", "rd.png"):
+            assert (out / s["dir"] / f).is_file()
+    columns, table = read_csv(out / "sweep.csv")
+    assert [float(t["guidance"]) for t in table] == [1.0, 2.5] and "bpp" in columns
+    assert (out / "rd.png").is_file() and combined["files"]["plot"] == "rd.png"
+    assert "no perception metric" in combined["skipped"]["dp_plot"]  # no LPIPS / Inception weights given
+
+
+def test_data_specs_and_protocols(tmp_path):
+    imgs = tmp_path / "coco" / "train2017"
+    imgs.mkdir(parents=True)
+    save_image(np.full((30, 50, 3), 0.5), imgs / "x1.jpg")
+    save_image(np.full((40, 20, 3), 0.25), imgs / "x2.png")
+    (tmp_path / "coco" / "captions.jsonl").write_text(json.dumps({"file": "train2017/x2.png", "caption": "grey"}) + "\n")
+    filelist = tmp_path / "coco" / "list.txt"
+    filelist.write_text("# COCO-30k\ntrain2017/x1.jpg\n\ntrain2017/x2.png\n")
+    ds = ev.parse_data(f"coco30k:{filelist}")
+    assert [it.name for it in ds.items] == ["x1", "x2"] and [it.caption for it in ds.items] == ["", "grey"]
+    assert ds.size == 512 and ds.load(ds.items[0]).shape == (512, 512, 3)
+    cropped = ev.parse_data(f"coco30k:{filelist}", size=16, center_crop=True)
+    assert cropped.load(cropped.items[1]).shape == (16, 16, 3)
+    kodak = ev.parse_data(f"kodak:{imgs}")
+    assert kodak.size is None and kodak.load(kodak.items[0]).shape == (30, 50, 3)
+    x = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    np.testing.assert_array_equal(ev.preprocess(x, center_crop=True), x[:, 1:5].astype(np.float32) / 255.0)
+    for bad in ("imagenet:x", "folder:", "kodak"):
+        with pytest.raises(ValueError, match="data spec"):
+            ev.parse_data(bad)
+    with pytest.raises(FileNotFoundError):
+        ev.parse_data(f"folder:{tmp_path / 'nope'}")
+    filelist.write_text("train2017/missing.png\n")
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        ev.parse_data(f"coco30k:{filelist}")
+
+
+def test_published_csv_parses_and_cites_its_sources():
+    rows = ev.load_published()
+    header = next(ln for ln in ev.PUBLISHED_CSV.read_text().splitlines() if not ln.startswith("#"))
+    assert tuple(header.split(",")) == ev.PUBLISHED_COLUMNS
+    assert all(r["source"] and r["method"] in ("PerCo", "PerCo (SD)", "PerCoV2") for r in rows)
