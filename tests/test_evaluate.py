@@ -243,3 +243,26 @@ def test_published_csv_parses_and_cites_its_sources():
     header = next(ln for ln in ev.PUBLISHED_CSV.read_text().splitlines() if not ln.startswith("#"))
     assert tuple(header.split(",")) == ev.PUBLISHED_COLUMNS
     assert all(r["source"] and r["method"] in ("PerCo", "PerCo (SD)", "PerCoV2") for r in rows)
+
+
+def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tmp_path):
+    _, c = codec
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.png").write_bytes((folder / "a.png").read_bytes())
+    (small / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a red circle"}) + "\n")
+    from perco_jax.codec import bitstream
+
+    got = {}
+    for mode in ("full", "none", "truncate:1"):
+        ev.evaluate(c, f"folder:{small}", tmp_path / mode, progress=False, text_mode=mode)
+        _, rows = read_csv(tmp_path / mode / "per_image.csv")
+        got[mode] = (bitstream.unpack((tmp_path / mode / "streams" / "a.perco").read_bytes())[1],
+                     float(rows[0]["bpp_caption"]), float(rows[0]["bpp_indices"]))
+    assert [got[m][0] for m in ("full", "none", "truncate:1")] == ["a red circle", "", "a"]
+    assert got["none"][1] < got["truncate:1"][1] < got["full"][1]
+    assert all(got[m][2] > 0 for m in got)  # the indices are sent in every mode
+    with pytest.raises(ValueError, match="text mode"):  # another text mode into the same folder
+        ev.evaluate(c, f"folder:{small}", tmp_path / "full", progress=False, text_mode="none")
+    with pytest.raises(ValueError, match="text mode"):
+        ev.evaluate(c, f"folder:{small}", tmp_path / "x", progress=False, text_mode="half")

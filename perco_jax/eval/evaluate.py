@@ -668,13 +668,22 @@ def _setting_dir(guidance: float, steps: int) -> str:
 def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None, guidance: Optional[float] = None,
              steps: Optional[int] = None, sweep: Optional[Mapping] = None, batch_size: int = 8, resume: bool = True,
              progress: bool = True, seed: int = 0, schedule: Optional[str] = None, size: Optional[int] = None,
-             center_crop: bool = False, published: str | os.PathLike | None = None) -> dict:
+             center_crop: bool = False, published: str | os.PathLike | None = None, text_mode: str = "full") -> dict:
     """Evaluate `codec` (a perco_jax.codec.codec.Codec) on `data` (a spec string or a Dataset) into
     out_dir; returns the summary (for a sweep: {"settings": [summary per setting], "sweep": ...}).
     See the module doc for the outputs, resuming and determinism. `size` / `center_crop` set the
     protocol (a Dataset keeps its own); `published` is the published-points CSV (default:
-    perco_jax/eval/published.csv)."""
+    perco_jax/eval/published.csv); `text_mode` (none | full | truncate:N, perco_jax.captioning) is
+    applied to every caption before coding, to study the rate split between z_g and z_l."""
+    from perco_jax import captioning
+
     ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop)
+    captioning.parse_text_mode(text_mode)
+    if text_mode != "full":
+        toks = codec.prompt_encoder.tokenizers
+        tok = toks[2] if toks[2] is not None else toks[0]
+        ds = dataclasses.replace(ds, items=[dataclasses.replace(it, caption=captioning.apply_text_mode(
+            it.caption, text_mode, tok)) for it in ds.items])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = codec.config
@@ -689,8 +698,9 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     if any(s < 1 for s in ss):
         raise ValueError(f"steps must be at least 1, got {ss}")
     identity = {"fingerprint": codec.fingerprint.hex(), "data": ds.spec, **ds.protocol(),
-                "schedule": schedule or cfg.codec.schedule, "seed": int(seed)}
-    _check_identity(out / "run.json", identity, resume, "evaluation (codec, data, protocol, schedule or seed)")
+                "schedule": schedule or cfg.codec.schedule, "seed": int(seed), "text_mode": text_mode}
+    _check_identity(out / "run.json", identity, resume,
+                    "evaluation (codec, data, protocol, schedule, seed or text mode)")
     nets = _networks(metrics_weights or {})
     rows = load_published(published)
     streams_dir = out / "streams"
@@ -745,7 +755,7 @@ def _run(args) -> int:
                       steps=steps[0] if len(steps) == 1 else None, sweep=sweep or None,
                       batch_size=args.batch_size, resume=not args.no_resume, progress=not args.quiet,
                       seed=args.seed, schedule=args.schedule, size=args.size, center_crop=args.center_crop,
-                      published=args.published)
+                      published=args.published, text_mode=args.text_mode)
     for s in result.get("settings", [result]):
         m = s["mean"]
         parts = [f"guidance={s['guidance']:g} steps={s['steps']}", f"bpp={m['bpp']:.5f}"]
@@ -781,6 +791,8 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p.add_argument("--batch-size", type=int, default=8, help="images per compress / decompress step (default 8)")
     p.add_argument("--schedule", help="masking schedule spec for the indices (default: the codec's)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
+    p.add_argument("--text-mode", default="full", help="captions as z_g: full, none (empty prompt) or "
+                                                       "truncate:N (first N tokens)")
     p.add_argument("--published", help="CSV of published operating points to overlay (default: perco_jax/eval/"
                                        "published.csv)")
     p.add_argument("--no-resume", action="store_true", help="recompute every image and overwrite the results")
