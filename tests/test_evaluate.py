@@ -19,6 +19,7 @@ from perco_jax.config import load_config
 from perco_jax.eval import evaluate as ev
 from perco_jax.images import load_image, save_image
 from perco_jax.models.lpips import TRUNKS, Conv
+from tests.test_clip_score import clip_folder  # noqa: F401  (the tiny CLIP model fixture)
 
 CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=2", "sample.steps=2",
          "entropy_model.width=32", "entropy_model.depth=1"]
@@ -266,3 +267,24 @@ def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tm
         ev.evaluate(c, f"folder:{small}", tmp_path / "full", progress=False, text_mode="none")
     with pytest.raises(ValueError, match="text mode"):
         ev.evaluate(c, f"folder:{small}", tmp_path / "x", progress=False, text_mode="half")
+
+
+def test_clip_score_for_captioned_images(codec, folder, clip_folder, tmp_path):
+    _, c = codec
+    small = tmp_path / "small"
+    small.mkdir()
+    for name in ("a", "c"):
+        (small / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
+    (small / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a red circle"}) + "\n")
+    summary = ev.evaluate(c, f"folder:{small}", tmp_path / "out", metrics_weights={"clip": str(clip_folder[0])},
+                          progress=False)
+    _, rows = read_csv(tmp_path / "out" / "per_image.csv")
+    by_name = {r["name"]: r for r in rows}
+    from perco_jax.eval.clip_score import CLIPScorer
+
+    recon = load_image(tmp_path / "out" / "recon" / "a.png")
+    want = float(CLIPScorer.load(clip_folder[0])([recon], ["a red circle"])[0])
+    assert float(by_name["a"]["clip_score"]) == pytest.approx(want, abs=1e-4)
+    assert by_name["c"]["clip_score"] == ""  # no caption, no CLIP score
+    assert "no caption" in summary["partial"]["clip_score"]
+    assert "clip_score" not in summary["skipped"]

@@ -44,24 +44,32 @@ def clip_key_map(config: Union[CLIPTextEncoder, Mapping]) -> list[Entry]:
     e = [Entry(("token_embedding", "embedding"), "text_model.embeddings.token_embedding.weight"),
          Entry(("position_embedding", "embedding"), "text_model.embeddings.position_embedding.weight")]
 
-    def linear(f, t, bias=True):
-        e.append(Entry(f + ("kernel",), t + ".weight", "linear"))
-        if bias:
-            e.append(Entry(f + ("bias",), t + ".bias"))
+    e += clip_layer_entries("text_model", m.num_hidden_layers)
+    e += norm_entries(("final_layer_norm",), "text_model.final_layer_norm")
+    e += linear_entries(("text_projection",), "text_projection", bias=False)
+    return e
 
-    def norm(f, t):
-        e.extend([Entry(f + ("scale",), t + ".weight"), Entry(f + ("bias",), t + ".bias")])
 
-    for i in range(m.num_hidden_layers):
-        f, t = (f"layers_{i}",), f"text_model.encoder.layers.{i}"
-        norm(f + ("layer_norm1",), t + ".layer_norm1")
+def linear_entries(f: tuple, t: str, bias: bool = True) -> list[Entry]:
+    return [Entry(f + ("kernel",), t + ".weight", "linear")] + ([Entry(f + ("bias",), t + ".bias")] if bias else [])
+
+
+def norm_entries(f: tuple, t: str) -> list[Entry]:
+    return [Entry(f + ("scale",), t + ".weight"), Entry(f + ("bias",), t + ".bias")]
+
+
+def clip_layer_entries(tower: str, num_layers: int) -> list[Entry]:
+    """The encoder layers of a CLIP tower ("text_model" / "vision_model"): Flax layers_{i} <->
+    {tower}.encoder.layers.{i}."""
+    e = []
+    for i in range(num_layers):
+        f, t = (f"layers_{i}",), f"{tower}.encoder.layers.{i}"
+        e += norm_entries(f + ("layer_norm1",), t + ".layer_norm1")
         for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f + ("self_attn", p), f"{t}.self_attn.{p}")
-        norm(f + ("layer_norm2",), t + ".layer_norm2")
+            e += linear_entries(f + ("self_attn", p), f"{t}.self_attn.{p}")
+        e += norm_entries(f + ("layer_norm2",), t + ".layer_norm2")
         for p in ("fc1", "fc2"):
-            linear(f + ("mlp", p), f"{t}.mlp.{p}")
-    norm(("final_layer_norm",), "text_model.final_layer_norm")
-    linear(("text_projection",), "text_projection", bias=False)
+            e += linear_entries(f + ("mlp", p), f"{t}.mlp.{p}")
     return e
 
 

@@ -33,7 +33,10 @@ gives the numbers a fresh one would):
   fid, kid  over the whole set, when metrics_weights has "inception" (a weights file for
             perco_jax.eval.fid.InceptionFeatures, or any callable images [B, H, W, 3] in [0, 1]
             -> features [B, D]); statistics from perco_jax.eval.metrics
-  clip_score, miou   not computed by this driver yet (always listed as skipped)
+  clip_score  of the reconstruction against its caption (torchmetrics' definition), for images
+            with a caption, when metrics_weights has "clip" (a local transformers CLIPModel folder,
+            perco_jax.eval.clip_score)
+  miou      not computed by this driver yet (always listed as skipped)
 
 Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
 computed for that image), summary.json (means, FID / KID, which metrics were skipped or only
@@ -72,13 +75,12 @@ import numpy as np
 from perco_jax.eval import metrics
 
 CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
-               "psnr", "ms_ssim", "lpips", "caption")
-IMAGE_METRICS = ("psnr", "ms_ssim", "lpips")
+               "psnr", "ms_ssim", "lpips", "clip_score", "caption")
+IMAGE_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score")
 SET_METRICS = ("fid", "kid")
-NOT_IMPLEMENTED = {"clip_score": "not computed by this driver yet (no CLIP-score model in perco_jax.eval)",
-                   "miou": "not computed by this driver yet (no segmentation model in perco_jax.eval)"}
+NOT_IMPLEMENTED = {"miou": "not computed by this driver yet (no segmentation model in perco_jax.eval)"}
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
-WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception")
+WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception", "clip")
 DATA_KINDS = ("kodak", "folder", "coco30k")
 COCO30K_SIZE = 512
 MS_SSIM_MIN_SIDE = (metrics.SSIM_WINDOW - 1) * 2 ** (len(metrics.MS_SSIM_WEIGHTS) - 1)  # 160: sides must exceed it
@@ -87,8 +89,9 @@ CAPTION_FILES = ("captions.jsonl", "captions.csv")
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 PUBLISHED_COLUMNS = ("method", "dataset", "resolution", "bpp", "psnr", "ms_ssim", "lpips", "fid", "kid",
                      "clip_score", "miou", "source")
-PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "fid", "kid")
-LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓", "kid": "KID ↓"}
+PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score", "fid", "kid")
+LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "clip_score": "CLIP score ↑",
+          "fid": "FID ↓", "kid": "KID ↓"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -227,6 +230,7 @@ class _Networks:
     lpips: Optional[Callable] = None      # (a, b) [1, H, W, 3] in [0, 1] -> [1]
     lpips_fits: Optional[Callable] = None  # (h, w) -> whether every LPIPS tap is non-empty
     features: Optional[Callable] = None   # images [B, H, W, 3] in [0, 1] -> [B, D]
+    clip: Optional[Callable] = None       # (images, captions) -> CLIP scores [B]
     skipped: dict = dataclasses.field(default_factory=dict)
     real_features: Optional[np.ndarray] = None  # cached over the settings of a sweep
 
@@ -275,6 +279,12 @@ def _networks(weights: Mapping) -> _Networks:
     else:
         nets.skipped["lpips"] = ("no LPIPS weights given (metrics_weights lpips_trunk + lpips_heads, "
                                  "or --lpips-trunk / --lpips-heads)")
+    if weights.get("clip"):
+        from perco_jax.eval.clip_score import CLIPScorer
+
+        nets.clip = CLIPScorer.load(weights["clip"])
+    else:
+        nets.skipped["clip_score"] = "no CLIP model given (metrics_weights clip, or --clip DIR)"
     inception = weights.get("inception")
     if callable(inception):
         nets.features = inception
@@ -487,9 +497,11 @@ def _quantise(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0) / 255.0
 
 
-def _image_metrics(original: np.ndarray, recon: np.ndarray, nets: _Networks) -> dict:
+def _image_metrics(original: np.ndarray, recon: np.ndarray, nets: _Networks, caption: str = "") -> dict:
     a, b = original[None], recon[None]
-    out = {"psnr": float(np.asarray(metrics.psnr(a, b))[0]), "ms_ssim": None, "lpips": None}
+    out = {"psnr": float(np.asarray(metrics.psnr(a, b))[0]), "ms_ssim": None, "lpips": None, "clip_score": None}
+    if nets.clip is not None and caption:
+        out["clip_score"] = float(nets.clip([recon], [caption])[0])
     if min(original.shape[:2]) > MS_SSIM_MIN_SIDE:
         out["ms_ssim"] = float(np.asarray(metrics.ms_ssim(a, b))[0])
     if nets.lpips is not None and nets.lpips_fits(*original.shape[:2]):
@@ -588,6 +600,9 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict
         (skipped if count["lpips"] == 0 else partial)["lpips"] = (
             f"computed on {count['lpips']} of {n} images: the others are too small for the LPIPS trunk "
             "(its five feature maps would be empty)")
+    if nets.clip is not None and count["clip_score"] < n:
+        (skipped if count["clip_score"] == 0 else partial)["clip_score"] = (
+            f"computed on {count['clip_score']} of {n} images: the others have no caption")
     skipped.update(NOT_IMPLEMENTED)
     c = codec.config
     return {
@@ -635,7 +650,7 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
                 recon = _quantise(recon)
                 save_image(recon, recon_dir / f"{it.name}.png")
                 rows[it.name] = {"name": it.name, "height": image.shape[0], "width": image.shape[1],
-                                 **_rate(stream), **_image_metrics(image, recon, nets), "caption": it.caption}
+                                 **_rate(stream), **_image_metrics(image, recon, nets, it.caption), "caption": it.caption}
                 new += 1
             write_rows(csv_path, [rows[it.name] for it in ds.items if it.name in rows])
             bar.update(new)
@@ -744,7 +759,8 @@ def _run(args) -> int:
     from perco_jax.codec.codec import Codec
 
     weights = {k: v for k, v in {"lpips_trunk": args.lpips_trunk, "lpips_heads": args.lpips_heads,
-                                 "lpips_net": args.lpips_net, "inception": args.inception}.items() if v}
+                                 "lpips_net": args.lpips_net, "inception": args.inception,
+                                 "clip": args.clip}.items() if v}
     guidance, steps = args.guidance or [], args.steps or []
     sweep = {}
     if len(guidance) > 1 or len(steps) > 1:
@@ -780,6 +796,7 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p.add_argument("--lpips-trunk", help="torchvision AlexNet / VGG16 weights (.pth / .safetensors) for LPIPS")
     p.add_argument("--lpips-heads", help="the lpips package's linear heads (weights/v0.1/alex.pth or vgg.pth)")
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS trunk (default alex)")
+    p.add_argument("--clip", help="a local transformers CLIPModel folder for the CLIP score")
     p.add_argument("--inception", help="FID InceptionV3 weights (pt_inception-2015-12-05 or torchvision's) for FID / KID")
     p.add_argument("--guidance", type=float, nargs="+", metavar="G",
                    help="guidance scale(s); several values sweep them (default: the codec config's)")

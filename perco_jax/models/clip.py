@@ -47,13 +47,13 @@ def embed_init(axes: tuple[Optional[str], Optional[str]]):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention, causal, scale 1/sqrt(head_dim). x [B, L, D] -> [B, L, D].
-
-    `mask` (optional) [B, L] bool/int, true/1 for tokens that may be attended to (keys).
+    """Multi-head self-attention, scale 1/sqrt(head_dim), causal (text) or not (vision).
+    x [B, L, D] -> [B, L, D]. `mask` (optional) [B, L] bool/int, true/1 for keys that may be attended to.
     """
     hidden_size: int
     num_heads: int
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
@@ -63,7 +63,7 @@ class CLIPAttention(nn.Module):
                    for p in ("q", "k", "v"))
         if mask is not None:
             mask = mask.astype(bool)[:, None, None, :]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
         return dense(d, ("heads", "embed"), name="out_proj", dtype=self.dtype)(o.reshape(b, n, d))
 
 
@@ -89,13 +89,14 @@ class CLIPEncoderLayer(nn.Module):
     hidden_act: str
     layer_norm_eps: float
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: Optional[jax.Array] = None) -> jax.Array:
         def ln(name):
             return layer_norm(name=name, eps=self.layer_norm_eps, affine=True, dtype=self.dtype)
 
-        x = x + CLIPAttention(self.hidden_size, self.num_attention_heads, dtype=self.dtype,
+        x = x + CLIPAttention(self.hidden_size, self.num_attention_heads, dtype=self.dtype, causal=self.causal,
                               name="self_attn")(ln("layer_norm1")(x), mask)
         return x + CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, dtype=self.dtype,
                            name="mlp")(ln("layer_norm2")(x))
@@ -157,3 +158,47 @@ class CLIPTextEncoder(nn.Module):
         text_embeds [B, projection_dim]), as diffusers' `_get_clip_prompt_embeds`."""
         out = self(input_ids)
         return out["hidden_states"][-((clip_skip or 0) + 2)], out["text_embeds"]
+
+
+class CLIPVisionEncoder(nn.Module):
+    """transformers' `CLIPVisionModelWithProjection` (the image tower of a CLIP model, for the CLIP
+    score); defaults are `CLIPVisionConfig`'s.
+
+      pixel_values  [B, image_size, image_size, 3], normalised as the CLIP image processor does
+      -> image_embeds [B, projection_dim]: visual_projection(post_layernorm(class token))
+
+    Params: patch_embedding (conv, no bias), class_embedding [D], position_embedding, pre_layrnorm
+    (transformers' spelling), layers_{i} (non-causal `CLIPEncoderLayer`s), post_layernorm,
+    visual_projection (kernel only).
+    """
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        b, h, w, _ = pixel_values.shape
+        if (h, w) != (self.image_size, self.image_size):
+            raise ValueError(f"CLIP vision input must be {self.image_size}x{self.image_size}, got {h}x{w}")
+        p, d = self.patch_size, self.hidden_size
+        x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
+                    name="patch_embedding")(pixel_values.astype(self.dtype)).reshape(b, -1, d)
+        cls = self.param("class_embedding", nn.initializers.normal(0.02), (d,))
+        x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, d)), x], axis=1)
+        pos = nn.Embed(x.shape[1], d, dtype=self.dtype, name="position_embedding",
+                       embedding_init=embed_init((None, "embed")))
+        x = x + pos(jnp.arange(x.shape[1]))[None]
+        x = layer_norm(name="pre_layrnorm", eps=self.layer_norm_eps, affine=True, dtype=self.dtype)(x)
+        for i in range(self.num_hidden_layers):
+            x = CLIPEncoderLayer(d, self.intermediate_size, self.num_attention_heads, self.hidden_act,
+                                 self.layer_norm_eps, dtype=self.dtype, causal=False, name=f"layers_{i}")(x)
+        pooled = layer_norm(name="post_layernorm", eps=self.layer_norm_eps, affine=True, dtype=self.dtype)(x[:, 0])
+        return dense(self.projection_dim, ("embed", None), name="visual_projection", dtype=self.dtype,
+                     use_bias=False)(pooled).astype(jnp.float32)
