@@ -1,4 +1,4 @@
-"""The `perco-jax` command: convert, generate, train, export, compress, decompress, evaluate, demo, info."""
+"""The `perco-jax` command: convert, generate, train, plan, export, compress, decompress, evaluate, demo, info."""
 from __future__ import annotations
 
 import argparse
@@ -74,12 +74,29 @@ def _info(args) -> int:
 
 
 def _train(args) -> int:
+    from perco_jax import distributed
+
+    # first: jax.distributed must start before anything touches jax devices
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from perco_jax.config import load_config
     from perco_jax.train.loop import train
 
     config = load_config(args.config, args.override)
     train(config, args.workdir)
     print(f"done: checkpoints and TensorBoard files in {args.workdir}")
+    return 0
+
+
+def _plan(args) -> int:
+    from perco_jax import plan
+    from perco_jax.config import load_config
+
+    mesh = plan.parse_mesh(args.mesh, args.devices)
+    memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
+    config = load_config(args.config, args.override)
+    p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
+                       flash_attention=args.flash_attention)
+    print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
     return 0
 
 
@@ -215,7 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="tiny", help="preset name or config file (configs/*.py)")
     t.add_argument("--workdir", required=True)
     t.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    t.add_argument("--coordinator", help="multi-process runs: process 0's HOST:PORT (default: detected from "
+                                         "SLURM / Open MPI / TPU pod / JAX_COORDINATOR_ADDRESS, else one process)")
+    t.add_argument("--num-processes", type=int, help="multi-process runs: the number of processes")
+    t.add_argument("--process-id", type=int, help="multi-process runs: this process's id, 0..N-1")
     t.set_defaults(fn=_train)
+
+    pl = sub.add_parser("plan", help="memory per device of a training run on a mesh, from shapes only "
+                                     "(params, gradients, optimiser, EMA, frozen encoders, activations)")
+    pl.add_argument("--config", default="tiny", help="preset name or config file")
+    pl.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    pl.add_argument("--mesh", required=True, help="mesh shape, e.g. data=8,fsdp=8,tensor=1 (missing axes = 1; "
+                                                  "one axis may be -1 with --devices)")
+    pl.add_argument("--devices", type=int, help="total device count (resolves a -1 mesh axis; checks the mesh)")
+    pl.add_argument("--device-memory", help="memory of one device, e.g. 16GB (10^9 bytes) or 80GiB (2^30): "
+                                            "says whether the run fits")
+    pl.add_argument("--batch", type=int, help="global batch size (default: the config's, for the stage)")
+    pl.add_argument("--stage", type=int, choices=(1, 2), help="training stage (default: the config's)")
+    pl.add_argument("--frozen", choices=("sharded", "replicated"), default="sharded",
+                    help="frozen text encoders / VAE / stage-1 codec: sharded by the rules, or a full copy "
+                         "on every device")
+    pl.add_argument("--flash-attention", action="store_true",
+                    help="fused attention (cuDNN on GPUs): attention logits are not stored")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes)")
+    pl.set_defaults(fn=_plan)
 
     e = sub.add_parser("export", help="a trained codec folder from a stage-1 and a stage-2 run")
     e.add_argument("--config", default="tiny", help="the runs' preset name or config file")

@@ -155,12 +155,21 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
         ev.evaluate(c, f"folder:{folder}", out, guidance=5.0, progress=False)
 
 
-def test_skipped_metrics_say_why(codec, folder, tmp_path, monkeypatch):
-    _, c = codec
+def _subset(folder, tmp_path, names, captions=None):
+    """A folder with copies of some of `folder`'s images (and a captions.jsonl {file: caption})."""
     small = tmp_path / "small"
     small.mkdir()
-    for name in ("a", "b"):
+    for name in names:
         (small / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
+    if captions:
+        (small / "captions.jsonl").write_text("".join(json.dumps({"file": f, "caption": t}) + "\n"
+                                                      for f, t in captions.items()))
+    return small
+
+
+def test_skipped_metrics_say_why(codec, folder, tmp_path, monkeypatch):
+    _, c = codec
+    small = _subset(folder, tmp_path, ("a", "b"))
     import perco_jax.eval
 
     monkeypatch.setitem(sys.modules, "perco_jax.eval.fid", None)  # as if fid.py were missing
@@ -248,10 +257,7 @@ def test_published_csv_parses_and_cites_its_sources():
 
 def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tmp_path):
     _, c = codec
-    small = tmp_path / "small"
-    small.mkdir()
-    (small / "a.png").write_bytes((folder / "a.png").read_bytes())
-    (small / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a red circle"}) + "\n")
+    small = _subset(folder, tmp_path, ("a",), {"a.png": "a red circle"})
     from perco_jax.codec import bitstream
 
     got = {}
@@ -271,11 +277,7 @@ def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tm
 
 def test_clip_score_for_captioned_images(codec, folder, clip_folder, tmp_path):
     _, c = codec
-    small = tmp_path / "small"
-    small.mkdir()
-    for name in ("a", "c"):
-        (small / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
-    (small / "captions.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a red circle"}) + "\n")
+    small = _subset(folder, tmp_path, ("a", "c"), {"a.png": "a red circle"})
     summary = ev.evaluate(c, f"folder:{small}", tmp_path / "out", metrics_weights={"clip": str(clip_folder[0])},
                           progress=False)
     _, rows = read_csv(tmp_path / "out" / "per_image.csv")

@@ -156,3 +156,22 @@ def test_precomputed_text_embeddings_train_the_same(tmp_path):
     encoder, text_params = build.build_text(config, tmp_path / "cached")
     reloaded = TextEmbeddingCache(encoder, text_params, config.text.max_sequence_length, tmp_path / "cached")
     assert len(reloaded) == 1 + 3 * 4  # the empty prompt + 3 steps x 4 distinct synthetic captions
+
+
+def test_restore_target_of_a_partly_frozen_state():
+    """A state whose optimiser has MaskedNodes (trainable != "all") maps to a restore target."""
+    import optax
+
+    from perco_jax import parallel
+    from perco_jax.train.loop import init_state, restore_target
+    from perco_jax.train.state import make_optimizer
+
+    config = load_config("tiny", ["trainable=attention_mlp"])
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    state, shardings = init_state(config, build.build_perco(config), make_optimizer(config), mesh,
+                                  parallel.DEFAULT_RULES, abstract=True)
+    target = restore_target(state, shardings)
+    masked = jax.tree_util.tree_leaves(target, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    assert any(isinstance(x, optax.MaskedNode) for x in masked)
+    arrays = [x for x in masked if isinstance(x, jax.ShapeDtypeStruct)]
+    assert arrays and all(x.sharding is not None for x in arrays)

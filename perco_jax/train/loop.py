@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import linen as nn
@@ -102,11 +103,20 @@ def _restore(mngr, state, shardings):
     step = mngr.latest_step()
     if step is None:
         return state, 0
-    target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    target = restore_target(state, shardings)
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
                                                           data=ocp.args.JsonRestore()))
     logging.info("resumed from step %d", step)
     return restored.state, int(restored.data["examples_seen"])
+
+
+def restore_target(state, shardings):
+    """ShapeDtypeStructs with shardings for orbax to restore `state` into. optax's MaskedNode (the
+    optimiser state of frozen parameters: no arrays) is kept as it is; the shardings tree has a
+    leaf where the state has one."""
+    return jax.tree_util.tree_map(
+        lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state, shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
 
 def restore_latest(workdir: str | Path, abstract_state, shardings):
@@ -120,8 +130,7 @@ def restore_latest(workdir: str | Path, abstract_state, shardings):
         step = mngr.latest_step()
         if step is None:
             return None
-        target = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                        abstract_state, shardings)
+        target = restore_target(abstract_state, shardings)
         return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     finally:
         mngr.close()
@@ -155,7 +164,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     rules = parallel.rules_from_config(config.sharding_rules)
     model = build.build_perco(config)
     autoencoder = build.build_autoencoder(config)
-    prompt_encoder, text_params = build.build_text(config, workdir)
+    prompt_encoder, text_params = _build_text(config, workdir)
     tx = make_optimizer(config)
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
@@ -237,6 +246,20 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     if jax.process_index() == 0:
         hist_path.write_text(json.dumps(history))
     return state
+
+
+def _build_text(config, workdir: Path):
+    """build.build_text, on process 0 first when it writes: without config.pretrained it writes the
+    tiny tokenizers into workdir, which the processes of a multi-host run share; the others read
+    them only after process 0 has finished writing (two writers would rewrite files while the other
+    reads them)."""
+    if jax.process_count() == 1 or config.pretrained:
+        return build.build_text(config, workdir)
+    from jax.experimental import multihost_utils
+
+    first = build.build_text(config, workdir) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("perco_jax.train: text encoders built")
+    return first if first is not None else build.build_text(config, workdir)
 
 
 def _autoencoder_params(config, autoencoder):

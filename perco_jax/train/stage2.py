@@ -28,6 +28,8 @@ from perco_jax.train.step import TOKEN_KEYS
 # Sections that must equal the stage-1 run's: they define the indices stage 2 learns to code.
 CODEC_SECTIONS = ("image_size", "autoencoder", "space_to_depth_factor", "vae", "mmdit", "codec",
                   "hyper_encoder", "vq", "clip_l", "clip_g", "t5", "text", "pretrained", "dtype", "seed")
+STAGE1_STATE_FIELDS = ("ema_decay", "trainable", "grad_accum_steps", "grad_clip", "num_train_steps",
+                       "learning_rate", "warmup_steps", "lr_schedule", "weight_decay", "batch_size")
 _SCHEDULE_ONLY = ("schedule", "coding_batch_size")  # codec fields stage 1 does not depend on
 
 
@@ -59,6 +61,12 @@ def restore_stage1(config, stage1_workdir: str | Path, mesh, rules) -> TrainStat
     check_stage1_config(config, stage1_workdir)
     s1 = config.copy_and_resolve_references()
     s1.stage = 1
+    # the optimisation fields shape the saved state (EMA or not, frozen parts' optimiser state):
+    # take them from the stage-1 run, not from stage 2's
+    saved = json.loads((stage1_workdir / "config.json").read_text())
+    for k in STAGE1_STATE_FIELDS:
+        if k in saved:
+            s1[k] = saved[k]
     model = build.build_perco(s1)
     state = restore_latest(stage1_workdir, *init_state(s1, model, make_optimizer(s1), mesh, rules, abstract=True))
     if state is None:

@@ -1,0 +1,278 @@
+"""`perco-jax plan` (per-device memory from eval_shape and the sharding rules) and the
+distributed start-up flags (`perco_jax.distributed`)."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from jax.sharding import AbstractMesh, NamedSharding
+
+from perco_jax import build, distributed, parallel, plan
+from perco_jax.cli import main
+from perco_jax.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def _bytes(x) -> int:
+    return int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def _boxed_tiny_params(config):
+    """The PerCo params of `config` by an eval_shape of its own (boxed: logical axis names kept)."""
+    model = build.build_perco(config)
+    side, ch = build.latent_geometry(config)
+    x = jnp.zeros((1, side, side, ch))
+    ctx = jnp.zeros((1, 8, config.mmdit.joint_attention_dim))
+    pooled = jnp.zeros((1, config.mmdit.pooled_projection_dim))
+    key = jax.random.PRNGKey(0)
+    return jax.eval_shape(lambda: model.init({"params": key, "vq": key}, x, x, jnp.zeros((1,)), ctx, pooled))["params"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny")
+
+
+def test_tiny_on_one_device_is_the_eval_shape_byte_count(tiny):
+    p = plan.make_plan(tiny, {"data": 1})
+    params = nn.meta.unbox(_boxed_tiny_params(tiny))
+    expected = sum(_bytes(x) for x in jax.tree_util.tree_leaves(params))
+    trainable, frozen = p.row("params, trainable"), p.row("params, frozen")
+    assert trainable[1] + frozen[1] == expected and frozen == (0, 0)  # tiny trains everything
+    assert p.row("gradients (float32, all params)")[1] == expected
+    assert p.row("EMA of params")[1] == expected
+    opt = p.row("optimiser state (AdamW mu+nu)")[1]
+    assert 2 * expected <= opt <= 2 * expected + 64  # mu + nu + the step counts
+    for name, total, per in p.rows:  # one device holds everything
+        assert total == per, name
+    assert p.per_device == sum(r[2] for r in p.rows) + p.activation_bytes
+    assert 0 < p.activation_bytes <= sum(v for _, v in p.activation_rows)  # frozen passes: max, not sum
+    # trainable="frozen" moves the MM-DiT (except its patch embedding) to the frozen row, and its
+    # optimiser state away
+    frozen_mmdit = plan.abstract_components(load_config("tiny", ["trainable=frozen"]))
+    q = plan.make_plan(tiny, {"data": 1}, components=frozen_mmdit)
+    assert q.row("params, trainable")[1] + q.row("params, frozen")[1] == expected
+    mmdit = sum(_bytes(x) for x in jax.tree_util.tree_leaves(params["mmdit"]))
+    patch = sum(_bytes(x) for x in jax.tree_util.tree_leaves(params["mmdit"]["pos_embed"]))
+    assert q.row("params, frozen")[1] == mmdit - patch
+    assert q.row("optimiser state (AdamW mu+nu)")[1] < 2 * (expected - mmdit + patch) + 64
+
+
+def test_fsdp8_shards_exactly_the_leaves_the_rules_shard(tiny):
+    p = plan.make_plan(tiny, {"fsdp": 8})
+    boxed = _boxed_tiny_params(tiny)
+    rules = dict(parallel.DEFAULT_RULES)
+    expected, sharded, replicated = 0, 0, 0
+    for logical, x in zip(jax.tree_util.tree_leaves(nn.get_partition_spec(boxed),
+                                                    is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec)),
+                          jax.tree_util.tree_leaves(nn.meta.unbox(boxed))):
+        axes = [rules.get(name) for name in logical]
+        dims = [d for d, a in zip(x.shape, axes) if a == "fsdp"]
+        if dims and dims[0] % 8 == 0:
+            expected += _bytes(x) // 8
+            sharded += 1
+        else:
+            assert not dims, f"a tiny leaf of shape {x.shape} is sharded over an axis that 8 does not divide"
+            expected += _bytes(x)
+            replicated += 1
+    assert sharded > 10 and replicated > 10  # both kinds are exercised
+    trainable = p.row("params, trainable")
+    assert trainable[1] == expected
+    assert p.row("EMA of params")[1] == expected
+    # the hand-rolled shard shapes agree with jax's own on an AbstractMesh
+    comp = plan.abstract_components(tiny)
+    mesh = AbstractMesh((1, 8, 1), parallel.MESH_AXES)
+    for _, x, spec in comp.state.leaves():
+        assert plan.shard_shape(x.shape, spec, dict(mesh.shape)) == NamedSharding(mesh, spec).shard_shape(x.shape)
+    # data-parallel replicas hold the same shard; tensor=2 splits heads / MLP leaves further
+    assert plan.make_plan(tiny, {"data": 2, "fsdp": 8}).row("params, trainable") == trainable
+    assert plan.make_plan(tiny, {"fsdp": 8, "tensor": 2}).row("params, trainable")[1] < expected
+
+
+def _parse_table(text: str) -> dict:
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s+(\S.*?)\s{2,}(?:([\d.]+ \w+)|-)?\s+([\d.]+) (B|KiB|MiB|GiB)$", line)
+        if m:
+            rows[m.group(1)] = float(m.group(3)) * UNITS[m.group(4)]
+    return rows
+
+
+def test_sd35_large_fits_64_devices_of_16gb_with_fsdp_64_not_data8_fsdp8():
+    config = load_config("sd35_large")
+    comp = plan.abstract_components(config)
+    p = plan.make_plan(config, plan.parse_mesh("data=8,fsdp=8,tensor=1"), components=comp)
+    text = plan.format_plan(p, plan.parse_bytes("16GB"))
+    print(text)
+    total, per = p.row("params, trainable")
+    assert 8.0e9 < total / 4 < 8.2e9  # 8B float32 params (MM-DiT + hyper-encoder + VQ)
+    assert 4.6e9 < p.row("T5 text encoder (frozen)")[0] / 4 < 4.9e9  # T5-XXL's encoder
+    assert per * 64 >= total and per * 8 >= total and per < 1.01 * total / 8  # fsdp only; data replicates
+    assert p.row("gradients (float32, all params)")[1] == per == p.row("EMA of params")[1]
+    assert 2 * per <= p.row("optimiser state (AdamW mu+nu)")[1] < 2 * per + 2**20
+    assert p.per_device_batch == 4
+    assert "does not fit" in text.splitlines()[-1] and p.per_device > 16e9
+    assert "fits" in plan.format_plan(p, plan.parse_bytes("80GB")).splitlines()[-1] and p.per_device < 80e9
+    rows = _parse_table(text)
+    assert rows["total per device"] == pytest.approx(p.per_device, rel=1e-3)
+    assert rows["params, trainable"] == pytest.approx(per, rel=1e-3)
+
+    wide = plan.make_plan(config, {"fsdp": 64}, components=comp)
+    # a few small leaves (norm / bias vectors, the pooled-text embedder) are not sharded over fsdp
+    assert total <= wide.row("params, trainable")[1] * 64 < 1.1 * total
+    assert wide.per_device < 16e9 < p.per_device  # 64 x 16 GB: with FSDP over all 64
+    # 8 x 80 GB: fits (32 examples per device), with less to spare than 64 devices; a fused attention
+    # kernel drops the stored attention logits
+    eight = plan.make_plan(config, {"fsdp": 8}, components=comp)
+    assert p.per_device < eight.per_device < 80e9 and eight.per_device_batch == 32
+    fused = plan.make_plan(config, {"fsdp": 8}, flash_attention=True, components=comp)
+    assert fused.per_device < eight.per_device - 10 * 2**30
+    assert [r for r in fused.rows] == [r for r in eight.rows]  # only activations change
+    replicated = plan.make_plan(config, {"fsdp": 64}, frozen="replicated", components=comp)
+    assert replicated.per_device - wide.per_device > 0.9 * p.row("T5 text encoder (frozen)")[0]
+    with pytest.raises(ValueError, match="not divisible by data x fsdp"):
+        plan.make_plan(config, {"data": 3, "fsdp": 8}, components=comp)
+
+
+def test_cli_plan_output_parses_and_matches_json(capsys, tiny):
+    assert main(["plan", "--config", "tiny", "--mesh", "data=2,fsdp=4,tensor=1", "--device-memory", "1GB"]) == 0
+    text = capsys.readouterr().out
+    rows = _parse_table(text)
+    assert rows["total per device"] > 0 and text.splitlines()[-1].startswith("device memory") and "fits" in text
+    assert main(["plan", "--config", "tiny", "--mesh", "data=2,fsdp=4,tensor=1", "--device-memory", "1GB",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["devices"] == 8 and d["per_device_batch"] == 2 and d["fits"] is True
+    assert d["per_device_bytes"] == sum(r["per_device_bytes"] for r in d["rows"]) + d["activation_bytes"]
+    assert rows["total per device"] == pytest.approx(d["per_device_bytes"], rel=5e-3)
+    for r in d["rows"]:
+        if r["per_device_bytes"] >= 1024:
+            assert rows[r["what"]] == pytest.approx(r["per_device_bytes"], rel=5e-3), r["what"]
+    # -1 with --devices, --batch and --stage 2
+    assert main(["plan", "--mesh", "data=-1,fsdp=2", "--devices", "8", "--batch", "32", "--stage", "2",
+                 "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1} and d["stage"] == 2 and d["per_device_batch"] == 4
+    assert any(r["what"].startswith("stage-1 codec") for r in d["rows"])
+
+
+@pytest.mark.parametrize("mesh, match", [
+    ("data=3,fsdp=x", "fsdp='x' is not an integer"),
+    ("data=2,model=4", "unknown axis 'model'"),
+    ("data=-1,fsdp=-1", "only one axis may be -1"),
+    ("data=-1", "needs the total device count"),
+    ("data=0", "sizes are >= 1"),
+    ("data=2,data=2", "given twice"),
+    ("data", "not AXIS=SIZE"),
+])
+def test_bad_mesh_strings_give_one_clear_error(capsys, mesh, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        plan.parse_mesh(mesh)
+    assert main(["plan", "--mesh", mesh]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("perco-jax plan: error: mesh") and match in err[0]
+
+
+def test_mesh_and_memory_parsing():
+    assert plan.parse_mesh("data=8,fsdp=8,tensor=1") == {"data": 8, "fsdp": 8, "tensor": 1}
+    assert plan.parse_mesh("fsdp=-1", num_devices=16) == {"data": 1, "fsdp": 16, "tensor": 1}
+    with pytest.raises(ValueError, match="do not divide"):
+        plan.parse_mesh("data=-1,fsdp=3", num_devices=16)
+    with pytest.raises(ValueError, match="has 4 devices, not 8"):
+        plan.parse_mesh("data=4", num_devices=8)
+    assert plan.parse_bytes("16GB") == 16 * 10**9 and plan.parse_bytes("80GiB") == 80 * 2**30
+    assert plan.parse_bytes("1.5e9") == 1_500_000_000
+    with pytest.raises(ValueError, match="device memory"):
+        plan.parse_bytes("sixteen gigs")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@pytest.mark.parametrize("flags, match", [
+    (("h:1234", 2, 2), "process_id=2 must be < num_processes=2"),
+    (("h:1234", None, None), "coordinator_address needs num_processes"),
+    ((None, 4, 0), "num_processes=4 needs coordinator_address"),
+    (("h:1234", 4, None), "needs this process's process_id"),
+    ((None, None, 1), "process_id needs num_processes"),
+    (("localhost", 2, 0), "is not HOST:PORT"),
+    (("h:1234", 0, 0), "num_processes=0 must be >= 1"),
+    (("h:1234", 2, -1), "process_id=-1 must be >= 0"),
+    (("h:1234", "two", 0), "num_processes='two' is not an integer"),
+])
+def test_distributed_flags_validation(flags, match):
+    with pytest.raises(ValueError, match=re.escape(match)) as e:
+        distributed.validate_flags(*flags)
+    assert str(e.value).startswith("inconsistent distributed flags: ")
+
+
+def test_distributed_valid_flags_and_detection():
+    assert distributed.validate_flags() is None
+    assert distributed.validate_flags("10.0.0.1:1234", 2, 1) == {"coordinator_address": "10.0.0.1:1234",
+                                                                 "num_processes": 2, "process_id": 1}
+    assert distributed.validate_flags(None, 1, None) == {"coordinator_address": None, "num_processes": 1,
+                                                         "process_id": 0}
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert distributed.detect_cluster({}) is None
+    assert distributed.detect_cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: single process
+    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None  # sbatch, not srun
+    assert distributed.detect_cluster({**slurm, "SLURM_NTASKS": "4"}).startswith("SLURM")
+    assert distributed.detect_cluster({"JAX_COORDINATOR_ADDRESS": "h:1"}) == "JAX_COORDINATOR_ADDRESS"
+    assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "a,b,c,d"}) == "TPU pod (4 hosts)"
+    assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert distributed.detect_cluster({"OMPI_MCA_orte_hnp_uri": "x", "OMPI_COMM_WORLD_SIZE": "2"}).startswith("Open")
+
+
+def test_distributed_initialize_calls_jax_as_told(monkeypatch):
+    calls = []
+    state = {"up": False}
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: (calls.append(kw), state.update(up=True)))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: state["up"])
+    monkeypatch.setattr(distributed, "_initialised_with", None)
+    monkeypatch.setattr(distributed, "detect_cluster", lambda environ=None: None)
+    assert distributed.initialize() is False and calls == []           # single process: nothing
+    assert distributed.initialize(None, 1, 0) is False and calls == []  # explicitly one process
+    assert distributed.initialize("h:99", 2, 1) is True
+    assert calls == [{"coordinator_address": "h:99", "num_processes": 2, "process_id": 1}]
+    assert distributed.initialize("h:99", 2, 1) is True and distributed.initialize() is True  # idempotent
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="already initialised"):
+        distributed.initialize("h:99", 2, 0)
+    # from the environment: no arguments, JAX's cluster detection fills them in
+    state["up"], calls[:] = False, []
+    monkeypatch.setattr(distributed, "_initialised_with", None)
+    monkeypatch.setattr(distributed, "detect_cluster", lambda environ=None: "SLURM (4 tasks)")
+    assert distributed.initialize() is True and calls == [{}]
+
+
+def test_train_refuses_inconsistent_distributed_flags(capsys, tmp_path):
+    rc = main(["train", "--workdir", str(tmp_path), "--num-processes", "2", "--process-id", "2",
+               "--coordinator", "localhost:1234"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "process_id=2 must be < num_processes=2" in err[0]
+    assert not (tmp_path / "config.json").exists()  # refused before anything ran
+
+
+def test_scripts_train_flags_and_real_single_process_initialize(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), f"--config={ROOT}/configs/tiny.py",
+                        f"--workdir={tmp_path}", "--coordinator_address=localhost:1234"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0 and "coordinator_address needs num_processes" in r.stderr
+    # the real jax.distributed with one process on a loopback coordinator, twice (idempotent)
+    code = ("import socket; s = socket.socket(); s.bind(('localhost', 0)); port = s.getsockname()[1]; s.close()\n"
+            "from perco_jax import distributed\n"
+            "a = distributed.initialize(f'localhost:{port}', 1, 0)\n"
+            "b = distributed.initialize(f'localhost:{port}', 1, 0)\n"
+            "import jax; print(a, b, jax.process_count(), jax.distributed.is_initialized())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True", "1", "True"]
