@@ -20,6 +20,7 @@ from perco_jax.eval import evaluate as ev
 from perco_jax.images import load_image, save_image
 from perco_jax.models.lpips import TRUNKS, Conv
 from tests.test_clip_score import clip_folder  # noqa: F401  (the tiny CLIP model fixture)
+from tests.test_segmentation import segformer  # noqa: F401  (the tiny SegFormer fixture)
 
 CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=2", "sample.steps=2",
          "entropy_model.width=32", "entropy_model.depth=1"]
@@ -290,3 +291,17 @@ def test_clip_score_for_captioned_images(codec, folder, clip_folder, tmp_path):
     assert by_name["c"]["clip_score"] == ""  # no caption, no CLIP score
     assert "no caption" in summary["partial"]["clip_score"]
     assert "clip_score" not in summary["skipped"]
+
+
+def test_miou_between_segmentations_of_originals_and_reconstructions(codec, folder, segformer, tmp_path):
+    from perco_jax.eval.segmentation import Segmenter, miou_dataset
+
+    _, c = codec
+    small = _subset(folder, tmp_path, ("a", "c"))
+    summary = ev.evaluate(c, f"folder:{small}", tmp_path / "out", metrics_weights={"segmentation": str(segformer[0])},
+                          progress=False)
+    seg = Segmenter.load(segformer[0])
+    pairs = [(seg.segment(load_image(small / f"{n}.png")[None])[0],
+              seg.segment(load_image(tmp_path / "out" / "recon" / f"{n}.png")[None])[0]) for n in ("a", "c")]
+    assert summary["miou"] == pytest.approx(miou_dataset(pairs, seg.num_classes), abs=1e-9)
+    assert 0.0 <= summary["miou_image_mean"] <= 1.0 and "miou" not in summary["skipped"]

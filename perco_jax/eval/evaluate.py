@@ -36,7 +36,10 @@ gives the numbers a fresh one would):
   clip_score  of the reconstruction against its caption (torchmetrics' definition), for images
             with a caption, when metrics_weights has "clip" (a local transformers CLIPModel folder,
             perco_jax.eval.clip_score)
-  miou      not computed by this driver yet (always listed as skipped)
+  miou      over the whole set (per-class intersection and union accumulated over all images,
+            perco_jax.eval.segmentation) between the segmentations of original and reconstruction,
+            when metrics_weights has "segmentation" (a local transformers segmentation checkpoint);
+            summary.json also has miou_image_mean (the mean of the images' own mIoU)
 
 Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
 computed for that image), summary.json (means, FID / KID, which metrics were skipped or only
@@ -77,10 +80,10 @@ from perco_jax.eval import metrics
 CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
                "psnr", "ms_ssim", "lpips", "clip_score", "caption")
 IMAGE_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score")
-SET_METRICS = ("fid", "kid")
-NOT_IMPLEMENTED = {"miou": "not computed by this driver yet (no segmentation model in perco_jax.eval)"}
+SET_METRICS = ("fid", "kid", "miou")
+NOT_IMPLEMENTED: dict = {}
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
-WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception", "clip")
+WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception", "clip", "segmentation")
 DATA_KINDS = ("kodak", "folder", "coco30k")
 COCO30K_SIZE = 512
 MS_SSIM_MIN_SIDE = (metrics.SSIM_WINDOW - 1) * 2 ** (len(metrics.MS_SSIM_WEIGHTS) - 1)  # 160: sides must exceed it
@@ -89,9 +92,9 @@ CAPTION_FILES = ("captions.jsonl", "captions.csv")
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
 PUBLISHED_COLUMNS = ("method", "dataset", "resolution", "bpp", "psnr", "ms_ssim", "lpips", "fid", "kid",
                      "clip_score", "miou", "source")
-PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score", "fid", "kid")
+PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score", "fid", "kid", "miou")
 LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "clip_score": "CLIP score ↑",
-          "fid": "FID ↓", "kid": "KID ↓"}
+          "fid": "FID ↓", "kid": "KID ↓", "miou": "mIoU ↑"}
 
 
 # ----------------------------------------------------------------------------- data
@@ -231,6 +234,7 @@ class _Networks:
     lpips_fits: Optional[Callable] = None  # (h, w) -> whether every LPIPS tap is non-empty
     features: Optional[Callable] = None   # images [B, H, W, 3] in [0, 1] -> [B, D]
     clip: Optional[Callable] = None       # (images, captions) -> CLIP scores [B]
+    segmenter: Optional[object] = None    # perco_jax.eval.segmentation.Segmenter
     skipped: dict = dataclasses.field(default_factory=dict)
     real_features: Optional[np.ndarray] = None  # cached over the settings of a sweep
 
@@ -285,6 +289,12 @@ def _networks(weights: Mapping) -> _Networks:
         nets.clip = CLIPScorer.load(weights["clip"])
     else:
         nets.skipped["clip_score"] = "no CLIP model given (metrics_weights clip, or --clip DIR)"
+    if weights.get("segmentation"):
+        from perco_jax.eval.segmentation import Segmenter
+
+        nets.segmenter = Segmenter.load(weights["segmentation"])
+    else:
+        nets.skipped["miou"] = "no segmentation model given (metrics_weights segmentation, or --segmentation DIR)"
     inception = weights.get("inception")
     if callable(inception):
         nets.features = inception
@@ -549,6 +559,14 @@ def _features(fn: Callable, images: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def _set_metrics(ds: Dataset, recon_dir: Path, nets: _Networks, batch_size: int, summary: dict) -> None:
+    from perco_jax.images import load_image
+
+    if nets.segmenter is not None:
+        from perco_jax.eval.segmentation import segmentation_miou
+
+        seg = segmentation_miou(nets.segmenter, (ds.load(it) for it in ds.items),
+                                (load_image(recon_dir / f"{it.name}.png") for it in ds.items))
+        summary["miou"], summary["miou_image_mean"] = seg["miou"], seg["miou_image_mean"]
     if nets.features is None:
         return
     n = len(ds.items)
@@ -556,8 +574,6 @@ def _set_metrics(ds: Dataset, recon_dir: Path, nets: _Networks, batch_size: int,
         reason = f"needs at least 2 images, the set has {n}"
         summary["skipped"].update(fid=reason, kid=reason)
         return
-    from perco_jax.images import load_image
-
     fake, real = [], []
     for start in range(0, n, batch_size):
         chunk = ds.items[start:start + batch_size]
@@ -611,7 +627,7 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict
                   "grid": list(codec.grid), "codebook_size": int(c.codec.codebook_size),
                   "schedule": schedule or c.codec.schedule},
         **setting, "seed": seed,
-        "mean": mean, "count": count, "fid": None, "kid": None, "kid_std": None,
+        "mean": mean, "count": count, "fid": None, "kid": None, "kid_std": None, "miou": None,
         "skipped": skipped, "partial": partial,
     }
 
@@ -661,7 +677,8 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
     summary = _summarise(ds, ordered, nets, setting, codec, seed, schedule)
     _set_metrics(ds, recon_dir, nets, batch_size, summary)
     points = [(r["bpp"], r) for r in ordered]
-    set_point = {"bpp": summary["mean"]["bpp"], **summary["mean"], "fid": summary["fid"], "kid": summary["kid"]}
+    set_point = {"bpp": summary["mean"]["bpp"], **summary["mean"], "fid": summary["fid"], "kid": summary["kid"],
+                 "miou": summary["miou"]}
     why = plot_rd(out / "rd.png", [{"label": "perco-jax (per image)", "points": points, "scatter": True},
                                    {"label": "perco-jax (mean)", "points": [(set_point["bpp"], set_point)]}],
                   published, ds.kind, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']}")
@@ -732,8 +749,8 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
         summ["dir"] = sub
         summaries.append(summ)
     table = [{"guidance": x["guidance"], "steps": x["steps"], "dir": x["dir"], **x["mean"], "fid": x["fid"],
-              "kid": x["kid"], "kid_std": x["kid_std"]} for x in summaries]
-    columns = ("guidance", "steps", "dir") + RATE_COLUMNS + IMAGE_METRICS + ("fid", "kid", "kid_std")
+              "kid": x["kid"], "kid_std": x["kid_std"], "miou": x["miou"]} for x in summaries]
+    columns = ("guidance", "steps", "dir") + RATE_COLUMNS + IMAGE_METRICS + ("fid", "kid", "kid_std", "miou")
     write_rows(out / "sweep.csv", table, columns)
     series = []
     for s in ss:  # one curve per number of steps, along guidance
@@ -760,7 +777,7 @@ def _run(args) -> int:
 
     weights = {k: v for k, v in {"lpips_trunk": args.lpips_trunk, "lpips_heads": args.lpips_heads,
                                  "lpips_net": args.lpips_net, "inception": args.inception,
-                                 "clip": args.clip}.items() if v}
+                                 "clip": args.clip, "segmentation": args.segmentation}.items() if v}
     guidance, steps = args.guidance or [], args.steps or []
     sweep = {}
     if len(guidance) > 1 or len(steps) > 1:
@@ -797,6 +814,8 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p.add_argument("--lpips-heads", help="the lpips package's linear heads (weights/v0.1/alex.pth or vgg.pth)")
     p.add_argument("--lpips-net", default="alex", choices=("alex", "vgg"), help="LPIPS trunk (default alex)")
     p.add_argument("--clip", help="a local transformers CLIPModel folder for the CLIP score")
+    p.add_argument("--segmentation", help="a local transformers segmentation checkpoint (SegFormer, UperNet, "
+                                          "Mask2Former, ...) for mIoU")
     p.add_argument("--inception", help="FID InceptionV3 weights (pt_inception-2015-12-05 or torchvision's) for FID / KID")
     p.add_argument("--guidance", type=float, nargs="+", metavar="G",
                    help="guidance scale(s); several values sweep them (default: the codec config's)")
