@@ -1,10 +1,6 @@
-"""Stage-1 training on the tiny config: it learns, resumes exactly, agrees across device counts,
+"""Stage-1 training on the tiny config: it learns, resumes exactly (device counts: test_multihost.py),
 and the full-size codecs build (abstractly) with the right rates."""
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -56,29 +52,6 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(full.vq_state)),
                     jax.tree_util.tree_leaves(jax.device_get(resumed.vq_state))):
         np.testing.assert_array_equal(x, y)
-
-
-@pytest.mark.slow
-def test_eight_devices_equal_one(tmp_path):
-    script = textwrap.dedent(f"""
-        import numpy as np, jax
-        from perco_jax.config import load_config
-        from perco_jax.train.loop import train
-        assert jax.device_count() == 8
-        over = {FAST!r} + ["num_train_steps=2", "batch_size=8", "ema_decay=0.0"]
-        runs = {{}}
-        # data x fsdp = 4 x 2 uses all 8 devices and both batch axes
-        for name, mesh in [("one", ["mesh.data=1"]), ("fsdp", ["mesh.data=4", "mesh.fsdp=2"])]:
-            s = train(load_config("tiny", over + mesh), r"{tmp_path}/" + name, progress=False)
-            runs[name] = jax.tree_util.tree_leaves(jax.device_get(s.params))
-        for other in ("fsdp",):
-            err = max(float(np.abs(a - b).max()) for a, b in zip(runs["one"], runs[other]))
-            print(other, "max param difference", err)
-            assert err < 1e-5, (other, err)
-    """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
 
 
 @pytest.mark.parametrize("preset", ["sd3_medium", "sd35_large"])

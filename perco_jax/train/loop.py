@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import tempfile
 from pathlib import Path
 
 import jax
@@ -249,17 +250,14 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
 
 
 def _build_text(config, workdir: Path):
-    """build.build_text, on process 0 first when it writes: without config.pretrained it writes the
-    tiny tokenizers into workdir, which the processes of a multi-host run share; the others read
-    them only after process 0 has finished writing (two writers would rewrite files while the other
-    reads them)."""
-    if jax.process_count() == 1 or config.pretrained:
+    """build.build_text. Without config.pretrained it writes the tiny tokenizers (made by code, the
+    same every time) into the folder it is given: only process 0 writes them into workdir, which the
+    processes of a multi-host run may share (a second writer could rewrite a file while the first
+    reads it); the other processes make their own in a temporary folder."""
+    if jax.process_index() == 0 or config.pretrained:
         return build.build_text(config, workdir)
-    from jax.experimental import multihost_utils
-
-    first = build.build_text(config, workdir) if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("perco_jax.train: text encoders built")
-    return first if first is not None else build.build_text(config, workdir)
+    with tempfile.TemporaryDirectory(prefix="perco_jax_tokenizers_") as tmp:
+        return build.build_text(config, tmp)
 
 
 def _autoencoder_params(config, autoencoder):
