@@ -125,7 +125,7 @@ def test_perplexity_usage_bounds():
     counts = np.bincount(np.asarray(out["indices"]).ravel(), minlength=16) / out["indices"].size
     nz = counts[counts > 0]
     assert float(out["perplexity"]) == pytest.approx(float(np.exp(-(nz * np.log(nz)).sum())), rel=1e-5)
-    assert 1.0 - 1e-5 <= float(out["perplexity"]) <= n_used + 1e-4
+    assert 1.0 < float(out["perplexity"]) < n_used  # strictly inside: the codes are not equally used here
     assert float(out["usage"]) == pytest.approx(n_used / 16)
     # all positions on one code: perplexity 1, usage 1/K
     same = jnp.broadcast_to(z[:1, :1, :1], z.shape)

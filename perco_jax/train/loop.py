@@ -55,12 +55,20 @@ def init_state(config, model, tx, mesh, rules, abstract: bool = False):
         variables = model.init({"params": k_init, "vq": k_init}, x, x, jnp.zeros((1,)),
                                jnp.zeros((1, 8, config.mmdit.joint_attention_dim)),
                                jnp.zeros((1, config.mmdit.pooled_projection_dim)))
-        params = variables["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema_params=params if config.ema_decay > 0 else None,
-                          vq_state=variables["vq"], rng=k_state)
+        return fresh_state(variables["params"], tx, config, variables["vq"], k_state)
 
-    rng = jax.random.PRNGKey(config.seed)
+    return sharded_init(make, jax.random.PRNGKey(config.seed), mesh, rules, abstract)
+
+
+def fresh_state(params, tx, config, vq_state, rng) -> TrainState:
+    """A step-0 TrainState of `params` (EMA = params when config.ema_decay > 0)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None, vq_state=vq_state, rng=rng)
+
+
+def sharded_init(make, rng, mesh, rules, abstract: bool = False):
+    """(state, shardings) of make(rng) (a boxed TrainState), built by one jit with the shardings of
+    its logical axes on `mesh`; abstract=True: its ShapeDtypeStructs, nothing allocated."""
     shapes = jax.eval_shape(make, rng)
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
     if abstract:

@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
-from flax import linen as nn
 
 from perco_jax import build
 from perco_jax.models.entropy_model import masked_loss_bits, training_mask
@@ -83,6 +82,8 @@ def codec_params(state: TrainState) -> dict:
 def init_state(config, model, tx, mesh, rules, abstract: bool = False):
     """(state, shardings): a fresh sharded stage-2 TrainState (vq_state None); abstract=True:
     its ShapeDtypeStructs, nothing allocated."""
+    from perco_jax.train.loop import fresh_state, sharded_init
+
     g = config.codec.grid_side
     ctx = (jnp.zeros((1, 1, model.context_dim)) if model.context_dim else None)
 
@@ -90,16 +91,9 @@ def init_state(config, model, tx, mesh, rules, abstract: bool = False):
         k_init, k_state = jax.random.split(rng)
         x = jnp.zeros((1, g, g), jnp.int32)
         params = model.init(k_init, x, jnp.ones(x.shape, bool), ctx)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          ema_params=params if config.ema_decay > 0 else None, vq_state=None, rng=k_state)
+        return fresh_state(params, tx, config, None, k_state)
 
-    rng = jax.random.PRNGKey(config.seed + 3)
-    shapes = jax.eval_shape(make, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
-    if abstract:
-        return nn.meta.unbox(shapes), shardings
-    state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
-    return state, shardings
+    return sharded_init(make, jax.random.PRNGKey(config.seed + 3), mesh, rules, abstract)
 
 
 def make_train_step(entropy_model, codec_model, autoencoder, prompt_encoder, config, tx):
