@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned: a plain `torch` would pull a multi-GB CUDA build.
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench
+.PHONY: demo test test-slow install clean bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/perco-jax demo --workdir demo
 
+# `make test`: everything but the tests marked slow (each ~15 s or more; about 3 minutes
+# together), which `make test-slow` runs; CI (.ci/run) runs both.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/mmdit.py

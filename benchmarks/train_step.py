@@ -1,11 +1,21 @@
-"""Stage-1 training step at any config: step time, analytic model FLOPs and, on an accelerator, MFU.
+"""Stage-1 training step at any config: step time, model FLOPs and MFU on the devices at hand.
 
-    python benchmarks/train_step.py --config sd3_medium --batch 8 --image 512 [--steps 10]
+    python benchmarks/train_step.py                                  # tiny on whatever is there
+    python benchmarks/train_step.py --config sd3_medium --batch 8    # on a GPU / TPU host (512^2, bf16)
 
-Builds the real shapes (random weights: MM-DiT + hyper-encoder + VQ trained, frozen CLIP-L/G + T5
-and VAE), runs the jitted sharded step of `perco_jax.train` on synthetic data, no checkpoints.
-FLOPs count the MM-DiT's matmuls and attention (forward x3 for forward + backward); the
-frozen encoders, VAE and hyper-encoder are excluded, so MFU is a lower bound.
+Builds the config's real shapes with random weights (MM-DiT + hyper-encoder + VQ trained; the VAE
+and, with --text encode, CLIP-L/G + T5 frozen, placed as config.frozen_placement says), runs the
+jitted sharded step of `perco_jax.train` on synthetic images over all devices (mesh data=-1 unless
+-o mesh.* says otherwise), no checkpoints, and prints the median step time, the model FLOPs per
+step from `perco_jax.flops.step_flops` (the step's own jaxpr: forward + backward of the trained
+network, forward of the frozen ones, no rematerialisation recompute), XLA's own count of the
+compiled program for comparison, and MFU = model FLOPs / step time / (devices x peak).
+
+Peak dense 16-bit FLOP/s come from PEAK_TFLOPS by device kind, or --peak-tflops (needed on CPUs,
+where no MFU is printed otherwise). --text cache (the default) feeds precomputed text embeddings,
+as a run with config.text.cache or the embeddings of `perco-jax embed-text` does; --text encode
+runs the frozen encoders in the step (T5-XXL is 4.7B parameters: count its memory with
+`perco-jax plan`).
 """
 import argparse
 import statistics
@@ -18,76 +28,99 @@ import numpy as np
 from perco_jax import build, parallel
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
-from perco_jax.train.loop import _autoencoder_params, init_state
+from perco_jax.flops import step_flops
+from perco_jax.train.loop import _autoencoder_params, frozen_shardings, init_state
 from perco_jax.train.state import make_optimizer
 from perco_jax.train.step import TOKEN_KEYS, make_train_step
 
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
+# Dense bf16 / fp16 peak per device, TFLOP/s (vendor data sheets, without sparsity). Matched in
+# order against jax's device_kind, so the more specific names come first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("B200", 2250.0),
+               ("A100", 312.0), ("L4", 121.0), ("TPU v6", 918.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0),
+               ("TPU v5", 459.0), ("TPU v4", 275.0), ("TPU v3", 123.0))
 
 
-def mmdit_flops(config, side: int, text_len: int) -> float:
-    """Forward FLOPs per example of the MM-DiT's matmuls + attention."""
-    m = config.mmdit
-    d = m.num_attention_heads * m.attention_head_dim
-    n = (side // m.patch_size) ** 2
-    L = 77 + text_len
-    per_block = 2 * (n + L) * d * d * 12 + 2 * 2 * (n + L) ** 2 * d  # qkv+out+mlp(4x), scores+values
-    dual = len(m.dual_attention_layers) * (2 * n * d * d * 4 + 2 * 2 * n * n * d)
-    return m.num_layers * per_block + dual
+def peak_tflops(device_kind: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS if k.lower() in device_kind.lower()), None)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--image", type=int, default=None)
-    ap.add_argument("--text-len", type=int, default=77, help="T5 tokens")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("-o", "--override", action="append", default=[])
+    ap.add_argument("--batch", type=int, default=8, help="global batch")
+    ap.add_argument("--image", type=int, default=None, help="image side (default: the config's)")
+    ap.add_argument("--text", choices=("cache", "encode"), default="cache")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device kind)")
+    ap.add_argument("-o", "--override", action="append", default=[], help="config override, e.g. remat=False")
     args = ap.parse_args()
-    over = [f"batch_size={args.batch}", f"text.max_sequence_length={args.text_len}"] + args.override
+    over = [f"batch_size={args.batch}", f"text.cache={args.text == 'cache'}"] + args.override
     if args.image:
         over += [f"image_size={args.image}", f"data.image_size={args.image}"]
-    config = load_config(args.config, over)
+    config = build.stage_config(load_config(args.config, over))
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.sharding_rules)
     model, ae = build.build_perco(config), build.build_autoencoder(config)
+    length = config.text.max_sequence_length
+    t0 = time.time()
+    flops = step_flops(config)
+    print(f"model FLOPs per step {flops.step / 1e12:.3f} T (traced in {time.time() - t0:.0f} s): MM-DiT forward "
+          f"{flops.mmdit_forward / 1e12:.3f} T, trained forward {flops.trained_forward / 1e12:.3f} T, VAE encoder "
+          f"{flops.autoencoder_forward / 1e12:.3f} T, text encoders {flops.text_forward / 1e12:.3f} T")
     t0 = time.time()
     encoder, text_params = build.build_text(config, "/tmp/perco-bench")
+    if args.text == "cache":
+        text_params = {}
     tx = make_optimizer(config)
     with jax.set_mesh(mesh):
         state, shardings = init_state(config, model, tx, mesh, rules)
-        frozen = jax.device_put({"autoencoder": _autoencoder_params(config, ae), "text": text_params},
-                                parallel.replicated(mesh))
-        print(f"built in {time.time() - t0:.0f} s; trainable+frozen codec params "
-              f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e9:.2f} B")
-        empty = {k: jnp.asarray(v[:1]) for k, v in encoder.tokenize([""], args.text_len).items()}
+        frozen = {"autoencoder": _autoencoder_params(config, ae), "text": text_params}
+        frozen = parallel.place(frozen, frozen_shardings(config, frozen, encoder, ae, mesh, rules))
+        print(f"built in {time.time() - t0:.0f} s; codec params "
+              f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e9:.3f} B")
+        ex = [synthetic_example(i, 0, config.image_size) for i in range(args.batch)]
+        images = np.stack([im for im, _ in ex]).astype(np.float32) * 2 - 1
+        if args.text == "cache":  # random stand-ins of the right shapes: the step's work is the same
+            rng = np.random.default_rng(0)
+            j, p = config.mmdit.joint_attention_dim, config.mmdit.pooled_projection_dim
+            text = {"context": rng.standard_normal((args.batch, 77 + length, j), np.float32),
+                    "pooled": rng.standard_normal((args.batch, p), np.float32)}
+            empty = {k: jnp.asarray(v[:1]) for k, v in text.items()}
+        else:
+            tokens = encoder.tokenize([c for _, c in ex], length)
+            text = {k: tokens[k] for k in TOKEN_KEYS}
+            empty = {k: jnp.asarray(v[:1]) for k, v in encoder.tokenize([""], length).items()}
+        batch = parallel.global_batch({"image": images, **text}, mesh)
         step = jax.jit(make_train_step(model, ae, encoder, config, tx),
                        in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
                        out_shardings=(shardings, None), donate_argnums=(0,))
-        ex = [synthetic_example(i, 0, config.image_size) for i in range(args.batch)]
-        tokens = encoder.tokenize([c for _, c in ex], args.text_len)
-        batch = parallel.global_batch({"image": np.stack([im for im, _ in ex]) * 2 - 1,
-                                       **{k: tokens[k] for k in TOKEN_KEYS}}, mesh)
         t0 = time.time()
-        state, m = step(state, batch, frozen, empty)
+        compiled = step.lower(state, batch, frozen, empty).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+        state, m = compiled(state, batch, frozen, empty)
         jax.block_until_ready(m)
         print(f"compile + first step {time.time() - t0:.0f} s, loss {float(m['loss']):.4f}")
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            state, m = step(state, batch, frozen, empty)
+            state, m = compiled(state, batch, frozen, empty)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
-    side, _ = build.latent_geometry(config)
-    flops = 3 * args.batch * mmdit_flops(config, side, args.text_len)
-    kind = jax.devices()[0].device_kind
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in kind), None)
-    mfu = f", MFU {flops / t / 1e12 / (peak * jax.device_count()):.1%} of {peak:.0f} TFLOP/s x {jax.device_count()}" \
-        if peak else ""
-    print(f"{config.name} stage-1 step, batch {args.batch} at {config.image_size}^2 on {jax.device_count()} x {kind}: "
-          f"{t * 1e3:.1f} ms/step, {flops / t / 1e12:.1f} TFLOP/s (MM-DiT){mfu}; loss {float(m['loss']):.4f}")
+    n, kind = jax.device_count(), jax.devices()[0].device_kind
+    peak = args.peak_tflops or peak_tflops(kind)
+    achieved = flops.step / t / 1e12
+    # XLA counts the compiled program of one device (its shard), elementwise work and any
+    # rematerialisation included: per device it should be a little above model FLOPs / devices.
+    print(f"XLA cost analysis: {xla_flops / 1e12:.3f} TFLOPs per device per step "
+          f"= {xla_flops * n / flops.step:.2f} x model FLOPs / devices")
+    mfu = f"MFU {achieved / (n * peak):.1%} of {n} x {peak:.0f} TFLOP/s" if peak else \
+        "MFU: unknown peak for this device (give --peak-tflops)"
+    print(f"{config.name} stage-1 step, batch {args.batch} at {config.image_size}^2, {config.dtype}, text "
+          f"{args.text}, on {n} x {kind}: {t * 1e3:.1f} ms/step, {args.batch / t:.1f} images/s, "
+          f"{achieved:.2f} TFLOP/s model; {mfu}")
 
 
 if __name__ == "__main__":

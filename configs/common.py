@@ -106,8 +106,10 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
         width=256, depth=2, out_channels=64, num_groups=32, attention=True))
     config.vq = ml_collections.ConfigDict(dict(decay=0.99, commitment_cost=0.0, restart_threshold=0.03))
     # cache: precompute each distinct caption's embeddings once (text_cache.py) instead of running
-    # the frozen encoders in every step
-    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1, cache=False))
+    # the frozen encoders in every step; embeddings: a folder `perco-jax embed-text` wrote
+    # (text_store.py, array_record), read instead (no text encoder is built)
+    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1, cache=False,
+                                                 embeddings=""))
 
     # ---- the entropy model of the indices (MaskGIT-like; conditional = sees the caption's
     # SD3 text embeddings, which the decoder has before it decodes the indices)
@@ -144,5 +146,8 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
                                                  tfds_data_dir="", seed=0))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     config.sharding_rules = []              # [[logical, mesh_axis], ...]; [] = parallel.DEFAULT_RULES
+    # frozen text encoders / VAE: "sharded" by the same rules (T5-XXL is 4.7B parameters) or
+    # "replicated" (a full copy per device: no gathers in their forward passes)
+    config.frozen_placement = "sharded"
     config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0))
     return config

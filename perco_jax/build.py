@@ -75,6 +75,10 @@ def validate(config) -> None:
     need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
+    need(not (config.text.get("cache", False) and config.text.get("embeddings", "")),
+         "text.cache and text.embeddings both set: choose one source of precomputed text embeddings")
+    need(config.get("frozen_placement", "sharded") in ("sharded", "replicated"),
+         f"frozen_placement={config.get('frozen_placement')!r}: sharded or replicated")
     need(config.stage in (1, 2), f"stage={config.stage!r}: 1 (codec) or 2 (entropy model)")
     need(config.stage == 1 or config.stage1_workdir,
          "stage=2 trains the entropy model on a finished stage-1 run: set stage1_workdir=DIR")
@@ -144,6 +148,15 @@ def build_perco(config) -> PerCo:
     return PerCo(mmdit=mmdit, hyper_encoder=he, vq=vq)
 
 
+def text_modules(config) -> tuple:
+    """(CLIP-L, CLIP-G, T5) encoder modules from the config's clip_l / clip_g / t5 sections."""
+    from perco_jax.models.clip import CLIP_FIELDS, CLIPTextEncoder
+    from perco_jax.models.t5 import T5Encoder
+
+    return (CLIPTextEncoder(**{k: config.clip_l[k] for k in CLIP_FIELDS}),
+            CLIPTextEncoder(**{k: config.clip_g[k] for k in CLIP_FIELDS}), T5Encoder(**config.t5.to_dict()))
+
+
 def build_text(config, workdir: str | Path):
     """(PromptEncoder, {"text_encoder": ..., "text_encoder_2": ..., "text_encoder_3": ...} params).
 
@@ -151,8 +164,6 @@ def build_text(config, workdir: str | Path):
     encoders from the config's clip_l / clip_g / t5 sections, with the built-in tiny tokenizers
     written under `workdir/tokenizers` (deterministic from config.seed).
     """
-    from perco_jax.models.clip import CLIPTextEncoder
-    from perco_jax.models.t5 import T5Encoder
     from perco_jax.text import PromptEncoder, load_tokenizer
 
     if config.pretrained:
@@ -170,11 +181,7 @@ def build_text(config, workdir: str | Path):
         save_clip_tokenizer(tok / "tokenizer", pad_with_eos=True)
         save_clip_tokenizer(tok / "tokenizer_2", pad_with_eos=False)
         save_t5_tokenizer(tok / "tokenizer_3")
-    fields = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-              "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
-    clip_l = CLIPTextEncoder(**{k: config.clip_l[k] for k in fields})
-    clip_g = CLIPTextEncoder(**{k: config.clip_g[k] for k in fields})
-    t5 = T5Encoder(**config.t5.to_dict())
+    clip_l, clip_g, t5 = text_modules(config)
     keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), 3)
     ids = jnp.zeros((1, 8), jnp.int32)
     params = {name: nn.meta.unbox(m.init(k, ids))["params"]

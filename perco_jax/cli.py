@@ -87,6 +87,19 @@ def _train(args) -> int:
     return 0
 
 
+def _embed_text(args) -> int:
+    from perco_jax import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    from perco_jax.config import load_config
+    from perco_jax.text_store import embed_captions
+
+    config = load_config(args.config, args.override)
+    meta = embed_captions(config, args.out, examples=args.examples, batch_size=args.batch, dtype=args.dtype)
+    print(f"wrote {meta.with_suffix('.array_record')} (train with --config.text.embeddings={args.out})")
+    return 0
+
+
 def _plan(args) -> int:
     from perco_jax import plan
     from perco_jax.config import load_config
@@ -232,11 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="tiny", help="preset name or config file (configs/*.py)")
     t.add_argument("--workdir", required=True)
     t.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
-    t.add_argument("--coordinator", help="multi-process runs: process 0's HOST:PORT (default: detected from "
-                                         "SLURM / Open MPI / TPU pod / JAX_COORDINATOR_ADDRESS, else one process)")
-    t.add_argument("--num-processes", type=int, help="multi-process runs: the number of processes")
-    t.add_argument("--process-id", type=int, help="multi-process runs: this process's id, 0..N-1")
+    _add_distributed_flags(t)
     t.set_defaults(fn=_train)
+
+    et = sub.add_parser("embed-text", help="precompute the text embeddings of the training captions "
+                                           "(each process writes its shard; train with --config.text.embeddings)")
+    et.add_argument("--config", default="tiny", help="preset name or config file (its data and text encoders)")
+    et.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    et.add_argument("--out", required=True, help="output folder")
+    et.add_argument("--examples", type=int, help="synthetic data: embed the captions of its first N examples "
+                                                 "(default: num_train_steps x batch_size)")
+    et.add_argument("--batch", type=int, default=64, help="captions per encoder call (per process)")
+    et.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                    help="stored precision (bfloat16 halves the disk; training reads float32)")
+    _add_distributed_flags(et)
+    et.set_defaults(fn=_embed_text)
 
     pl = sub.add_parser("plan", help="memory per device of a training run on a mesh, from shapes only "
                                      "(params, gradients, optimiser, EMA, frozen encoders, activations)")
@@ -249,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "says whether the run fits")
     pl.add_argument("--batch", type=int, help="global batch size (default: the config's, for the stage)")
     pl.add_argument("--stage", type=int, choices=(1, 2), help="training stage (default: the config's)")
-    pl.add_argument("--frozen", choices=("sharded", "replicated"), default="sharded",
+    pl.add_argument("--frozen", choices=("sharded", "replicated"), default=None,
                     help="frozen text encoders / VAE / stage-1 codec: sharded by the rules, or a full copy "
-                         "on every device")
+                         "on every device (default: the config's frozen_placement)")
     pl.add_argument("--flash-attention", action="store_true",
                     help="fused attention (cuDNN on GPUs): attention logits are not stored")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes)")
@@ -298,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
     i.set_defaults(fn=_info)
     return p
+
+
+def _add_distributed_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="multi-process runs: process 0's HOST:PORT (default: detected from "
+                                         "SLURM / Open MPI / TPU pod / JAX_COORDINATOR_ADDRESS, else one process)")
+    p.add_argument("--num-processes", type=int, help="multi-process runs: the number of processes")
+    p.add_argument("--process-id", type=int, help="multi-process runs: this process's id, 0..N-1")
 
 
 def _config_dot_overrides(argv: list[str]) -> list[str]:

@@ -74,3 +74,25 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> di
     """Assemble this process's numpy batch into global jax Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
+
+
+def module_shardings(module: nn.Module, example_args: Sequence, params: Any, mesh: jax.sharding.Mesh,
+                     rules=DEFAULT_RULES) -> Any:
+    """NamedShardings for `params` (the unboxed params of `module`, e.g. converted weights) from the
+    logical axes `module.init(rng, *example_args)` declares (traced with jax.eval_shape: nothing is
+    allocated). Raises ValueError when `params` is not the module's tree."""
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), *example_args)["params"]
+    shardings = param_shardings(boxed, mesh, rules)
+    want = jax.tree_util.tree_structure(nn.meta.unbox(boxed))
+    got = jax.tree_util.tree_structure(params)
+    if want != got:
+        raise ValueError(f"{type(module).__name__} params do not match the module's parameter tree "
+                         f"({got.num_leaves} leaves given, {want.num_leaves} expected)")
+    return shardings
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Put `tree` (host or device arrays, the same on every process) onto `shardings`. Through a jit
+    with out_shardings, so dimensions that do not divide by their mesh axes are padded by XLA
+    instead of refused as by device_put."""
+    return jax.jit(lambda t: t, out_shardings=shardings)(tree)

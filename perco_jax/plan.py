@@ -21,8 +21,8 @@ Counted per device (exact, from shapes and shardings):
   frozen        the text encoders (CLIP-L, CLIP-G, T5-XXL; shapes from config.clip_l / clip_g / t5)
                 and the SD3 VAE, and for stage 2 the stage-1 codec (its params tree, as the loop
                 restores it), placed by `frozen`: "sharded" by the same rules (default) or
-                "replicated" on every device (what train/loop.py does when it device_puts the
-                frozen params with parallel.replicated)
+                "replicated" on every device: config.frozen_placement unless --frozen says otherwise
+                (train/loop.py's frozen_shardings places them the same way)
 
 Activations are an estimate (b = per-device batch = batch / (data * fsdp), s = bytes of
 config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
@@ -72,8 +72,6 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from perco_jax import build, parallel
 
 FROZEN_PLACEMENTS = ("sharded", "replicated")
-CLIP_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-               "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
 CLIP_LENGTH = 77  # SD3's CLIP token length (text.CLIP_MAX_LENGTH)
 
 
@@ -228,13 +226,8 @@ def _keys(path) -> tuple[str, ...]:
 
 def abstract_text_encoders(config) -> dict[str, Any]:
     """Boxed abstract params of CLIP-L, CLIP-G and T5 from the config's sections."""
-    from perco_jax.models.clip import CLIPTextEncoder
-    from perco_jax.models.t5 import T5Encoder
-
     ids = jnp.zeros((1, 8), jnp.int32)
-    modules = {"CLIP-L": CLIPTextEncoder(**{k: config.clip_l[k] for k in CLIP_FIELDS}),
-               "CLIP-G": CLIPTextEncoder(**{k: config.clip_g[k] for k in CLIP_FIELDS}),
-               "T5": T5Encoder(**config.t5.to_dict())}
+    modules = dict(zip(("CLIP-L", "CLIP-G", "T5"), build.text_modules(config)))
     key = jax.random.PRNGKey(0)
     return {name: jax.eval_shape(m.init, key, ids)["params"] for name, m in modules.items()}
 
@@ -452,12 +445,14 @@ class Plan:
 
 
 def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batch: int | None = None,
-              frozen: str = "sharded", flash_attention: bool = False,
+              frozen: str | None = None, flash_attention: bool = False,
               components: Components | None = None) -> Plan:
     """The per-device memory plan of training `config` on a mesh of shape `mesh` ({axis: size}).
 
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
-    eval_shape when planning several meshes."""
+    eval_shape when planning several meshes. frozen=None: config.frozen_placement."""
+    if frozen is None:
+        frozen = config.get("frozen_placement", "sharded")
     if frozen not in FROZEN_PLACEMENTS:
         raise ValueError(f"frozen={frozen!r}: choose one of {FROZEN_PLACEMENTS}")
     unknown = set(mesh) - set(parallel.MESH_AXES)

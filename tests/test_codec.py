@@ -228,8 +228,7 @@ def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_compress_on_8_devices_decompress_on_1_and_other_batches(trained, heldout, tmp_path):
+def test_compress_and_decode_on_8_devices_decompress_on_1_and_other_batches(trained, heldout, tmp_path):
     _, folder, codec = trained
     images, captions = heldout
     np.save(tmp_path / "images.npy", np.stack(images))
@@ -246,6 +245,7 @@ def test_compress_on_8_devices_decompress_on_1_and_other_batches(trained, heldou
         np.save({str(tmp_path / 'indices.npy')!r}, codec.encode_images(np.stack(images) * 2 - 1))
         for i, s in enumerate(streams):
             Path({str(tmp_path)!r}, f"{{i}}.perco").write_bytes(s)
+        np.save({str(tmp_path / 'decoded.npy')!r}, np.stack(codec.decompress_batch(streams[:3])))  # sharded sampler
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
@@ -254,3 +254,6 @@ def test_compress_on_8_devices_decompress_on_1_and_other_batches(trained, heldou
     np.testing.assert_array_equal(codec.read_batch(streams)[2], want)            # all together
     np.testing.assert_array_equal(np.concatenate([codec.read_batch([s])[2] for s in streams]), want)  # one by one
     np.testing.assert_array_equal(codec.read_batch(streams[::-1])[2], want[::-1])  # other batches
+    # the decoder split over 8 devices gives the 1-device images
+    np.testing.assert_allclose(np.load(tmp_path / "decoded.npy"), np.stack(codec.decompress_batch(streams[:3])),
+                               atol=2e-5)

@@ -338,3 +338,6 @@ def test_tfds_pipeline_with_a_prepared_builder(tmp_path):
             assert np.array_equal(_concat(resumed, key), _concat(hosts[p][2:], key)), (p, key)
     with pytest.raises(ValueError, match="multiple of batch_size"):
         make_dataset(config, start_index=3)
+    from perco_jax.data.pipeline import dataset_captions  # what `embed-text` embeds: each example's first
+
+    assert sorted(dataset_captions(config)) == sorted(f"first caption {i}" for i in range(10))

@@ -3,14 +3,17 @@
 Two processes joined by `jax.distributed` (loopback coordinator; JAX's default CPU collectives,
 gloo), 4 simulated devices each, train the tiny config on a data=4 x fsdp=2 mesh over their 8
 devices (params sharded over fsdp), each reading its own half of every global batch; a third
-process trains the same on 1 device. Then:
+process, with 8 devices, trains the same on 1 of them and then on the meshes data 8 x 1,
+data 2 x fsdp 4 and data 2 x fsdp 2 x tensor 2. Then:
 
 - the checkpoint the two processes saved is restored onto a 4-device mesh (data=2 x fsdp=2, fsdp
   across the processes) by the two processes and onto 1 device by this process: the whole
   TrainState comes back bit-identical, laid out on the new meshes;
-- the two processes' params agree with the single process's; only process 0 wrote the run's files.
+- the two processes' params agree with the single process's; only process 0 wrote the run's files;
+- every mesh of the third process gives the single device's params, with params and frozen text
+  encoders split over fsdp / tensor where the mesh has them.
 
-This file is also the processes' script (`python test_multihost.py ROOT OVERRIDES [ID PORT]`).
+This file is also the processes' script (`python test_multihost.py ROOT OVERRIDES (ID PORT | meshes)`).
 """
 import json
 import os
@@ -23,17 +26,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# test_train's FAST overrides plus: 2 steps of a global batch of 8 (4 per process, 1 per device)
-# and one layer per network (the multi-device logic does not depend on the depth; compiling does).
-RUN = ["num_train_steps=2", "batch_size=8", "mmdit.num_layers=1", "clip_l.num_hidden_layers=1",
-       "clip_g.num_hidden_layers=1", "t5.num_layers=1"]
+# test_train's FAST overrides (one layer per network) plus 2 steps of a global batch of 8 (4 per
+# process, 1 per device).
+RUN = ["num_train_steps=2", "batch_size=8"]
 MESH = ["mesh.data=4", "mesh.fsdp=2"]
+# the third process's meshes over 8 devices (4 x 2 is the two processes' mesh)
+MESHES = {"8x1": ["mesh.data=8"], "2x4": ["mesh.data=2", "mesh.fsdp=4"],
+          "2x2x2": ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]}
 # LLVM's optimisation level 0 (the same in the three processes) compiles about a third faster than
 # the default, and compiling is most of this file's time; the tiny programs run slower, no matter.
 XLA_FLAGS = "--xla_force_host_platform_device_count={} --xla_backend_optimization_level=0"
-TIMEOUT = 420  # seconds, for the three processes (about a minute on 2 cores)
+TIMEOUT = 480  # seconds, for the four processes (about 1.5 minutes on 2 cores)
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("params", "opt_state", "ema_params", "vq_state")
+pytestmark = pytest.mark.slow  # (about two minutes: `make test-slow`)
 
 
 def _flat(tree) -> dict:
@@ -88,13 +94,32 @@ def _abstract_state(config, mesh):
 
 # ---------------------------------------------------------------- the processes
 
-def _one(root: Path, overrides: list[str]) -> None:
-    """The same training in one process, on one device."""
+def _meshes(root: Path, overrides: list[str]) -> None:
+    """The same training in one process: on its first device, then on 8 devices per mesh of MESHES."""
+    import jax
+
+    from perco_jax import parallel
     from perco_jax.config import load_config
     from perco_jax.train.loop import train
 
+    assert jax.device_count() == 8
     state = train(load_config("tiny", overrides + ["mesh.data=1"]), root / "one", progress=False)
     np.savez(root / "one_params.npz", **{k: np.asarray(x) for k, x in _flat(state.params).items()})
+    placed = {}
+    place = parallel.place
+
+    def recording_place(tree, shardings):  # the training loop places the frozen params with it
+        out = place(tree, shardings)
+        placed["text"] = _num_split(out["text"])
+        return out
+
+    parallel.place = recording_place
+    info = {}
+    for name, mesh in MESHES.items():
+        state = train(load_config("tiny", overrides + mesh), root / f"mesh_{name}", progress=False)
+        np.savez(root / f"mesh_{name}.npz", **{k: np.asarray(x) for k, x in _flat(state.params).items()})
+        info[name] = {"split_params": _num_split(state.params), "split_text": placed.pop("text")}
+    (root / "meshes.json").write_text(json.dumps(info))
 
 
 def _record_writes() -> list[str]:
@@ -202,7 +227,8 @@ def _finish(runs, names: list[str]) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{root, procs: {name: Popen}, deadline, overrides}: the two processes of the distributed run
-    ("process0", "process1") and the single-device run ("one"), started together."""
+    ("process0", "process1") and the single-process runs on 1 device and on MESHES ("meshes"),
+    started together."""
     from test_train import FAST
 
     root = tmp_path_factory.mktemp("multihost")
@@ -210,7 +236,8 @@ def runs(tmp_path_factory):
     script = [sys.executable, str(Path(__file__).resolve()), str(root), json.dumps(over)]
     procs = {}
     try:
-        for name, devices, args in [("process0", 4, ["0", port]), ("process1", 4, ["1", port]), ("one", 1, [])]:
+        for name, devices, args in [("process0", 4, ["0", port]), ("process1", 4, ["1", port]),
+                                    ("meshes", 8, ["meshes"])]:
             env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS.format(devices))
             env.pop("JAX_COORDINATOR_ADDRESS", None)  # (that would make JAX look for a cluster)
             with open(root / f"{name}.log", "w") as log:
@@ -269,15 +296,34 @@ def test_two_processes_train_like_one(runs):
         ["ocdbt.process_0", "ocdbt.process_1"], sorted(f.name for f in state.iterdir())
 
     # the same training as in one process on one device
-    _finish(runs, ["one"])
+    _finish(runs, ["meshes"])
     saved, one = np.load(root / "saved.npz"), np.load(root / "one_params.npz")
     assert len(one.files) > 50
     err = max(float(np.abs(one[k] - saved[".params" + k]).max()) for k in one.files)
     assert err < 1e-5, err
 
 
+def test_meshes_of_8_devices_train_like_one(runs):
+    """8 x 1, 2 x 4 and 2 x 2 x 2 (data x fsdp x tensor) on 8 devices equal 1 device (4 x 2: above)."""
+    _finish(runs, ["meshes"])
+    root = runs["root"]
+    one = np.load(root / "one_params.npz")
+    info = json.loads((root / "meshes.json").read_text())
+    for name in MESHES:
+        got = np.load(root / f"mesh_{name}.npz")
+        assert sorted(got.files) == sorted(one.files), name
+        err = max(float(np.abs(one[k] - got[k]).max()) for k in one.files)
+        assert err < 1e-5, (name, err)
+    # data parallel only: everything replicated; with fsdp / tensor axes the trained params and the
+    # frozen text encoders are split over them
+    assert info["8x1"] == {"split_params": 0, "split_text": 0}, info
+    for name in ("2x4", "2x2x2"):
+        assert info[name]["split_params"] > 0 and info[name]["split_text"] > 0, info
+    assert info["2x2x2"]["split_params"] > info["2x4"]["split_params"], info  # heads / MLP over tensor too
+
+
 if __name__ == "__main__":
-    if len(sys.argv) == 3:
-        _one(Path(sys.argv[1]), json.loads(sys.argv[2]))
+    if sys.argv[3] == "meshes":
+        _meshes(Path(sys.argv[1]), json.loads(sys.argv[2]))
     else:
         _process(Path(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

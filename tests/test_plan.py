@@ -107,6 +107,7 @@ def _parse_table(text: str) -> dict:
     return rows
 
 
+@pytest.mark.slow
 def test_sd35_large_fits_64_devices_of_16gb_with_fsdp_64_not_data8_fsdp8():
     config = load_config("sd35_large")
     comp = plan.abstract_components(config)

@@ -23,7 +23,6 @@ HEAD64 = ["vae.block_out_channels=(32, 32, 32)", "vae.norm_num_groups=32", "clip
           "scheduler_shift=3.0"]
 
 
-@pytest.mark.slow
 def test_bundled_single_file_equals_diffusers(tmp_path):
     config = load_config("tiny", HEAD64)
     save_tiny_sd3_pipeline(tmp_path / "pipe", seed=2, config=config)

@@ -11,15 +11,16 @@ from perco_jax.config import load_config
 from perco_jax.reconstruct import psnr, reconstruct_heldout
 from perco_jax.train.loop import train
 
+# One layer per network: what these tests check does not depend on the depth; compiling does.
 FAST = ["num_train_steps=8", "batch_size=4", "log_every_steps=1", "checkpoint_every_steps=4",
-        "mmdit.num_layers=2", "text.max_sequence_length=8"]
+        "mmdit.num_layers=1", "clip_l.num_hidden_layers=1", "clip_g.num_hidden_layers=1", "t5.num_layers=1",
+        "text.max_sequence_length=8"]
 
 
 def params_of(state):
     return jax.tree_util.tree_leaves(jax.device_get(state.params))
 
 
-@pytest.mark.slow
 def test_tiny_training_loss_falls_and_reconstructions_follow(stage1_run):
     config, tmp_path = stage1_run  # 180 steps of the tiny config (tests/conftest.py)
     state = train(config, tmp_path, progress=False)  # finished: restores the last state
@@ -40,6 +41,7 @@ def test_tiny_training_loss_falls_and_reconstructions_follow(stage1_run):
     assert any(f.name.startswith("events.out.tfevents") for f in tmp_path.iterdir())  # TensorBoard
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_identical(tmp_path):
     config = load_config("tiny", FAST)
     full = train(config, tmp_path / "a", progress=False)
@@ -95,6 +97,7 @@ def test_unknown_preset_and_field():
         load_config("tiny", ["codec.gridside=4"])
 
 
+@pytest.mark.slow
 def test_bf16_accumulation_and_partial_training(tmp_path):
     """bfloat16 compute keeps float32 master params; with trainable=attention_mlp the MM-DiT's other
     weights stay at their initial values while attention, the z_l columns and the codec train;
@@ -115,14 +118,24 @@ def test_bf16_accumulation_and_partial_training(tmp_path):
     assert all(np.isfinite(l) for _, l in history)
 
 
+@pytest.mark.slow
 def test_precomputed_text_embeddings_train_the_same(tmp_path):
-    """config.text.cache: embeddings computed once per caption (and persisted) give the same
-    training as encoding the captions inside the step."""
+    """config.text.cache (embeddings computed once per caption and persisted) and
+    config.text.embeddings (a store `embed-text` wrote in two process shards; no text encoder is
+    built) give the same training as encoding the captions inside the step."""
+    from perco_jax.text_store import embed_captions
+
     over = FAST + ["num_train_steps=3", "ema_decay=0.0", "checkpoint_every_steps=3"]
     plain = train(load_config("tiny", over), tmp_path / "plain", progress=False)
     cached = train(load_config("tiny", over + ["text.cache=True"]), tmp_path / "cached", progress=False)
-    for x, y in zip(params_of(plain), params_of(cached)):
+    for i in range(2):
+        embed_captions(load_config("tiny", over), tmp_path / "emb", process_index=i, process_count=2, progress=False)
+    stored = train(load_config("tiny", over + [f"text.embeddings={tmp_path / 'emb'}"]), tmp_path / "stored",
+                   progress=False)
+    assert not (tmp_path / "stored" / "tokenizers").exists()
+    for x, y, z in zip(params_of(plain), params_of(cached), params_of(stored)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-6)
     from perco_jax import build
     from perco_jax.text_cache import TextEmbeddingCache
     config = load_config("tiny", over)

@@ -12,7 +12,9 @@ Indices are coded under config.codec.schedule (or the schedule passed in) with t
 model, or with fixed-length "uniform" coding. Determinism (see perco_jax/entropy_coding.py): the
 text context and the entropy model always run on batches of exactly codec.coding_batch_size
 images, unsharded, on both sides, so a stream decodes alone or with any others. The image
-encoder may be sharded over the local devices: its indices are sent, not recomputed.
+encoder may be sharded over the local devices: its indices are sent, not recomputed. The decoder
+(flow sampler + VAE) is sharded over the local devices likewise, coding_batch_size images at a time
+(when the devices divide it): images may differ from a 1-device decode by float rounding only.
 
 A codec folder is a perco-jax weights folder (perco_jax.checkpoint) with the components
 "codec" (config = the run's whole config; params {"params", "vq"}: the stage-1 EMA weights),
@@ -207,16 +209,23 @@ class Codec:
         for start in range(0, n, self.batch):
             yield slice(start, min(start + self.batch, n))
 
+    def _local_batch(self, tree):
+        """A chunk's arrays [coding_batch_size, ...] split over this host's devices when there are
+        several and they divide the chunk (else left for jit to place on one device)."""
+        n_dev = jax.local_device_count()
+        if n_dev == 1 or self.batch % n_dev:
+            return tree
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+        sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), P("data"))
+        return jax.device_put(tree, sharding)
+
     def encode_images(self, images) -> np.ndarray:
         """indices [B, g, g] int32 of prepared images [B, S, S, 3] in [-1, 1]."""
         images = np.asarray(images, np.float32)
         out = []
-        n_dev = jax.local_device_count()
         for sl in self._chunks(images.shape[0]):
-            x = entropy_coding._pad(images[sl], self.batch)
-            if n_dev > 1 and self.batch % n_dev == 0:  # shard the image batch over the local devices
-                from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-                x = jax.device_put(x, NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), P("data")))
+            x = self._local_batch(entropy_coding._pad(images[sl], self.batch))
             out.append(np.asarray(self._encode(self.codec_params, self.ae_params, x))[: sl.stop - sl.start])
         return np.concatenate(out) if out else np.zeros((0,) + self.grid, np.int32)
 
@@ -322,10 +331,11 @@ class Codec:
         out = []
         for sl in self._chunks(n):
             chunk = list(captions[sl]) + [""] * (self.batch - (sl.stop - sl.start))
-            tokens = self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length)
+            tokens, idx, z = self._local_batch((
+                self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length),
+                entropy_coding._pad(np.asarray(indices[sl]), self.batch), entropy_coding._pad(noise[sl], self.batch)))
             x = self._decode(self.codec_params, {"autoencoder": self.ae_params, "text": self.text_params},
-                             jnp.asarray(entropy_coding._pad(np.asarray(indices[sl]), self.batch)), tokens, empty,
-                             jnp.asarray(entropy_coding._pad(noise[sl], self.batch)), guidance, steps=steps)
+                             idx, tokens, empty, z, guidance, steps=steps)
             out.append(np.asarray(x)[: sl.stop - sl.start])
         side = self.config.image_size
         return np.concatenate(out) if out else np.zeros((0, side, side, 3), np.float32)

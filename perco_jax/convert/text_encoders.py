@@ -22,11 +22,9 @@ from flax import linen as nn
 from perco_jax.convert.common import (ConversionError, DictSource, Entry, SafetensorsSource, TensorSource,
                                       check_covers, check_entries, diffusers_weight_files, export_state_dict,
                                       flat_shapes, load_params, write_folder, convert_checked)
-from perco_jax.models.clip import ACTIVATIONS, CLIPTextEncoder
+from perco_jax.models.clip import ACTIVATIONS, CLIP_FIELDS, CLIPTextEncoder
 from perco_jax.models.t5 import T5Encoder
 
-CLIP_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
-               "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
 T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
              "relative_attention_max_distance", "layer_norm_epsilon", "feed_forward_proj")
 T5_EMBED_KEYS = ("shared.weight", "encoder.embed_tokens.weight")  # tied: either one is the table

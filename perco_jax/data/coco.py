@@ -77,3 +77,17 @@ def coco_dataset(*, data_dir: str, size: int, split: str = "train", name: str = 
         return {"image": decode_resize_tf(ex["image"], size), "caption": ex["caption"]}
 
     return ds.map(decode, num_parallel_calls=parallel, deterministic=True)
+
+
+def coco_captions(*, data_dir: str, split: str = "train", name: str = DEFAULT_NAME) -> list[str]:
+    """The caption training uses of each example of the split (the first), in the split's order;
+    images are not decoded."""
+    import tensorflow_datasets as tfds
+
+    builder = coco_builder(data_dir, name)
+    if split not in builder.info.splits:
+        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}; it has {sorted(builder.info.splits)}")
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False))
+    ds = ds.map(lambda ex: ex["captions"]["text"][0])
+    return [c.decode("utf-8") for c in ds.as_numpy_iterator()]

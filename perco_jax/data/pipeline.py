@@ -112,6 +112,32 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
     return _numpy_batches(tf, ds, diagnose, config, per_host, process_index, start_index)
 
 
+def dataset_captions(config, *, split: str = "train", examples: int | None = None) -> list[str]:
+    """The distinct captions of the data `make_dataset` reads, in order of first appearance: of a
+    folder's or TFDS split's examples, or of the synthetic stream's first `examples` positions (it
+    is endless; default: what config.num_train_steps x config.batch_size steps read)."""
+    source = config.data.source
+    if source not in SOURCES:
+        raise ValueError(f"unknown data.source {source!r}; expected one of {', '.join(SOURCES)}")
+    if source == "synthetic":
+        from perco_jax.data.synthetic import synthetic_scene
+
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"the synthetic data has splits {', '.join(SYNTHETIC_SPLITS)}, not {split!r}")
+        n = int(examples if examples is not None else config.num_train_steps * config.batch_size)
+        seed = int(config.data.seed) + SYNTHETIC_SPLITS[split] * _SPLIT_SEED_STRIDE
+        captions = (synthetic_scene(g, seed).caption for g in range(n))
+    elif source == "folder":
+        from perco_jax.data.folder import folder_examples
+
+        captions = (c for _, c in folder_examples(config.data.folder, config.data.captions))
+    else:
+        from perco_jax.data.coco import coco_captions
+
+        captions = coco_captions(data_dir=config.data.tfds_data_dir, split=split, name=_get(config.data, "tfds_name"))
+    return list(dict.fromkeys(captions))
+
+
 def _synthetic(config, split, process_index, per_host, start_index):
     from perco_jax.data.synthetic import synthetic_example
 

@@ -102,6 +102,11 @@ class CLIPEncoderLayer(nn.Module):
                            name="mlp")(ln("layer_norm2")(x))
 
 
+# The CLIPTextEncoder fields a transformers CLIPTextConfig (and this project's config sections) set.
+CLIP_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+               "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "eos_token_id")
+
+
 class CLIPTextEncoder(nn.Module):
     """transformers' `CLIPTextModelWithProjection`; defaults are `CLIPTextConfig`'s.
 

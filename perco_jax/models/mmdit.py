@@ -94,7 +94,7 @@ class JointAttention(nn.Module):
     attention_impl: Optional[str] = None
     dtype: Dtype = jnp.float32
 
-    def _qkv(self, x, names, norm_q, norm_k):
+    def _qkv(self, x, names, norm_q, norm_k, need_q: bool = True):
         b, n, _ = x.shape
         inner = self.num_heads * self.head_dim
         shape = (b, n, self.num_heads, self.head_dim)
@@ -102,9 +102,10 @@ class JointAttention(nn.Module):
         def proj(name):
             return dense(inner, ("embed", "heads"), name=name, dtype=self.dtype)(x).reshape(shape)
 
-        q, k, v = (proj(name) for name in names)
+        q = proj(names[0]) if need_q else None
+        k, v = proj(names[1]), proj(names[2])
         if self.qk_norm == "rms_norm":
-            q = RMSNorm(name=norm_q, dtype=self.dtype)(q)
+            q = RMSNorm(name=norm_q, dtype=self.dtype)(q) if need_q else None
             k = RMSNorm(name=norm_k, dtype=self.dtype)(k)
         elif self.qk_norm is not None:
             raise ValueError(f"unsupported qk_norm {self.qk_norm!r} (None or 'rms_norm')")
@@ -115,8 +116,11 @@ class JointAttention(nn.Module):
         b, n, d = x.shape
         q, k, v = self._qkv(x, ("to_q", "to_k", "to_v"), "norm_q", "norm_k")
         if c is not None:
-            # With context_pre_only, cq is unused and removed by XLA; its weights stay for export.
-            cq, ck, cv = self._qkv(c, ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k")
+            # With context_pre_only the context queries are unused: their weights are made at init
+            # (kept for export) but not applied, so the traced program holds no dead matmul.
+            need_cq = not self.context_pre_only or self.is_initializing()
+            cq, ck, cv = self._qkv(c, ("add_q_proj", "add_k_proj", "add_v_proj"), "norm_added_q", "norm_added_k",
+                                   need_q=need_cq)
             k = jnp.concatenate([k, ck], axis=1)
             v = jnp.concatenate([v, cv], axis=1)
             if not self.context_pre_only:

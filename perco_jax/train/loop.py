@@ -173,7 +173,14 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     rules = parallel.rules_from_config(config.sharding_rules)
     model = build.build_perco(config)
     autoencoder = build.build_autoencoder(config)
-    prompt_encoder, text_params = _build_text(config, workdir)
+    store = None
+    if config.text.get("embeddings", ""):  # precomputed by `perco-jax embed-text`: no text encoder
+        from perco_jax.text_store import TextEmbeddingStore
+
+        store = TextEmbeddingStore(config.text.embeddings, config)
+        prompt_encoder, text_params = None, {}
+    else:
+        prompt_encoder, text_params = _build_text(config, workdir)
     tx = make_optimizer(config)
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
@@ -193,12 +200,13 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         state, examples_seen = _restore(mngr, state, shardings)
         if config.stage == 1 and examples_seen == 0 and config.pretrained:
             state = load_pretrained_mmdit(config, state, shardings)
-        frozen = jax.device_put(frozen, parallel.replicated(mesh))
-        cache = None
-        if config.text.get("cache", False):
+        frozen = parallel.place(frozen, frozen_shardings(config, frozen, prompt_encoder, autoencoder, mesh, rules))
+        cache = store
+        if store is None and config.text.get("cache", False):
             from perco_jax.text_cache import TextEmbeddingCache
 
             cache = TextEmbeddingCache(prompt_encoder, text_params, config.text.max_sequence_length, workdir)
+        if cache is not None:
             e_ctx, e_pooled = cache([""])
             empty = {"context": jnp.asarray(e_ctx), "pooled": jnp.asarray(e_pooled)}
         else:
@@ -241,7 +249,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
                 bar.update(1)
                 if done % config.checkpoint_every_steps == 0 or done == config.num_train_steps:
                     _save(mngr, state, examples_seen)
-                    if cache is not None and jax.process_index() == 0:
+                    if cache is not None and cache is not store and jax.process_index() == 0:
                         cache.save()
                 elif preempt.requested or mngr.reached_preemption(done) or done == stop_after:
                     _save(mngr, state, examples_seen, force=True)
@@ -266,6 +274,31 @@ def _build_text(config, workdir: Path):
         return build.build_text(config, workdir)
     with tempfile.TemporaryDirectory(prefix="perco_jax_tokenizers_") as tmp:
         return build.build_text(config, tmp)
+
+
+def frozen_shardings(config, frozen: dict, prompt_encoder, autoencoder, mesh, rules) -> dict:
+    """Shardings of the frozen params {"autoencoder", "text"[, "codec"]}: the VAE and the text
+    encoders by the logical axes their modules declare (T5-XXL's 4.7B parameters are split over
+    fsdp / tensor like the trained model's; config.frozen_placement = "replicated" keeps a full copy
+    on every device instead), the stage-1 codec as it was restored."""
+    if config.get("frozen_placement", "sharded") == "replicated":
+        out = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen)
+        if "codec" in frozen:
+            out["codec"] = jax.tree_util.tree_map(lambda x: x.sharding, frozen["codec"])
+        return out
+    out = {"text": {}, "autoencoder": {}}
+    if frozen["text"]:
+        ids = (jnp.zeros((1, 8), jnp.int32),)
+        modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
+                   "text_encoder_3": prompt_encoder.t5}
+        out["text"] = {name: parallel.module_shardings(modules[name], ids, p, mesh, rules)
+                       for name, p in frozen["text"].items()}
+    if frozen["autoencoder"]:
+        x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
+        out["autoencoder"] = parallel.module_shardings(autoencoder, (x,), frozen["autoencoder"], mesh, rules)
+    if "codec" in frozen:
+        out["codec"] = jax.tree_util.tree_map(lambda x: x.sharding, frozen["codec"])
+    return out
 
 
 def _autoencoder_params(config, autoencoder):
