@@ -15,7 +15,15 @@ Layout (all integers little-endian):
                   context model (perco_jax.codec.caption_coding), per caption_coding
             1-5   payload length P (varint)
             P     index payload (range coded or uniform, see perco_jax.codec.range_coding)
-            4     CRC32 of every byte before it
+            4     CRC32 of every byte before it, continued (version >= 2) over the index grid the
+                  payload codes (uint32 little-endian, row-major)
+
+Why the CRC covers the decoded indices: entropy decoding recomputes the model's probabilities, and
+another machine (accelerator, XLA version or flags) may compute them a rounding apart, which can
+make the range decoder leave the encoder's path without any error. Covering the indices turns that
+into a CRC mismatch at no cost in bytes; the price is that the check of a version-2 stream runs
+after its indices are decoded (`unpack(data, indices=None)`, decode, then `check_crc`). Version 1
+(CRC of the bytes alone) is still read.
 
 At ultra-low rates these 38+ bytes of framing are a real part of the rate: report bpp with them.
 
@@ -37,7 +45,7 @@ import numpy as np
 from perco_jax import schedules
 
 MAGIC = b"PRCO"
-VERSION = 1
+VERSION = 2
 _FIXED = struct.Struct("<8sHHHHIBHHBB")
 _CRC = struct.Struct("<I")
 FINGERPRINT_BYTES = 8
@@ -218,8 +226,20 @@ def _decode_caption(stored: bytes, coding: int) -> str:
 
 # ----------------------------------------------------------------------------- container
 
-def pack(header: Header, caption: str, payload: bytes) -> bytes:
-    """The bitstream bytes of (header, caption, payload); BitstreamError on invalid inputs."""
+def _crc(body: bytes, version: int, indices) -> int:
+    crc = zlib.crc32(body)
+    if version >= 2:
+        grid = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).ravel())
+        if grid.size and (grid.min() < 0 or grid.max() > 0xFFFFFFFF):
+            raise BitstreamError("indices must be in [0, 2^32)")
+        crc = zlib.crc32(grid.astype("<u4").tobytes(), crc)
+    return crc
+
+
+def pack(header: Header, caption: str, payload: bytes, indices=()) -> bytes:
+    """The bitstream bytes of (header, caption, payload); BitstreamError on invalid inputs.
+    `indices`: the index grid [grid_h, grid_w] the payload codes, which the CRC also covers (the
+    codec passes it; () for a container without one)."""
     validate(header)
     if header.version != VERSION:
         raise BitstreamError(f"this perco-jax writes bitstream version {VERSION} only, got {header.version}")
@@ -232,11 +252,35 @@ def pack(header: Header, caption: str, payload: bytes) -> bytes:
                     header.grid_w, header.codebook_size, schedules.schedule_id(header.schedule),
                     header.schedule_steps, header.schedule_seed, header.caption_coding, header.flags),
         _varint(len(stored)), stored, _varint(len(payload)), bytes(payload)])
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(_crc(body, header.version, indices))
 
 
-def unpack(data: bytes) -> tuple[Header, str, bytes]:
-    """(header, caption, payload) of a bitstream; BitstreamError for anything malformed."""
+def check_crc(data: bytes, indices=()) -> None:
+    """BitstreamError unless the stream's CRC32 matches its bytes (and, version >= 2, `indices`,
+    the index grid decoded from it)."""
+    data = bytes(data)
+    if len(data) < 5 + _CRC.size:
+        raise BitstreamError(f"bitstream truncated ({len(data)} bytes)")
+    version = data[4]
+    if _crc(data[:-_CRC.size], version, indices) == _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
+        return
+    if version >= 2 and np.size(indices):
+        raise BitstreamError(
+            "bitstream CRC32 mismatch over its bytes and decoded indices: the stream is corrupted, or "
+            "this machine's entropy model computed other probabilities than the encoder's (another "
+            "accelerator, XLA version or XLA flags) and the indices decoded wrongly; decode it where "
+            "it was encoded")
+    raise BitstreamError("corrupted bitstream (CRC32 mismatch)" + (
+        "; a codec stream's CRC also covers its decoded indices: read it with Codec.read_batch"
+        if version >= 2 else ""))
+
+
+def unpack(data: bytes, indices=()) -> tuple[Header, str, bytes]:
+    """(header, caption, payload) of a bitstream; BitstreamError for anything malformed.
+
+    `indices`: the index grid the (version >= 2) CRC also covers; () for a container packed
+    without one; None skips the CRC check of a version-2 stream, whose indices are not decoded
+    yet (the caller runs `check_crc(data, indices)` once they are)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"a bitstream is bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -269,9 +313,8 @@ def unpack(data: bytes) -> tuple[Header, str, bytes]:
         pos += n
     if pos != end:
         raise BitstreamError(f"{end - pos} trailing bytes after the end of the bitstream")
-    (crc,) = _CRC.unpack_from(data, end)
-    if zlib.crc32(data[:end]) != crc:
-        raise BitstreamError("corrupted bitstream (CRC32 mismatch)")
+    if version < 2 or indices is not None:
+        check_crc(data, () if indices is None else indices)
     try:
         schedule = schedules.schedule_name(sid)
     except ValueError as e:

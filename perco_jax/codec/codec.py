@@ -279,12 +279,12 @@ class Codec:
         indices = self.encode_images(prepared)
         payloads = self.encode_indices(indices, captions, spec)
         out = []
-        for (h, w), caption, payload in zip(sizes, captions, payloads):
+        for (h, w), caption, payload, grid in zip(sizes, captions, payloads, indices):
             header = Header(fingerprint=self.fingerprint, image_height=int(h), image_width=int(w),
                             grid_h=self.grid[0], grid_w=self.grid[1], codebook_size=self.config.codec.codebook_size,
                             schedule=name, schedule_steps=steps, schedule_seed=seed,
                             caption_coding=bitstream.smallest_caption_coding(caption))
-            out.append(bitstream.pack(header, caption, payload))
+            out.append(bitstream.pack(header, caption, payload, indices=grid))  # (the CRC covers them)
         return out
 
     def compress(self, image, caption: str = "", schedule: Optional[str] = None) -> bytes:
@@ -294,8 +294,10 @@ class Codec:
 
     def read_batch(self, streams: Sequence[bytes]) -> tuple[list[Header], list[str], np.ndarray]:
         """(headers, captions, indices [B, g, g]) of bitstreams; BitstreamError (a ValueError) on
-        malformed, corrupted or foreign streams."""
-        parsed = [bitstream.unpack(bytes(s)) for s in streams]
+        malformed, corrupted or foreign streams, and on indices that decode differently from the
+        encoder's (the CRC covers them: see codec/bitstream.py)."""
+        streams = [bytes(s) for s in streams]
+        parsed = [bitstream.unpack(s, indices=None) for s in streams]  # (CRC checked once decoded)
         k = self.config.codec.codebook_size
         for header, _, _ in parsed:
             bitstream.check_fingerprint(header, self.fingerprint)
@@ -315,6 +317,8 @@ class Codec:
             captions = [parsed[i][1] for i in rows]
             indices[rows] = entropy_coding.decode_indices(self._apply, [parsed[i][2] for i in rows], self.grid,
                                                           groups, self.context(captions), batch_size=self.batch)
+        for s, grid in zip(streams, indices):
+            bitstream.check_crc(s, grid)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
     def decode_images(self, indices, captions: Sequence[str], noise_ids=None, *, steps: Optional[int] = None,
@@ -368,7 +372,7 @@ def _as_stage2(config):
 
 def rate_split(stream: bytes) -> dict:
     """Bytes of a bitstream split into caption, indices and container (header, lengths, CRC)."""
-    header, caption, payload = bitstream.unpack(stream)
+    header, caption, payload = bitstream.unpack(stream, indices=None)  # (sizes only: no decoding)
     cap = len(bitstream.encode_caption(caption, header.caption_coding))
     return {"total": len(stream), "caption": cap, "indices": len(payload),
             "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width}
