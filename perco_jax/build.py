@@ -166,13 +166,13 @@ def build_text(config, workdir: str | Path):
     """
     from perco_jax.text import PromptEncoder, load_tokenizer
 
-    if config.pretrained:
-        from perco_jax.sd3 import SD3Pipeline
+    if config.pretrained:  # (only the text components are read)
+        from perco_jax.convert.pipeline import load_prompt_encoder
 
-        pipe = SD3Pipeline.load(config.pretrained, compute_dtype=jnp.dtype(config.dtype))
-        if pipe.prompt_encoder is None:
+        encoder, params = load_prompt_encoder(config.pretrained, compute_dtype=jnp.dtype(config.dtype))
+        if encoder is None:
             raise ConfigError(f"pretrained={config.pretrained} has no text encoders / tokenizers")
-        return pipe.prompt_encoder, {k: v for k, v in pipe.params.items() if k.startswith("text_encoder")}
+        return encoder, params
 
     from perco_jax.tiny import save_clip_tokenizer, save_t5_tokenizer
 

@@ -80,7 +80,8 @@ def read_manifest(folder: str | os.PathLike) -> dict:
 
 
 def load_weights(folder: str | os.PathLike, names: list[str] | None = None) -> tuple[dict, dict]:
-    """Return ({name: config}, {name: params}) for `names` (default: all components)."""
+    """Return ({name: config}, {name: params}) for `names` (default: all components); a subset is
+    read alone (as numpy arrays), the other components' bytes are not loaded."""
     import orbax.checkpoint as ocp
 
     folder = Path(folder).absolute()
@@ -89,5 +90,18 @@ def load_weights(folder: str | os.PathLike, names: list[str] | None = None) -> t
     lacking = [n for n in names if n not in configs]
     if lacking:
         raise CheckpointError(f"{folder} has no component(s) {lacking}; it has {sorted(configs)}")
-    restored = ocp.StandardCheckpointer().restore(folder / "params")
+    if set(names) == set(configs):
+        restored = ocp.StandardCheckpointer().restore(folder / "params")
+    else:  # read only the named components (e.g. SD3.5-large's VAE without its 8B MM-DiT and T5-XXL)
+        import jax
+        import numpy as np
+
+        ckptr = ocp.PyTreeCheckpointer()
+        meta = ckptr.metadata(folder / "params")
+        tree = getattr(meta, "item_metadata", meta)
+        wanted = {n: tree[n] for n in names}
+        item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), wanted)
+        args = jax.tree_util.tree_map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+        restored = ckptr.restore(folder / "params", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                                   partial_restore=True))
     return {n: configs[n] for n in names}, {n: restored[n] for n in names}

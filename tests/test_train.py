@@ -161,3 +161,45 @@ def test_restore_target_of_a_partly_frozen_state():
     assert any(isinstance(x, optax.MaskedNode) for x in masked)
     arrays = [x for x in masked if isinstance(x, jax.ShapeDtypeStruct)]
     assert arrays and all(x.sharding is not None for x in arrays)
+
+
+# A tiny SD3 pipeline in the codec's shapes: the SD3 VAE (factor 4: 32^2 images -> 8^2 x 16
+# latents), 2x2 patches, one layer per network.
+PRETRAINED = FAST + ["autoencoder=sd3_vae", "mmdit.in_channels=16", "mmdit.out_channels=16", "mmdit.patch_size=2",
+                     "vae.block_out_channels=(16, 32, 32)", "num_train_steps=2", "ema_decay=0.0"]
+
+
+@pytest.mark.slow
+def test_training_starts_from_a_converted_sd3_pipeline(tmp_path):
+    """config.pretrained = a `perco-jax convert` folder: the MM-DiT starts as the converted one (its
+    z_l input columns zero), the VAE and text encoders are the converted ones; embed-text reads the
+    same encoders and a run from its store trains the same."""
+    from perco_jax.cli import main as cli
+    from perco_jax.checkpoint import load_weights
+    from perco_jax.text_store import TextEmbeddingStore, embed_captions
+    from perco_jax.tiny import save_tiny_sd3_pipeline
+
+    save_tiny_sd3_pipeline(tmp_path / "pipe", seed=3, config=load_config("tiny", PRETRAINED))
+    assert cli(["convert", "--diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "w"), "--quiet"]) == 0
+    over = PRETRAINED + [f"pretrained={tmp_path / 'w'}"]
+    _, converted = load_weights(tmp_path / "w")
+    start = train(load_config("tiny", over + ["num_train_steps=0"]), tmp_path / "start", progress=False)
+    mmdit = jax.device_get(start.params["mmdit"])
+    kernel = mmdit["pos_embed"]["kernel"]  # [p, p, latent + z_l channels, width]
+    np.testing.assert_array_equal(kernel[:, :, :16], converted["transformer"]["pos_embed"]["kernel"])
+    assert kernel.shape[2] == 16 + load_config("tiny").codec.code_dim and not kernel[:, :, 16:].any()
+    np.testing.assert_array_equal(mmdit["blocks_0"]["attn"]["to_q"]["kernel"],
+                                  converted["transformer"]["blocks_0"]["attn"]["to_q"]["kernel"])
+
+    plain = train(load_config("tiny", over), tmp_path / "plain", progress=False)
+    embed_captions(load_config("tiny", over), tmp_path / "emb", progress=False)
+    store = TextEmbeddingStore(tmp_path / "emb", load_config("tiny", over))
+    assert store.identity["pretrained"] == str((tmp_path / "w").resolve())
+    with pytest.raises(ValueError, match="other text encoders"):
+        TextEmbeddingStore(tmp_path / "emb", load_config("tiny", PRETRAINED))  # random encoders
+    stored = train(load_config("tiny", over + [f"text.embeddings={tmp_path / 'emb'}"]), tmp_path / "stored",
+                   progress=False)
+    for x, y in zip(params_of(plain), params_of(stored)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    trained = jax.device_get(plain.params["mmdit"]["blocks_0"]["attn"]["to_q"]["kernel"])
+    assert not np.array_equal(trained, mmdit["blocks_0"]["attn"]["to_q"]["kernel"])  # it trained from there

@@ -174,7 +174,6 @@ def load_pipeline_components(folder: str | os.PathLike, dtype=jnp.float32, compu
     from perco_jax.models.mmdit import mmdit_from_config
     from perco_jax.models.vae import AutoencoderKL
     from perco_jax.sd3 import SD3Pipeline
-    from perco_jax.text import PromptEncoder, load_tokenizer
 
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -188,18 +187,49 @@ def load_pipeline_components(folder: str | os.PathLike, dtype=jnp.float32, compu
     params = {k: _cast(v, dtype) for k, v in params.items()}
     transformer = mmdit_from_config(config_from_diffusers(configs["transformer"]), dtype=cd)
     vae = AutoencoderKL(**vae_config_from_diffusers(configs["vae"]), dtype=cd)
-    encoder = None
-    if "text_encoder" in names and "text_encoder_2" in names and (folder / "tokenizer").is_dir():
-        clip_l = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder"]), dtype=cd)
-        clip_g = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder_2"]), dtype=cd)
-        t5 = tok3 = None
-        if "text_encoder_3" in names and (folder / "tokenizer_3").is_dir():
-            t5 = T5Encoder(**t5_config_from_hf(configs["text_encoder_3"]), dtype=cd)
-            tok3 = load_tokenizer(folder / "tokenizer_3")
-        encoder = PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
-                                clip_l, clip_g, tok3, t5, joint_attention_dim=transformer.joint_attention_dim)
+    encoder = _prompt_encoder(folder, configs, cd, transformer.joint_attention_dim)
     shift = manifest.get("metadata", {}).get("scheduler", {}).get("shift", DEFAULT_SHIFT)
     return SD3Pipeline(transformer, vae, encoder, params, shift=float(shift))
+
+
+def _text_components(folder: Path, names) -> list[str]:
+    """The text encoders a folder holds with their tokenizers ([] when CLIP-L / CLIP-G lack them)."""
+    if not ("text_encoder" in names and "text_encoder_2" in names and (folder / "tokenizer").is_dir()):
+        return []
+    t5 = "text_encoder_3" in names and (folder / "tokenizer_3").is_dir()
+    return ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if t5 else [])
+
+
+def _prompt_encoder(folder: Path, configs: dict, compute_dtype, joint_attention_dim: int):
+    """The PromptEncoder of a weights folder's text components and tokenizers (None without them)."""
+    from perco_jax.text import PromptEncoder, load_tokenizer
+
+    names = _text_components(folder, configs)
+    if not names:
+        return None
+    clip_l = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder"]), dtype=compute_dtype)
+    clip_g = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder_2"]), dtype=compute_dtype)
+    t5 = tok3 = None
+    if "text_encoder_3" in names:
+        t5 = T5Encoder(**t5_config_from_hf(configs["text_encoder_3"]), dtype=compute_dtype)
+        tok3 = load_tokenizer(folder / "tokenizer_3")
+    return PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
+                         clip_l, clip_g, tok3, t5, joint_attention_dim=joint_attention_dim)
+
+
+def load_prompt_encoder(folder: str | os.PathLike, dtype=jnp.float32, compute_dtype=None):
+    """(PromptEncoder, {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params}) of a weights
+    folder, reading only the text components (not the MM-DiT or VAE); (None, {}) without them."""
+    folder = Path(folder)
+    configs = read_manifest(folder)["components"]
+    if "transformer" not in configs:
+        raise ConversionError(f"{folder} has no transformer (its joint attention width sets the text context)")
+    names = _text_components(folder, configs)
+    if not names:
+        return None, {}
+    joint = int(config_from_diffusers(configs["transformer"])["joint_attention_dim"])
+    params = {k: _cast(v, dtype) for k, v in load_weights(folder, names)[1].items()}
+    return _prompt_encoder(folder, configs, compute_dtype or dtype, joint), params
 
 
 def _cast(tree, dtype):
