@@ -38,7 +38,9 @@ class TextEmbeddingCache:
         """(context [B, L, D], pooled [B, P]) for `captions`."""
         misses = list(dict.fromkeys(c for c in captions if c not in self._index))
         if misses:
-            ctx, pooled = self._encoder(self._params, misses, self._len)
+            # padded to a power of two: a few program shapes, not one per number of misses
+            n = 1 << (len(misses) - 1).bit_length()
+            ctx, pooled = self._encoder(self._params, misses + [""] * (n - len(misses)), self._len)
             ctx, pooled = np.asarray(ctx, np.float32), np.asarray(pooled, np.float32)
             for i, c in enumerate(misses):
                 self._index[c] = len(self._context)

@@ -101,3 +101,40 @@ def test_dataset_captions(tmp_path):
                                                      (("a.png", "one"), ("b.png", "two"), ("c.png", "one"))))
     folder = load_config("tiny", ["data.source=folder", f"data.folder={tmp_path}"])
     assert sorted(dataset_captions(folder)) == ["one", "two"]
+
+
+def test_cli_embed_text(tmp_path, capsys):
+    from perco_jax.cli import main as cli
+
+    out = tmp_path / "emb"
+    assert cli(["embed-text", "--config", "tiny", "-o", "text.max_sequence_length=8", "--out", str(out),
+                "--examples", "6", "--batch", "4", "--dtype", "bfloat16"]) == 0
+    assert "--config.text.embeddings=" in capsys.readouterr().out
+    config = load_config("tiny", OVER)
+    store = TextEmbeddingStore(out, config)
+    assert store.dtype == "bfloat16" and len(store) == 1 + len(dataset_captions(config, examples=6))
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli(["embed-text", "--config", "tiny", "--out", str(tmp_path / "x"), "--dtype", "int8"])
+
+
+def test_in_memory_cache_pads_misses_to_a_power_of_two(encoded, tmp_path):
+    """config.text.cache's TextEmbeddingCache: each batch's new captions are encoded in one call
+    padded to a power of two (few program shapes), with the encoders' values, and persisted."""
+    from perco_jax.text_cache import TextEmbeddingCache
+
+    config, encoder, params, _ = encoded
+    sizes = []
+
+    def counting(p, captions, length):
+        sizes.append(len(captions))
+        return encoder(p, captions, length)
+
+    cache = TextEmbeddingCache(counting, params, 8, tmp_path)
+    ctx, pooled = cache(CAPTIONS[:3])
+    ctx2, _ = cache(CAPTIONS)  # one new caption (CAPTIONS repeats its first)
+    assert sizes == [4, 1]
+    want_ctx, want_pooled = encoder(params, CAPTIONS, 8)
+    np.testing.assert_allclose(ctx2, np.asarray(want_ctx), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pooled, np.asarray(want_pooled)[:3], rtol=1e-6, atol=1e-6)
+    cache.save()
+    assert len(TextEmbeddingCache(counting, params, 8, tmp_path)) == len(set(CAPTIONS))
