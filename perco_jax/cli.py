@@ -242,16 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="stage 1 (codec) or, with --config.stage=2 --config.stage1_workdir=DIR, "
                                      "stage 2 (entropy model); resumes from the workdir's latest checkpoint")
-    t.add_argument("--config", default="tiny", help="preset name or config file (configs/*.py)")
+    _add_config_flags(t, "preset name or config file (configs/*.py)")
     t.add_argument("--workdir", required=True)
-    t.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
     _add_distributed_flags(t)
     t.set_defaults(fn=_train)
 
     et = sub.add_parser("embed-text", help="precompute the text embeddings of the training captions "
                                            "(each process writes its shard; train with --config.text.embeddings)")
-    et.add_argument("--config", default="tiny", help="preset name or config file (its data and text encoders)")
-    et.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    _add_config_flags(et, "preset name or config file (its data and text encoders)")
     et.add_argument("--out", required=True, help="output folder")
     et.add_argument("--examples", type=int, help="synthetic data: embed the captions of its first N examples "
                                                  "(default: num_train_steps x batch_size)")
@@ -263,8 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="memory per device of a training run on a mesh, from shapes only "
                                      "(params, gradients, optimiser, EMA, frozen encoders, activations)")
-    pl.add_argument("--config", default="tiny", help="preset name or config file")
-    pl.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    _add_config_flags(pl)
     pl.add_argument("--mesh", required=True, help="mesh shape, e.g. data=8,fsdp=8,tensor=1 (missing axes = 1; "
                                                   "one axis may be -1 with --devices)")
     pl.add_argument("--devices", type=int, help="total device count (resolves a -1 mesh axis; checks the mesh)")
@@ -281,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=_plan)
 
     e = sub.add_parser("export", help="a trained codec folder from a stage-1 and a stage-2 run")
-    e.add_argument("--config", default="tiny", help="the runs' preset name or config file")
-    e.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    _add_config_flags(e, "the runs' preset name or config file")
     e.add_argument("--stage1", required=True, help="stage-1 workdir")
     e.add_argument("--stage2", required=True, help="stage-2 workdir (trained on --stage1)")
     e.add_argument("--out", required=True, help="codec folder to write (what --checkpoint takes)")
@@ -317,10 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(sub)
 
     i = sub.add_parser("info", help="print a config and its model sizes")
-    i.add_argument("--config", default="tiny", help="preset name or config file")
-    i.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
+    _add_config_flags(i)
     i.set_defaults(fn=_info)
     return p
+
+
+def _add_config_flags(p: argparse.ArgumentParser, help: str = "preset name or config file") -> None:
+    p.add_argument("--config", default="tiny", help=help)
+    p.add_argument("--override", "-o", action="append", default=[], help="key=value config override")
 
 
 def _add_distributed_flags(p: argparse.ArgumentParser) -> None:

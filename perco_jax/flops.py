@@ -166,13 +166,15 @@ def step_flops(config, batch: int | None = None) -> StepFlops:
 def text_forward_flops(config, batch: int) -> int:
     """Forward FLOPs of CLIP-L, CLIP-G (77 tokens) and T5 (max_sequence_length) on `batch` captions."""
     from perco_jax import build
+    from perco_jax.plan import abstract_text_encoders
 
     clip_l, clip_g, t5 = build.text_modules(config)
+    abstract = nn.meta.unbox(abstract_text_encoders(config))  # {"CLIP-L", "CLIP-G", "T5": params}
     total = 0
-    for module, length, method in ((clip_l, 77, "sd3_outputs"), (clip_g, 77, "sd3_outputs"),
-                                   (t5, config.text.max_sequence_length, None)):
+    for module, params, length, method in ((clip_l, abstract["CLIP-L"], 77, "sd3_outputs"),
+                                           (clip_g, abstract["CLIP-G"], 77, "sd3_outputs"),
+                                           (t5, abstract["T5"], config.text.max_sequence_length, None)):
         ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-        params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), ids)["params"])
         fn = getattr(module, method) if method else None
         total += count_flops(lambda p, i, m=module, f=fn: m.apply({"params": p}, i, method=f), params, ids)
     return total

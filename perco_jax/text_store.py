@@ -6,7 +6,8 @@
 **The job** (`embed_captions`). Every process lists the distinct captions of the config's training
 data (`data.pipeline.dataset_captions`) plus the empty prompt, in the same order; process p of P
 encodes captions p, p + P, p + 2P, ... with the frozen text encoders on its own devices (batches of
-a fixed size, split over a mesh of its local devices: no collective between processes) and writes
+a fixed size; params and batch split over a mesh of its local devices: no collective between
+processes) and writes
 `EMB/embeddings-p-of-P.array_record`, one record per caption (msgpack of {"caption", "context"
 [L, D], "pooled" [P_dim]}), then `EMB/embeddings-p-of-P.json` (its captions in record order, the
 shapes, the dtype and `text_identity`) once the records are closed. A shard whose .json exists
@@ -63,7 +64,6 @@ def embed_captions(config, out: str | os.PathLike, *, captions: Sequence[str] | 
     import jax.numpy as jnp
     from array_record.python.array_record_module import ArrayRecordWriter
     from flax import serialization
-    from jax.sharding import NamedSharding, PartitionSpec as P
     from tqdm.auto import tqdm
 
     from perco_jax import build, parallel
@@ -88,15 +88,16 @@ def embed_captions(config, out: str | os.PathLike, *, captions: Sequence[str] | 
 
     with tempfile.TemporaryDirectory(prefix="perco_jax_tokenizers_") as tmp:  # (tiny tokenizers: made by code)
         encoder, params = build.build_text(config, tmp)
-    local = jax.local_devices()
-    mesh = parallel.make_mesh({"data": -1}, local)
-    rules = parallel.rules_from_config(config.sharding_rules)
-    from perco_jax.train.loop import frozen_shardings
+    from perco_jax.train.loop import text_shardings
 
-    params = parallel.place({"text": params, "autoencoder": {}},
-                            frozen_shardings(config, {"text": params, "autoencoder": {}}, encoder, None, mesh, rules))["text"]
+    # this host's devices as one fsdp axis: the encoders' params split over them as in training
+    # (T5-XXL need not fit one device), the captions too
+    local = jax.local_devices()
+    mesh = parallel.make_mesh({"fsdp": -1}, local)
+    params = parallel.place(params, text_shardings(encoder, params, mesh,
+                                                   parallel.rules_from_config(config.sharding_rules)))
     batch = math.ceil(batch_size / len(local)) * len(local)  # fixed shape, divisible by the devices
-    ids_sharding = NamedSharding(mesh, P("data"))
+    ids_sharding = parallel.batch_sharding(mesh)
     length = int(config.text.max_sequence_length)
     store_dtype = jnp.dtype(dtype)
     tmp_records = out / f"{shard_name(p, n_proc)}.array_record.tmp"

@@ -282,23 +282,24 @@ def frozen_shardings(config, frozen: dict, prompt_encoder, autoencoder, mesh, ru
     fsdp / tensor like the trained model's; config.frozen_placement = "replicated" keeps a full copy
     on every device instead), the stage-1 codec as it was restored."""
     if config.get("frozen_placement", "sharded") == "replicated":
-        out = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen)
-        if "codec" in frozen:
-            out["codec"] = jax.tree_util.tree_map(lambda x: x.sharding, frozen["codec"])
-        return out
-    out = {"text": {}, "autoencoder": {}}
-    if frozen["text"]:
-        ids = (jnp.zeros((1, 8), jnp.int32),)
-        modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
-                   "text_encoder_3": prompt_encoder.t5}
-        out["text"] = {name: parallel.module_shardings(modules[name], ids, p, mesh, rules)
-                       for name, p in frozen["text"].items()}
-    if frozen["autoencoder"]:
-        x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
-        out["autoencoder"] = parallel.module_shardings(autoencoder, (x,), frozen["autoencoder"], mesh, rules)
+        out = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen[k]) for k in ("text", "autoencoder")}
+    else:
+        out = {"text": text_shardings(prompt_encoder, frozen["text"], mesh, rules), "autoencoder": {}}
+        if frozen["autoencoder"]:
+            x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
+            out["autoencoder"] = parallel.module_shardings(autoencoder, (x,), frozen["autoencoder"], mesh, rules)
     if "codec" in frozen:
         out["codec"] = jax.tree_util.tree_map(lambda x: x.sharding, frozen["codec"])
     return out
+
+
+def text_shardings(prompt_encoder, text_params: dict, mesh, rules) -> dict:
+    """Shardings of {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params} by the logical
+    axes of the prompt encoder's CLIP-L / CLIP-G / T5 modules."""
+    ids = (jnp.zeros((1, 8), jnp.int32),)
+    modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
+               "text_encoder_3": prompt_encoder.t5}
+    return {name: parallel.module_shardings(modules[name], ids, p, mesh, rules) for name, p in text_params.items()}
 
 
 def _autoencoder_params(config, autoencoder):
