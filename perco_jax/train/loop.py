@@ -295,7 +295,10 @@ def frozen_shardings(config, frozen: dict, prompt_encoder, autoencoder, mesh, ru
 
 def text_shardings(prompt_encoder, text_params: dict, mesh, rules) -> dict:
     """Shardings of {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params} by the logical
-    axes of the prompt encoder's CLIP-L / CLIP-G / T5 modules."""
+    axes of the prompt encoder's CLIP-L / CLIP-G / T5 modules ({} without text params: a run that
+    reads precomputed embeddings has no prompt encoder)."""
+    if not text_params:
+        return {}
     ids = (jnp.zeros((1, 8), jnp.int32),)
     modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
                "text_encoder_3": prompt_encoder.t5}
