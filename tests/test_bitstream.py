@@ -14,9 +14,16 @@ from perco_jax.codec import range_coding as rc
 
 FP = bs.fingerprint({"model": "tiny", "grid": 4, "codebook_size": 64})
 HEADER = bs.Header(fingerprint=FP, image_height=512, image_width=384, grid_h=16, grid_w=12,
-                   codebook_size=1024, schedule="qlds", schedule_steps=8)
+                   codebook_size=1024, schedule="qlds", schedule_steps=8)   # version 2 (stand-alone)
+# the model a version-3 stream expands against: native size 512x512, default schedule qlds:8
+MODEL = dataclasses.replace(HEADER, version=3, image_width=512)
+GRID = np.arange(16 * 12).reshape(16, 12) % 1024
 
 
+def _v3_crc(body: bytes, indices=(), key: bytes = FP) -> bytes:
+    """The CRC32 a version-3 stream ends with: keyed with the whole fingerprint, then its indices."""
+    crc = zlib.crc32(np.asarray(indices, "<u4").tobytes(), zlib.crc32(body, zlib.crc32(key)))
+    return body + struct.pack("<I", crc)
 
 
 # ----------------------------------------------------------------------------- container
@@ -24,12 +31,13 @@ HEADER = bs.Header(fingerprint=FP, image_height=512, image_width=384, grid_h=16,
 @pytest.mark.parametrize("caption", ["", "a photo of a cat on a red sofa", "猫がソファの上で寝ている 🐈‍⬛🛋️",
                                      "emoji only 😀😃😄😁", "x" * 5000, "tab\tnewline\nnul\0 é ß ∑"])
 @pytest.mark.parametrize("coding", [bs.CAPTION_DEFLATE, bs.CAPTION_UTF8])
-def test_pack_unpack_round_trip(caption, coding):
-    header = dataclasses.replace(HEADER, caption_coding=coding)
+@pytest.mark.parametrize("version", [2, 3])
+def test_pack_unpack_round_trip(caption, coding, version):
+    header = dataclasses.replace(HEADER if version == 2 else MODEL, caption_coding=coding)
     payload = bytes(range(256)) * 3
-    data = bs.pack(header, caption, payload)
-    assert data[:4] == b"PRCO" and data[4] == bs.VERSION
-    h, c, p = bs.unpack(data)
+    data = bs.pack(header, caption, payload, indices=GRID, model=MODEL)
+    assert data[:5] == b"PRCO\2" if version == 2 else data[0] == 0xA3
+    h, c, p = bs.unpack(data, indices=GRID, model=MODEL)
     assert (h, c, p) == (header, caption, payload)
 
 
@@ -38,6 +46,12 @@ def test_layout_and_overhead():
     # magic + version + fixed header + two one-byte varints + CRC (raw DEFLATE of "" is 2 bytes)
     assert len(data) == 4 + 1 + 27 + 1 + 2 + 1 + 4
     assert struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
+    # version 3, the common case (native size, default schedule): mark, tag, flags, caption
+    # length, CRC: 9 bytes of framing
+    header = dataclasses.replace(MODEL, caption_coding=bs.CAPTION_UTF8)
+    data = bs.pack(header, "a cat", b"\7" * 100, indices=GRID, model=MODEL)
+    assert data == _v3_crc(b"\xa3" + FP[:2] + bytes([bs.CAPTION_UTF8 << 2, 5]) + b"a cat" + b"\7" * 100, GRID)
+    assert len(data) - 5 - 100 == 9 <= 10
     caption = "a photo of a cat"
     assert zlib.decompress(bs.encode_caption(caption, bs.CAPTION_DEFLATE), wbits=-15) == caption.encode()
     assert bs.smallest_caption_coding("a cat", codings=(bs.CAPTION_DEFLATE, bs.CAPTION_UTF8)) == bs.CAPTION_UTF8
@@ -49,17 +63,40 @@ def test_all_schedules_and_uniform_in_header():
     for name in (schedules.UNIFORM,) + schedules.SCHEDULES:
         steps = 5 if name in schedules.STEPPED else 0
         seed = 123 if name in ("random", "cosine") else 0
-        header = dataclasses.replace(HEADER, schedule=name, schedule_steps=steps, schedule_seed=seed)
-        assert bs.unpack(bs.pack(header, "c", b"\1"))[0] == header
+        for base in (HEADER, MODEL):
+            header = dataclasses.replace(base, schedule=name, schedule_steps=steps, schedule_seed=seed)
+            assert bs.unpack(bs.pack(header, "c", b"\1", model=MODEL), model=MODEL)[0] == header
+
+
+@pytest.mark.parametrize("changes,extra", [
+    ({}, 0),
+    ({"schedule_steps": 12}, 2),                                            # id, steps
+    ({"schedule": "checkerboard", "schedule_steps": 0}, 1),                 # id
+    ({"schedule": schedules.UNIFORM, "schedule_steps": 0}, 1),
+    ({"schedule": "random", "schedule_steps": 300, "schedule_seed": 65535}, 1 + 2 + 3),
+    ({"schedule": "cosine", "schedule_steps": 8, "schedule_seed": 0}, 3),
+    ({"image_height": 512, "image_width": 384}, 4),                         # two 2-byte varints
+    ({"image_height": 1, "image_width": 65535}, 1 + 3),
+    ({"image_height": 16, "image_width": 12, "schedule": "quincunx", "schedule_steps": 0}, 2 + 1),
+    ({"flags": 0x81}, 1),
+    ({"image_height": 2000, "schedule": "qlds", "schedule_steps": 1, "flags": 1, "caption_coding": 2}, 4 + 2 + 1),
+])
+def test_v3_long_forms_round_trip(changes, extra):
+    """Only what differs from the model's common case is sent, and all of it comes back."""
+    header = dataclasses.replace(MODEL, **changes)
+    data = bs.pack(header, "a cat", b"\1\2\3", indices=GRID, model=MODEL)
+    assert bs.unpack(data, indices=GRID, model=MODEL) == (header, "a cat", b"\1\2\3")
+    stored = len(bs.encode_caption("a cat", header.caption_coding))
+    assert len(data) - stored - 3 == 9 + extra
 
 
 def _with_crc(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
-def _raises(data, match):
+def _raises(data, match, **kw):
     with pytest.raises(bs.BitstreamError, match=match):
-        bs.unpack(data)
+        bs.unpack(data, **kw)
 
 
 def test_strict_parsing_messages():
@@ -67,8 +104,10 @@ def test_strict_parsing_messages():
     _raises(b"GIF89a" + good[6:], "not a perco-jax bitstream")
     _raises(b"", "truncated")
     _raises(b"PR", "truncated")
-    _raises(good[:4] + bytes([bs.VERSION + 1]) + good[5:], "newer")
+    _raises(bytes([0xA0 | bs.VERSION + 1]) + good[5:], "newer")
     _raises(good[:4] + b"\0" + good[5:], "unsupported bitstream version 0")
+    _raises(good[:4] + b"\3" + good[5:], "unsupported bitstream version 3")  # v3 is never "PRCO"
+    _raises(b"\xa2" + good[5:], "not a perco-jax bitstream")
     for cut in (5, 20, 33, len(good) - 5, len(good) - 1):
         _raises(good[:cut], "truncated")
     _raises(good + b"\0", "trailing bytes")
@@ -90,7 +129,6 @@ def test_strict_parsing_messages():
         return _with_crc(bytes(b))
 
     _raises(with_fields(sid=99), "unknown masking schedule id 99")
-    _raises(with_fields(gh=600), "larger than the image")
     _raises(with_fields(ih=0), "image_height")
     _raises(with_fields(gw=0), "grid_w")
     _raises(with_fields(k=1), "codebook_size")
@@ -108,6 +146,52 @@ def test_strict_parsing_messages():
     _raises(_with_crc(bytes(b[:32]) + b"\x7f"), "points past the end")
     # non-minimal varint
     _raises(_with_crc(bytes(b[:32]) + b"\x80\x00" + b"\x00"), "non-minimal")
+
+
+def test_strict_parsing_messages_v3():
+    good = bs.pack(MODEL, "a cat", b"\x01\x02\x03", model=MODEL)
+    prefix = b"\xa3" + FP[:2]
+
+    def v3(rest: bytes, match):  # a stream with a valid (keyed) CRC: the parser has to find it
+        _raises(_v3_crc(prefix + rest), match, model=MODEL)
+
+    for cut in range(len(good)):  # the payload's end is implied: cuts into it fail the CRC
+        _raises(good[:cut], "truncated" if cut < len(good) - 3 else "CRC32 mismatch", model=MODEL)
+    _raises(good + b"\0", "CRC32 mismatch", model=MODEL)
+    v3(b"\x20\x00", "unknown flag bits 0x20")
+    v3(b"\x0c\x00", "unknown caption coding 3")
+    v3(b"\x00\x05ab", "points past the end")
+    v3(b"\x00\x80\x00", "non-minimal caption length")
+    v3(b"\x00\x80", "truncated .inside the caption length")
+    v3(b"\x01\x80\x04", "truncated .inside the image width")
+    v3(b"\x01\x00\x05\x00", "image_height = 0")
+    v3(b"\x01\x80\x80\x04\x01\x00", "image_height = 65536")
+    v3(b"\x02\x63\x00", "unknown masking schedule id 99")
+    v3(bytes([0x02, schedules.schedule_id("qlds")]), "truncated .inside the schedule steps")
+    v3(bytes([0x02, schedules.schedule_id("random"), 8]), "truncated .inside the schedule seed")
+    v3(bytes([0x02, schedules.schedule_id("qlds"), 0, 0]), "schedule_steps")
+    v3(bytes([0x12, schedules.schedule_id("checkerboard")]), "truncated .no codec flags")
+    # one encoding per header: a long form that says what the short form says is corruption
+    v3(b"\x01\x80\x04\x80\x04\x00", "long form")                            # the native size
+    v3(bytes([0x02, schedules.schedule_id("qlds"), 8, 0]), "long form")        # the default schedule
+    v3(b"\x10\x00\x00", "long form")                                        # codec flags 0
+    # the same bytes, canonical: they parse
+    assert bs.unpack(_v3_crc(prefix + b"\x04\x00"), model=MODEL) == (
+        dataclasses.replace(MODEL, caption_coding=bs.CAPTION_UTF8), "", b"")
+
+
+def test_old_versions_still_read():
+    """Streams written by the version-1 and -2 packer (bytes recorded from it) read, and the packer
+    still writes them byte for byte."""
+    v2 = bytes.fromhex("5052434f02771e177a434cb5c50002800110000c00000400000408000000010005612063617403010203a238759a")
+    v1 = bytes.fromhex("5052434f01771e177a434cb5c50002800110000c00000400000408000000010005612063617403010203cc306dc3")
+    header = dataclasses.replace(HEADER, caption_coding=bs.CAPTION_UTF8)
+    assert bs.unpack(v2, indices=GRID) == (header, "a cat", b"\1\2\3")
+    assert bs.unpack(v1) == (dataclasses.replace(header, version=1), "a cat", b"\1\2\3")
+    assert bs.pack(header, "a cat", b"\1\2\3", indices=GRID) == v2
+    assert bs.pack(dataclasses.replace(header, version=1), "a cat", b"\1\2\3") == v1
+    with pytest.raises(bs.BitstreamError, match="decoded indices"):
+        bs.check_crc(v2, GRID + 1)
 
 
 def test_crc_covers_the_decoded_indices():
@@ -128,6 +212,17 @@ def test_crc_covers_the_decoded_indices():
         bs.unpack(data)  # read as a container without indices
     with pytest.raises(bs.BitstreamError, match=r"\[0, 2\^32\)"):
         bs.pack(HEADER, "", b"", indices=[-1])
+    # version 3: keyed with the whole fingerprint, then over the indices, no extra bytes either
+    data = bs.pack(MODEL, "a cat", b"\x01\x02", indices=grid, model=MODEL)
+    assert data == _v3_crc(data[:-4], grid)
+    assert len(data) == len(bs.pack(MODEL, "a cat", b"\x01\x02", model=MODEL))
+    assert bs.unpack(data, indices=grid, model=MODEL)[1:] == ("a cat", b"\x01\x02")
+    assert bs.unpack(data, indices=None, model=MODEL)[1] == "a cat"
+    bs.check_crc(data, grid, model=MODEL)
+    with pytest.raises(bs.BitstreamError, match="decoded indices"):
+        bs.check_crc(data, other, model=MODEL)
+    with pytest.raises(bs.BitstreamError, match="Codec.read_batch"):
+        bs.unpack(data, model=MODEL)
 
 
 def test_pack_rejects_invalid_headers():
@@ -139,6 +234,12 @@ def test_pack_rejects_invalid_headers():
         bs.pack(dataclasses.replace(HEADER, schedule="zigzag"), "", b"")
     with pytest.raises(bs.BitstreamError, match="UTF-8"):
         bs.pack(HEADER, "bad surrogate \ud800", b"")
+    with pytest.raises(bs.BitstreamError, match="needs model="):
+        bs.pack(MODEL, "", b"")
+    with pytest.raises(bs.BitstreamError, match="sends no grid_h"):
+        bs.pack(dataclasses.replace(MODEL, grid_h=8), "", b"", model=MODEL)
+    with pytest.raises(bs.BitstreamError, match="sends no fingerprint"):
+        bs.pack(dataclasses.replace(MODEL, fingerprint=bytes(8)), "", b"", model=MODEL)
 
 
 def test_fingerprint():
@@ -153,13 +254,36 @@ def test_fingerprint():
         bs.check_fingerprint(header, bs.fingerprint({"model": "other"}))
 
 
-def test_random_corruptions_never_escape():
+def test_v3_another_model_is_refused(monkeypatch):
+    """The 2-byte tag gives the clear message; a model sharing the tag fails the keyed CRC."""
+    data = bs.pack(MODEL, "a cat", b"\1", indices=GRID, model=MODEL)
+    other = dataclasses.replace(MODEL, fingerprint=bs.fingerprint({"model": "other"}))
+    assert other.fingerprint[:2] != FP[:2]
+    for indices in (None, GRID):
+        _raises(data, f"different model/config .fingerprint tag {FP[:2].hex()}, this model/config has "
+                      f"{other.fingerprint.hex()}", indices=indices, model=other)
+    same_tag = dataclasses.replace(MODEL, fingerprint=FP[:2] + bytes(6))
+    _raises(data, "CRC32 mismatch.*another model/config", indices=GRID, model=same_tag)
+    # without a model: the one registered with the stream's tag (a Codec registers itself)
+    monkeypatch.setattr(bs, "_MODELS", {})
+    _raises(data, "no codec loaded here has its fingerprint tag", indices=GRID)
+    bs.register(MODEL)
+    assert bs.unpack(data, indices=GRID)[1] == "a cat"
+    bs.check_crc(data, GRID)
+    bs.register(same_tag)
+    _raises(data, "more than one codec", indices=GRID)
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_random_corruptions_never_escape(version):
+    """As the codec reads: parse, decode the indices, check the CRC over them."""
     rng = np.random.default_rng(1234)
     symbols = rng.integers(0, 64, 40).astype(np.int32)
-    good = bs.pack(dataclasses.replace(HEADER, grid_h=8, grid_w=5, codebook_size=64, schedule=schedules.UNIFORM,
-                                       schedule_steps=0),
-                   "a photo of a cat on a red sofa 🐈", rc.encode_uniform(symbols, 64))
-    h, _, payload = bs.unpack(good)
+    model = dataclasses.replace(MODEL, grid_h=8, grid_w=5, codebook_size=64)
+    header = dataclasses.replace(model, version=version, schedule=schedules.UNIFORM, schedule_steps=0)
+    good = bs.pack(header, "a photo of a cat on a red sofa 🐈", rc.encode_uniform(symbols, 64),
+                   indices=symbols, model=model)
+    h, _, payload = bs.unpack(good, indices=symbols, model=model)
     np.testing.assert_array_equal(rc.decode_uniform(payload, h.grid_h * h.grid_w, h.codebook_size), symbols)
     outcomes = {"error": 0, "valid": 0}
     for trial in range(1000):
@@ -179,8 +303,9 @@ def test_random_corruptions_never_escape():
             data[pos:pos] = rng.integers(0, 256, rng.integers(1, 5)).astype(np.uint8).tobytes()
         with time_limit(0.5):
             try:
-                header, caption, payload = bs.unpack(bytes(data))
-                rc.decode_uniform(payload, header.grid_h * header.grid_w, header.codebook_size)
+                header, caption, payload = bs.unpack(bytes(data), indices=None, model=model)
+                decoded = rc.decode_uniform(payload, header.grid_h * header.grid_w, header.codebook_size)
+                bs.check_crc(bytes(data), decoded, model=model)
                 outcomes["valid"] += 1
             except bs.BitstreamError:
                 outcomes["error"] += 1

@@ -1,6 +1,8 @@
 """The real codec on a briefly trained tiny model: stage 2, compress / decompress round trips per
 schedule, rate against the model's cross-entropy, corruptions, wrong checkpoints, bad images,
 8-device vs 1-device determinism, the CLI."""
+import copy
+import dataclasses
 import math
 import os
 import subprocess
@@ -104,8 +106,37 @@ def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(t
     np.testing.assert_allclose(alone, out[2], atol=1e-4)
 
 
-def _with_crc(body: bytes) -> bytes:
-    return body + zlib.crc32(body).to_bytes(4, "little")
+def test_framing_is_at_most_10_bytes_and_long_forms_round_trip(trained, heldout):
+    """Version 3 sends only what the codec does not know: at its native size under its default
+    schedule a stream spends 9 bytes on framing (the target is at most 10); other sizes (RESIZE
+    keeps the original's) and schedules are sent in full and come back."""
+    _, _, codec = trained
+    images, captions = heldout
+    for s in codec.compress_batch(images, captions):  # 32 x 32 (native), config.codec.schedule
+        r = rate_split(s)
+        assert s[0] == 0xA3 and r["container"] == 9 <= 10, r
+        assert r["total"] == r["caption"] + r["indices"] + r["container"] and r["pixels"] == 32 * 32
+        assert rate_split(s, codec.stream_model) == r
+    wide = np.clip(np.repeat(images[0], 2, axis=1)[:, :50], 0, 1)
+    batch = [images[2], wide, images[1][:2, :3]]
+    want = codec.encode_images(np.stack([prepare_image(im, 32) for im in batch]))
+    # extra bytes: image size = two 1-byte varints; schedule = id [+ steps varint [+ seed varint]]
+    for spec, extra in ((None, 0), ("checkerboard", 1), ("qlds:12", 2), ("random:8:300", 4), ("uniform", 1)):
+        streams = codec.compress_batch(batch, captions[2:5], schedule=spec)
+        headers, got, indices = codec.read_batch(streams)
+        np.testing.assert_array_equal(indices, want, err_msg=spec)
+        assert got == captions[2:5]
+        assert [(h.image_height, h.image_width) for h in headers] == [(32, 32), (32, 50), (2, 3)]
+        assert {(h.schedule, h.schedule_steps, h.schedule_seed) for h in headers} == \
+            {schedules.parse_spec(spec or codec.config.codec.schedule)}
+        splits = [rate_split(s) for s in streams]
+        assert [r["container"] for r in splits] == [9 + extra, 11 + extra, 11 + extra], spec
+        assert [r["pixels"] for r in splits] == [32 * 32, 32 * 50, 2 * 3]
+
+
+def _with_crc(body: bytes, key: bytes = b"") -> bytes:
+    """body + its CRC32 (of its bytes alone), keyed as version 3 keys it with the fingerprint."""
+    return body + zlib.crc32(body, zlib.crc32(key)).to_bytes(4, "little")
 
 
 def test_corruptions_and_truncations_end_in_a_clean_error_or_a_valid_decode(trained, heldout):
@@ -128,13 +159,13 @@ def test_corruptions_and_truncations_end_in_a_clean_error_or_a_valid_decode(trai
             s = s[:at] + bytes(rng.integers(0, 256, rng.integers(1, 6)).astype(np.uint8)) + s[at:]
         else:               # corrupted payload with a CRC of its bytes: reaches the range decoder
             body = bytearray(s[:-4])
-            header, caption, payload = bitstream.unpack(bytes(s), indices=None)
+            header, caption, payload = bitstream.unpack(bytes(s), indices=None, model=codec.stream_model)
             start = len(body) - len(payload)
             if payload:
                 body[start + rng.integers(0, len(payload))] ^= int(rng.integers(1, 256))
             else:
                 body = body[:start] + bytes([rng.integers(0, 256)])
-            s = bytearray(_with_crc(bytes(body)))
+            s = bytearray(_with_crc(bytes(body), codec.fingerprint))
         try:
             _, _, indices = codec.read_batch([bytes(s)])
         except BitstreamError:
@@ -153,18 +184,23 @@ def test_indices_decoded_otherwise_than_encoded_are_an_error_not_a_wrong_image(t
     _, _, codec = trained
     images, captions = heldout
     streams = codec.compress_batch(images[:4], captions[:4])
-    want = codec.read_batch(streams)[2]
+    headers, caps, want = codec.read_batch(streams)
+    # the same streams as the version-1 and -2 packer writes them ("PRCO"; the CRC of v2 covers
+    # the indices, v1's the bytes alone): still read
+    payloads = [bitstream.unpack(s, indices=None, model=codec.stream_model)[2] for s in streams]
+    old = {v: [bitstream.pack(dataclasses.replace(h, version=v), c, p, indices=g)
+               for h, c, p, g in zip(headers, caps, payloads, want)] for v in (1, 2)}
+    for v, olds in old.items():
+        assert all(s[:5] == b"PRCO" + bytes([v]) for s in olds)
+        np.testing.assert_array_equal(codec.read_batch(olds)[2], want)
     apply = codec._apply
     noise = np.random.default_rng(0).normal(0, 1.0, (codec.batch,) + codec.grid + (codec.config.codec.codebook_size,))
     monkeypatch.setattr(codec, "_apply", lambda x, m, c=None: apply(x, m, c) + noise.astype(np.float32))
-    with pytest.raises(BitstreamError, match="decoded indices.*another accelerator"):
-        codec.read_batch(streams)
+    for version_streams in (streams, old[2]):
+        with pytest.raises(BitstreamError, match="decoded indices.*another accelerator"):
+            codec.read_batch(version_streams)
     monkeypatch.setattr(codec, "_apply", apply)
     np.testing.assert_array_equal(codec.read_batch(streams)[2], want)
-    # version-1 streams (CRC of the bytes alone) are still read
-    v1 = [bytes(s[:4]) + b"\x01" + bytes(s[5:-4]) for s in streams]
-    v1 = [b + zlib.crc32(b).to_bytes(4, "little") for b in v1]
-    np.testing.assert_array_equal(codec.read_batch(v1)[2], want)
 
 
 def test_wrong_checkpoint_is_detected(trained, heldout):
@@ -180,8 +216,14 @@ def test_wrong_checkpoint_is_detected(trained, heldout):
     from perco_jax.codec.codec import fingerprint_of
     other.fingerprint = fingerprint_of(other.config, other.codec_params, other.entropy_params)
     assert other.fingerprint != codec.fingerprint
-    with pytest.raises(BitstreamError, match="different model"):
+    with pytest.raises(BitstreamError, match="different model/config .fingerprint tag"):
         other.read_batch([stream])
+    # a checkpoint whose fingerprint starts with the same 2-byte tag: the CRC, keyed with the
+    # whole fingerprint, refuses it
+    same_tag = copy.copy(codec)
+    same_tag.fingerprint = codec.fingerprint[:2] + bytes(b ^ 0xFF for b in codec.fingerprint[2:])
+    with pytest.raises(BitstreamError, match="CRC32 mismatch.*another model/config"):
+        same_tag.read_batch([stream])
     # the saved folder decodes what the in-memory codec encoded
     np.testing.assert_array_equal(Codec.load(folder).read_batch([stream])[2], codec.read_batch([stream])[2])
     from perco_jax.checkpoint import CheckpointError

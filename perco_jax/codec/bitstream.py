@@ -1,36 +1,65 @@
 """The perco-jax bitstream: a small versioned container with strict parsing.
 
-Layout (all integers little-endian):
+Version 3 (what the codec writes) leaves out everything the decoding model already knows; versions
+1 and 2 (a fixed 38-byte frame) are still read. All integers little-endian; varints are unsigned
+LEB128 in their minimal form. docs/bitstream.md has the same layouts with the reasons.
+
+Version 3 (first byte 0xA3 = _MARK | 3: never b"P", so it cannot be taken for a "PRCO" stream):
+
+    size  field
+    1     0xA3
+    2     fingerprint tag: the first TAG_BYTES bytes of the model's fingerprint (see `fingerprint`)
+    1     flags: bit 0 SIZE (an image size follows, else the model's native size), bit 1 SCHEDULE
+          (a schedule follows, else the model's default one), bits 2-3 caption coding, bit 4 FLAGS
+          (a codec flags byte follows, else 0), bits 5-7 zero
+    [2-6] SIZE: image_height, image_width (varints)
+    [1-7] SCHEDULE: schedule id (uint8, see perco_jax.schedules), then schedule_steps (varint) for
+          the stepped schedules, then schedule_seed (varint) for random / cosine
+    [1]   FLAGS: the codec flags byte (nonzero)
+    1-5   caption length L (varint)
+    L     caption (see below)
+    P     index payload: the rest of the stream up to the CRC (its length is implied)
+    4     CRC32 keyed with the model's whole 8-byte fingerprint: over the fingerprint, every byte
+          before the CRC, then the index grid the payload codes (uint32, row-major)
+
+The model (a `Header` of its common case, Codec.stream_model: fingerprint, native image size,
+index grid, codebook size, default schedule) is what the tag and flags expand against: grid and
+codebook size are never sent, size and schedule only when they differ from the model's (each
+field has one encoding: a long form equal to the short form is refused). Framing of the common
+case: 1 + 2 + 1 + 1 + 4 = 9 bytes. A stream with another tag is refused as "made with a different
+model/config"; another model sharing the 2-byte tag (a 2^-16 chance) fails the keyed CRC.
+
+Versions 1 and 2 (magic b"PRCO", then the version byte; written only for stand-alone containers):
 
     offset  size  field
     0       4     magic b"PRCO"
-    4       1     version (this module writes and reads VERSION; newer ones are refused)
+    4       1     version (1 or 2)
     5       27    fixed header, struct "<8sHHHHIBHHBB":
-                    fingerprint (8 bytes: the model/config that made it, see `fingerprint`),
-                    image_height, image_width, grid_h, grid_w (uint16 each),
-                    codebook_size (uint32), schedule id (uint8, see perco_jax.schedules),
-                    schedule_steps, schedule_seed (uint16 each), caption_coding, flags (uint8)
-    32      1-5   caption length L (unsigned LEB128 varint, minimal form)
-            L     caption: raw DEFLATE (zlib, wbits=-15), plain UTF-8 or the English-text
-                  context model (perco_jax.codec.caption_coding), per caption_coding
+                    fingerprint (8 bytes), image_height, image_width, grid_h, grid_w (uint16 each),
+                    codebook_size (uint32), schedule id (uint8), schedule_steps, schedule_seed
+                    (uint16 each), caption_coding, flags (uint8)
+    32      1-5   caption length L (varint)
+            L     caption
             1-5   payload length P (varint)
             P     index payload (range coded or uniform, see perco_jax.codec.range_coding)
-            4     CRC32 of every byte before it, continued (version >= 2) over the index grid the
-                  payload codes (uint32 little-endian, row-major)
+            4     CRC32 of every byte before it, continued (version 2) over the index grid
 
-Why the CRC covers the decoded indices: entropy decoding recomputes the model's probabilities, and
-another machine (accelerator, XLA version or flags) may compute them a rounding apart, which can
-make the range decoder leave the encoder's path without any error. Covering the indices turns that
-into a CRC mismatch at no cost in bytes; the price is that the check of a version-2 stream runs
-after its indices are decoded (`unpack(data, indices=None)`, decode, then `check_crc`). Version 1
-(CRC of the bytes alone) is still read.
+Captions are raw DEFLATE (zlib, wbits=-15), plain UTF-8 or the English-text context model
+(perco_jax.codec.caption_coding), per caption_coding.
 
-At ultra-low rates these 38+ bytes of framing are a real part of the rate: report bpp with them.
+Why the CRC covers the decoded indices (versions 2 and 3): entropy decoding recomputes the model's
+probabilities, and another machine (accelerator, XLA version or flags) may compute them a rounding
+apart, which can make the range decoder leave the encoder's path without any error. Covering the
+indices turns that into a CRC mismatch at no cost in bytes; the price is that the check runs after
+the indices are decoded (`unpack(data, indices=None)`, decode, then `check_crc`).
+
+At ultra-low rates framing is a real part of the rate (~100 bytes per image at 0.003 bpp, 512²):
+report bpp with it (`codec.rate_split`).
 
 Parsing is strict: every malformed input raises `BitstreamError` (a ValueError) with a message
 saying what is wrong (not a bitstream, newer version, truncated, length past the end, trailing
-bytes, CRC mismatch, invalid caption, unknown schedule, impossible sizes); nothing else escapes
-and nothing loops on the input.
+bytes, CRC mismatch, another model, invalid caption, unknown schedule, impossible sizes); nothing
+else escapes and nothing loops on the input.
 """
 from __future__ import annotations
 
@@ -44,11 +73,21 @@ import numpy as np
 
 from perco_jax import schedules
 
-MAGIC = b"PRCO"
-VERSION = 2
+MAGIC = b"PRCO"           # versions 1 and 2
+VERSION = 3               # the newest version: what the codec writes and the newest read here
+STANDALONE_VERSION = 2    # the newest one readable without the model (Header's default)
+_MARK = 0xA0              # a version >= 3 stream starts with the byte _MARK | version
 _FIXED = struct.Struct("<8sHHHHIBHHBB")
 _CRC = struct.Struct("<I")
 FINGERPRINT_BYTES = 8
+TAG_BYTES = 2             # of the fingerprint, in version 3: enough for a clear "another model"
+
+# version-3 flag bits: which fields are sent in their long form (the rest is the model's)
+_F_SIZE, _F_SCHEDULE, _F_FLAGS = 0x01, 0x02, 0x10
+_F_LONG = _F_SIZE | _F_SCHEDULE | _F_FLAGS
+_CODING_SHIFT = 2         # bits 2-3: caption coding
+_F_RESERVED = 0xE0
+_SEEDED = ("random", "cosine")
 
 CAPTION_DEFLATE = 0   # raw DEFLATE (no zlib header / checksum: the container has a CRC)
 CAPTION_UTF8 = 1      # plain UTF-8 (for captions so short that DEFLATE would grow them)
@@ -73,9 +112,10 @@ class Header:
     schedule_steps: the number of groups for stepped schedules (qlds, random, cosine; 1..65535),
     0 for the others. schedule_seed: the seed of random / cosine (0..65535), 0 for the others.
     caption_coding: one of CAPTION_CODINGS (see `smallest_caption_coding`). flags: 8 bits for
-    the codec, not interpreted here.
+    the codec, not interpreted here. version: what `pack` writes; 3 needs the model (see `pack`),
+    so the default is STANDALONE_VERSION.
     """
-    version: int = VERSION
+    version: int = STANDALONE_VERSION
     fingerprint: bytes
     image_height: int
     image_width: int
@@ -106,9 +146,7 @@ def validate(header: Header) -> None:
     for name in ("image_height", "image_width", "grid_h", "grid_w"):
         v = getattr(header, name)
         need(_is_int(v) and 1 <= v <= _U16, f"{name} = {v!r}, must be in [1, {_U16}]")
-    need(header.grid_h <= header.image_height and header.grid_w <= header.image_width,
-         f"index grid {header.grid_h}x{header.grid_w} is larger than the image "
-         f"{header.image_height}x{header.image_width}")
+    # (no grid <= image size check: under the RESIZE policy any original size 1..65535 is coded)
     need(_is_int(header.codebook_size) and 2 <= header.codebook_size <= MAX_CODEBOOK,
          f"codebook_size = {header.codebook_size!r}, must be in [2, {MAX_CODEBOOK}]")
     known = (schedules.UNIFORM,) + schedules.SCHEDULES
@@ -119,7 +157,7 @@ def validate(header: Header) -> None:
     else:
         need(header.schedule_steps == 0,
              f"schedule {header.schedule!r} takes no steps, schedule_steps must be 0 (got {header.schedule_steps!r})")
-    if header.schedule in ("random", "cosine"):
+    if header.schedule in _SEEDED:
         need(_is_int(header.schedule_seed) and 0 <= header.schedule_seed <= _U16,
              f"schedule_seed must be in [0, {_U16}], got {header.schedule_seed!r}")
     else:
@@ -146,18 +184,32 @@ def _varint(n: int) -> bytes:
 
 
 def _read_varint(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
-    """(value, new position) of the varint at pos; it must end before `end`."""
+    """(value, new position) of the varint field `what` at pos; it must end before `end`."""
     value = 0
     for k in range(_MAX_VARINT_BYTES):
         if pos + k >= end:
-            raise BitstreamError(f"bitstream truncated (inside the {what} length)")
+            raise BitstreamError(f"bitstream truncated (inside the {what})")
         byte = data[pos + k]
         value |= (byte & 0x7F) << (7 * k)
         if not byte & 0x80:
             if byte == 0 and k > 0:
-                raise BitstreamError(f"corrupted bitstream (non-minimal {what} length)")
+                raise BitstreamError(f"corrupted bitstream (non-minimal {what})")
             return value, pos + k + 1
-    raise BitstreamError(f"corrupted bitstream ({what} length field longer than {_MAX_VARINT_BYTES} bytes)")
+    raise BitstreamError(f"corrupted bitstream ({what} field longer than {_MAX_VARINT_BYTES} bytes)")
+
+
+def _read_byte(data: bytes, pos: int, end: int, what: str) -> tuple[int, int]:
+    if pos >= end:
+        raise BitstreamError(f"bitstream truncated (no {what})")
+    return data[pos], pos + 1
+
+
+def _take(data: bytes, pos: int, n: int, end: int, what: str) -> tuple[bytes, int]:
+    """(the n bytes of field `what` at pos, new position); they must end by `end`."""
+    if n > end - pos:
+        raise BitstreamError(f"bitstream truncated or corrupted: the {what} length ({n} bytes) "
+                             f"points past the end of the data ({end - pos} bytes left)")
+    return data[pos:pos + n], pos + n
 
 
 # ----------------------------------------------------------------------------- captions
@@ -224,10 +276,70 @@ def _decode_caption(stored: bytes, coding: int) -> str:
         raise BitstreamError(f"corrupted caption (invalid UTF-8: {e})") from e
 
 
+# ----------------------------------------------------------------------------- models
+
+_MODELS: dict[bytes, Header] = {}  # full fingerprint -> model header (see `register`)
+
+
+def register(model: Header) -> Header:
+    """Records `model` (a codec's `stream_model`) so that `unpack`, `check_crc` and `rate_split`
+    read version-3 streams with its fingerprint tag when no model is passed; returns it.
+    (Codec does this for itself: a process reads the streams of the codecs it has loaded.)"""
+    validate(model)
+    _MODELS[model.fingerprint] = model
+    return model
+
+
+def _other_model(theirs: str, ours: bytes) -> BitstreamError:
+    return BitstreamError(
+        f"bitstream was made with a different model/config (fingerprint {theirs}, this model/config has "
+        f"{bytes(ours).hex()}); decode it with the checkpoint and config that encoded it")
+
+
+def _model_for(data: bytes, model) -> Header:
+    """The model a version-3 stream expands against: `model` if given (its tag must be the
+    stream's), else the registered one with the stream's tag."""
+    tag = data[1:1 + TAG_BYTES]
+    if model is not None:
+        if model.fingerprint[:TAG_BYTES] != tag:
+            raise _other_model(f"tag {tag.hex()}", model.fingerprint)
+        return model
+    found = [m for fp, m in _MODELS.items() if fp[:TAG_BYTES] == tag]
+    if len(found) != 1:
+        raise BitstreamError(
+            f"a version-3 bitstream leaves out what its model fixes, and {'no' if not found else 'more than one'} "
+            f"codec loaded here has its fingerprint tag {tag.hex()}: read it with the codec that made it "
+            f"(Codec.read_batch, or model=codec.stream_model)")
+    return found[0]
+
+
+def _spec(h: Header) -> tuple:
+    return h.schedule, h.schedule_steps, h.schedule_seed
+
+
+def _long_forms(h: Header, model: Header) -> int:
+    """The version-3 flag bits of the fields `h` sends: those that differ from the model's."""
+    return ((_F_SIZE if (h.image_height, h.image_width) != (model.image_height, model.image_width) else 0)
+            | (_F_SCHEDULE if _spec(h) != _spec(model) else 0) | (_F_FLAGS if h.flags else 0))
+
+
+def _check_model_of(header: Header, model) -> Header:
+    if model is None:
+        raise BitstreamError(f"version {header.version} leaves out what the model fixes: pack needs "
+                             "model= (the codec's stream_model)")
+    validate(model)
+    for name in ("fingerprint", "grid_h", "grid_w", "codebook_size"):
+        if getattr(header, name) != getattr(model, name):
+            raise BitstreamError(f"version {header.version} sends no {name}: the header's "
+                                 f"({getattr(header, name)!r}) must be the model's ({getattr(model, name)!r})")
+    return model
+
+
 # ----------------------------------------------------------------------------- container
 
-def _crc(body: bytes, version: int, indices) -> int:
-    crc = zlib.crc32(body)
+def _crc(body: bytes, version: int, indices, key: bytes = b"") -> int:
+    """CRC32 of key + body (+ the index grid, version >= 2); the key is empty before version 3."""
+    crc = zlib.crc32(body, zlib.crc32(key))
     if version >= 2:
         grid = np.ascontiguousarray(np.asarray(indices, dtype=np.int64).ravel())
         if grid.size and (grid.min() < 0 or grid.max() > 0xFFFFFFFF):
@@ -236,66 +348,93 @@ def _crc(body: bytes, version: int, indices) -> int:
     return crc
 
 
-def pack(header: Header, caption: str, payload: bytes, indices=()) -> bytes:
-    """The bitstream bytes of (header, caption, payload); BitstreamError on invalid inputs.
-    `indices`: the index grid [grid_h, grid_w] the payload codes, which the CRC also covers (the
-    codec passes it; () for a container without one)."""
+def _frame_v12(h: Header, stored: bytes, payload: bytes) -> bytes:
+    fixed = _FIXED.pack(h.fingerprint, h.image_height, h.image_width, h.grid_h, h.grid_w, h.codebook_size,
+                        schedules.schedule_id(h.schedule), h.schedule_steps, h.schedule_seed,
+                        h.caption_coding, h.flags)
+    return b"".join([MAGIC, bytes([h.version]), fixed, _varint(len(stored)), stored,
+                     _varint(len(payload)), payload])
+
+
+def _schedule_bytes(h: Header) -> bytes:
+    return (bytes([schedules.schedule_id(h.schedule)])
+            + (_varint(h.schedule_steps) if h.schedule in schedules.STEPPED else b"")
+            + (_varint(h.schedule_seed) if h.schedule in _SEEDED else b""))
+
+
+def _frame_v3(h: Header, stored: bytes, payload: bytes, model: Header) -> bytes:
+    long = _long_forms(h, model)
+    parts = [bytes([_MARK | h.version]), model.fingerprint[:TAG_BYTES],
+             bytes([long | h.caption_coding << _CODING_SHIFT])]
+    if long & _F_SIZE:
+        parts += [_varint(h.image_height), _varint(h.image_width)]
+    if long & _F_SCHEDULE:
+        parts.append(_schedule_bytes(h))
+    if long & _F_FLAGS:
+        parts.append(bytes([h.flags]))
+    return b"".join(parts + [_varint(len(stored)), stored, payload])  # (payload: up to the CRC)
+
+
+def pack(header: Header, caption: str, payload: bytes, indices=(), model: Header | None = None) -> bytes:
+    """The bitstream bytes of (header, caption, payload) in header.version; BitstreamError on
+    invalid inputs. `indices`: the index grid [grid_h, grid_w] the payload codes, which the CRC
+    also covers (the codec passes it; () for a container without one). `model` (version 3 only):
+    the header of the model's common case (Codec.stream_model); header's fingerprint, grid and
+    codebook size must be its, and its image size and schedule are sent only where they differ."""
     validate(header)
-    if header.version != VERSION:
-        raise BitstreamError(f"this perco-jax writes bitstream version {VERSION} only, got {header.version}")
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise BitstreamError(f"payload must be bytes, got {type(payload).__name__}")
     stored = encode_caption(caption, header.caption_coding)
-    body = b"".join([
-        MAGIC, bytes([header.version]),
-        _FIXED.pack(header.fingerprint, header.image_height, header.image_width, header.grid_h,
-                    header.grid_w, header.codebook_size, schedules.schedule_id(header.schedule),
-                    header.schedule_steps, header.schedule_seed, header.caption_coding, header.flags),
-        _varint(len(stored)), stored, _varint(len(payload)), bytes(payload)])
-    return body + _CRC.pack(_crc(body, header.version, indices))
+    if header.version < 3:
+        body = _frame_v12(header, stored, bytes(payload))
+        return body + _CRC.pack(_crc(body, header.version, indices))
+    model = _check_model_of(header, model)
+    body = _frame_v3(header, stored, bytes(payload), model)
+    return body + _CRC.pack(_crc(body, header.version, indices, model.fingerprint))
 
 
-def check_crc(data: bytes, indices=()) -> None:
-    """BitstreamError unless the stream's CRC32 matches its bytes (and, version >= 2, `indices`,
-    the index grid decoded from it)."""
-    data = bytes(data)
-    if len(data) < 5 + _CRC.size:
-        raise BitstreamError(f"bitstream truncated ({len(data)} bytes)")
-    version = data[4]
-    if _crc(data[:-_CRC.size], version, indices) == _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
-        return
-    if version >= 2 and np.size(indices):
-        raise BitstreamError(
-            "bitstream CRC32 mismatch over its bytes and decoded indices: the stream is corrupted, or "
-            "this machine's entropy model computed other probabilities than the encoder's (another "
-            "accelerator, XLA version or XLA flags) and the indices decoded wrongly; decode it where "
-            "it was encoded")
-    raise BitstreamError("corrupted bitstream (CRC32 mismatch)" + (
-        "; a codec stream's CRC also covers its decoded indices: read it with Codec.read_batch"
-        if version >= 2 else ""))
-
-
-def unpack(data: bytes, indices=()) -> tuple[Header, str, bytes]:
-    """(header, caption, payload) of a bitstream; BitstreamError for anything malformed.
-
-    `indices`: the index grid the (version >= 2) CRC also covers; () for a container packed
-    without one; None skips the CRC check of a version-2 stream, whose indices are not decoded
-    yet (the caller runs `check_crc(data, indices)` once they are)."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise BitstreamError(f"a bitstream is bytes, got {type(data).__name__}")
-    data = bytes(data)
+def _version(data: bytes) -> int:
+    """The version of a stream, from its first bytes; BitstreamError if it is not one we read."""
+    if data and data[0] & 0xF0 == _MARK and data[0] & 0x0F >= 3:
+        if data[0] & 0x0F > VERSION:
+            raise BitstreamError(f"bitstream version {data[0] & 0x0F} is newer than this perco-jax reads "
+                                 f"(up to {VERSION}); upgrade perco-jax")
+        return data[0] & 0x0F
     if data[:4] != MAGIC:
         if len(data) < 4 and MAGIC.startswith(data):
             raise BitstreamError(f"bitstream truncated ({len(data)} bytes)")
         raise BitstreamError("not a perco-jax bitstream (bad magic bytes)")
     if len(data) < 5:
         raise BitstreamError("bitstream truncated (no version byte)")
-    version = data[4]
-    if version > VERSION:
-        raise BitstreamError(f"bitstream version {version} is newer than this perco-jax reads "
-                             f"(up to {VERSION}); upgrade perco-jax")
-    if version < 1:
-        raise BitstreamError(f"unsupported bitstream version {version}")
+    if data[4] not in (1, 2):
+        raise BitstreamError(f"unsupported bitstream version {data[4]} (a \"PRCO\" stream is version 1 or 2)")
+    return data[4]
+
+
+def check_crc(data: bytes, indices=(), model: Header | None = None) -> None:
+    """BitstreamError unless the stream's CRC32 matches its bytes (and, version >= 2, `indices`,
+    the index grid decoded from it; and, version 3, the full fingerprint of `model` / of the
+    registered model with the stream's tag)."""
+    data = bytes(data)
+    version = _version(data)
+    if len(data) < (1 + TAG_BYTES if version >= 3 else 5) + _CRC.size:
+        raise BitstreamError(f"bitstream truncated ({len(data)} bytes)")
+    key = _model_for(data, model).fingerprint if version >= 3 else b""
+    if _crc(data[:-_CRC.size], version, indices, key) == _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
+        return
+    other = " (or made with another model/config whose fingerprint starts alike)" if version >= 3 else ""
+    if version >= 2 and np.size(indices):
+        raise BitstreamError(
+            f"bitstream CRC32 mismatch over its bytes and decoded indices: the stream is corrupted{other}, or "
+            "this machine's entropy model computed other probabilities than the encoder's (another "
+            "accelerator, XLA version or XLA flags) and the indices decoded wrongly; decode it where "
+            "it was encoded")
+    raise BitstreamError(f"corrupted bitstream (CRC32 mismatch){other}" + (
+        "; a codec stream's CRC also covers its decoded indices: read it with Codec.read_batch"
+        if version >= 2 else ""))
+
+
+def _unpack_v12(data: bytes, version: int, indices) -> tuple[Header, str, bytes]:
     end = len(data) - _CRC.size  # everything but the CRC
     pos = 5
     if pos + _FIXED.size > end:
@@ -305,25 +444,82 @@ def unpack(data: bytes, indices=()) -> tuple[Header, str, bytes]:
     pos += _FIXED.size
     fields = {}
     for what in ("caption", "payload"):
-        n, pos = _read_varint(data, pos, end, what)
-        if n > end - pos:
-            raise BitstreamError(f"bitstream truncated or corrupted: the {what} length ({n} bytes) "
-                                 f"points past the end of the data ({end - pos} bytes left)")
-        fields[what] = data[pos:pos + n]
-        pos += n
+        n, pos = _read_varint(data, pos, end, f"{what} length")
+        fields[what], pos = _take(data, pos, n, end, what)
     if pos != end:
         raise BitstreamError(f"{end - pos} trailing bytes after the end of the bitstream")
     if version < 2 or indices is not None:
         check_crc(data, () if indices is None else indices)
-    try:
-        schedule = schedules.schedule_name(sid)
-    except ValueError as e:
-        raise BitstreamError(f"invalid bitstream header: {e}") from e
     header = Header(version=version, fingerprint=fp, image_height=ih, image_width=iw, grid_h=gh,
-                    grid_w=gw, codebook_size=k, schedule=schedule, schedule_steps=steps,
+                    grid_w=gw, codebook_size=k, schedule=_schedule_name(sid), schedule_steps=steps,
                     schedule_seed=seed, caption_coding=caption_coding, flags=flags)
     validate(header)
     return header, _decode_caption(fields["caption"], caption_coding), fields["payload"]
+
+
+def _schedule_name(sid: int) -> str:
+    try:
+        return schedules.schedule_name(sid)
+    except ValueError as e:
+        raise BitstreamError(f"invalid bitstream header: {e}") from e
+
+
+def _read_schedule(data: bytes, pos: int, end: int) -> tuple[dict, int]:
+    """(the schedule fields of a version-3 long-form schedule at pos, new position)."""
+    sid, pos = _read_byte(data, pos, end, "schedule id")
+    fields = {"schedule": _schedule_name(sid), "schedule_steps": 0, "schedule_seed": 0}
+    if fields["schedule"] in schedules.STEPPED:
+        fields["schedule_steps"], pos = _read_varint(data, pos, end, "schedule steps")
+    if fields["schedule"] in _SEEDED:
+        fields["schedule_seed"], pos = _read_varint(data, pos, end, "schedule seed")
+    return fields, pos
+
+
+def _unpack_v3(data: bytes, indices, model) -> tuple[Header, str, bytes]:
+    end = len(data) - _CRC.size  # everything but the CRC
+    if end < 2 + TAG_BYTES + 1:
+        raise BitstreamError(f"bitstream truncated ({len(data)} bytes, a version-3 stream has at least "
+                             f"{2 + TAG_BYTES + 1 + _CRC.size})")
+    model = _model_for(data, model)
+    flags = data[1 + TAG_BYTES]
+    if flags & _F_RESERVED:
+        raise BitstreamError(f"corrupted bitstream (unknown flag bits {flags & _F_RESERVED:#04x})")
+    fields = {"caption_coding": flags >> _CODING_SHIFT & 3, "flags": 0}
+    pos = 2 + TAG_BYTES
+    if flags & _F_SIZE:
+        fields["image_height"], pos = _read_varint(data, pos, end, "image height")
+        fields["image_width"], pos = _read_varint(data, pos, end, "image width")
+    if flags & _F_SCHEDULE:
+        schedule, pos = _read_schedule(data, pos, end)
+        fields.update(schedule)
+    if flags & _F_FLAGS:
+        fields["flags"], pos = _read_byte(data, pos, end, "codec flags")
+    n, pos = _read_varint(data, pos, end, "caption length")
+    stored, pos = _take(data, pos, n, end, "caption")
+    if indices is not None:
+        check_crc(data, indices, model)
+    header = dataclasses.replace(model, version=3, **fields)
+    validate(header)
+    if _long_forms(header, model) != flags & _F_LONG:  # one encoding per header
+        raise BitstreamError("corrupted bitstream (a field in its long form where the short form applies)")
+    return header, _decode_caption(stored, header.caption_coding), data[pos:end]
+
+
+def unpack(data: bytes, indices=(), model: Header | None = None) -> tuple[Header, str, bytes]:
+    """(header, caption, payload) of a bitstream; BitstreamError for anything malformed.
+
+    `indices`: the index grid the (version >= 2) CRC also covers; () for a container packed
+    without one; None skips the CRC check of a version-2/3 stream, whose indices are not decoded
+    yet (the caller runs `check_crc(data, indices)` once they are). `model`: what a version-3
+    stream expands against (Codec.stream_model; default: the registered model with the stream's
+    fingerprint tag); a stream of another model is refused. Versions 1 and 2 ignore it."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise BitstreamError(f"a bitstream is bytes, got {type(data).__name__}")
+    data = bytes(data)
+    version = _version(data)
+    if version >= 3:
+        return _unpack_v3(data, indices, model)
+    return _unpack_v12(data, version, indices)
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -353,7 +549,4 @@ def fingerprint(obj) -> bytes:
 def check_fingerprint(header: Header, expected: bytes) -> None:
     """Raises BitstreamError if the bitstream was made with another model/config than `expected`."""
     if header.fingerprint != expected:
-        raise BitstreamError(
-            f"bitstream was made with a different model/config (fingerprint {header.fingerprint.hex()}, "
-            f"this model/config has {bytes(expected).hex()}); decode it with the checkpoint and config "
-            f"that encoded it")
+        raise _other_model(header.fingerprint.hex(), expected)

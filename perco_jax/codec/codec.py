@@ -123,6 +123,19 @@ class Codec:
                                     max_sequence_length=c.text.max_sequence_length, shift=c.scheduler_shift)
         side, channels = build.latent_geometry(c)
         self.latent_shape = (side, side, channels)
+        bitstream.register(self.stream_model)  # (rate_split / unpack read this codec's streams alone)
+
+    @property
+    def stream_model(self) -> Header:
+        """The header of this codec's common case, which version-3 streams leave out: fingerprint,
+        index grid and K (never sent), native image size and default schedule (sent only when a
+        stream's differ)."""
+        c = self.config
+        name, steps, seed = schedules.parse_spec(c.codec.schedule)
+        return Header(version=bitstream.VERSION, fingerprint=self.fingerprint, image_height=c.image_size,
+                      image_width=c.image_size, grid_h=self.grid[0], grid_w=self.grid[1],
+                      codebook_size=c.codec.codebook_size, schedule=name, schedule_steps=steps,
+                      schedule_seed=seed)
 
     # ------------------------------------------------------------------ construction
 
@@ -278,13 +291,13 @@ class Codec:
             np.zeros((0,) + (self.config.image_size,) * 2 + (3,), np.float32)
         indices = self.encode_images(prepared)
         payloads = self.encode_indices(indices, captions, spec)
+        model = bitstream.register(self.stream_model)  # (the fingerprint may have changed since __init__)
         out = []
         for (h, w), caption, payload, grid in zip(sizes, captions, payloads, indices):
-            header = Header(fingerprint=self.fingerprint, image_height=int(h), image_width=int(w),
-                            grid_h=self.grid[0], grid_w=self.grid[1], codebook_size=self.config.codec.codebook_size,
-                            schedule=name, schedule_steps=steps, schedule_seed=seed,
-                            caption_coding=bitstream.smallest_caption_coding(caption))
-            out.append(bitstream.pack(header, caption, payload, indices=grid))  # (the CRC covers them)
+            header = dataclasses.replace(model, image_height=int(h), image_width=int(w), schedule=name,
+                                         schedule_steps=steps, schedule_seed=seed,
+                                         caption_coding=bitstream.smallest_caption_coding(caption))
+            out.append(bitstream.pack(header, caption, payload, indices=grid, model=model))  # (the CRC covers them)
         return out
 
     def compress(self, image, caption: str = "", schedule: Optional[str] = None) -> bytes:
@@ -295,9 +308,10 @@ class Codec:
     def read_batch(self, streams: Sequence[bytes]) -> tuple[list[Header], list[str], np.ndarray]:
         """(headers, captions, indices [B, g, g]) of bitstreams; BitstreamError (a ValueError) on
         malformed, corrupted or foreign streams, and on indices that decode differently from the
-        encoder's (the CRC covers them: see codec/bitstream.py)."""
+        encoder's (the CRC covers them: see codec/bitstream.py). Reads every bitstream version."""
         streams = [bytes(s) for s in streams]
-        parsed = [bitstream.unpack(s, indices=None) for s in streams]  # (CRC checked once decoded)
+        model = self.stream_model
+        parsed = [bitstream.unpack(s, indices=None, model=model) for s in streams]  # (CRC checked once decoded)
         k = self.config.codec.codebook_size
         for header, _, _ in parsed:
             bitstream.check_fingerprint(header, self.fingerprint)
@@ -318,7 +332,7 @@ class Codec:
             indices[rows] = entropy_coding.decode_indices(self._apply, [parsed[i][2] for i in rows], self.grid,
                                                           groups, self.context(captions), batch_size=self.batch)
         for s, grid in zip(streams, indices):
-            bitstream.check_crc(s, grid)
+            bitstream.check_crc(s, grid, model=model)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
     def decode_images(self, indices, captions: Sequence[str], noise_ids=None, *, steps: Optional[int] = None,
@@ -370,9 +384,11 @@ def _as_stage2(config):
     return c
 
 
-def rate_split(stream: bytes) -> dict:
-    """Bytes of a bitstream split into caption, indices and container (header, lengths, CRC)."""
-    header, caption, payload = bitstream.unpack(stream, indices=None)  # (sizes only: no decoding)
+def rate_split(stream: bytes, model: Optional[Header] = None) -> dict:
+    """Bytes of a bitstream split into caption, indices and container (all the framing: header
+    fields, lengths, CRC), and the pixels of its image. `model`: the codec's stream_model, which a
+    version-3 stream needs (default: the codec loaded in this process with the stream's tag)."""
+    header, caption, payload = bitstream.unpack(stream, indices=None, model=model)  # (sizes only: no decoding)
     cap = len(bitstream.encode_caption(caption, header.caption_coding))
     return {"total": len(stream), "caption": cap, "indices": len(payload),
             "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width}
