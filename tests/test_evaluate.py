@@ -130,6 +130,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
         assert np.isfinite(float(r["psnr"]))
         assert (r["ms_ssim"] != "") == (min(h, w) > 160)
         assert (r["lpips"] != "") == (r["name"] != "d")  # 24x20 is too small for AlexNet's taps
+        assert all(r[m] == "" for m in ev.SCENE_COLUMNS)  # scene metrics: synthetic data only
     assert float(rows[0]["bpp_caption"]) > float(rows[2]["bpp_caption"])  # "a" has a caption, "c" none
 
     saved = json.loads((out / "summary.json").read_text())
@@ -140,6 +141,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
     assert {"ms_ssim", "lpips"} <= set(saved["partial"])
     assert {"clip_score", "miou"} <= set(saved["skipped"]) and "fid" not in saved["skipped"]
     assert saved["files"]["plot"] == "rd.png"
+    assert saved["scene"] is None and saved["psnr_gain_over_thumbnail"] is None and ev.format_scene_summary(saved) == ""
     assert summary["mean"] == saved["mean"]
 
     # a rerun skips everything; losing one reconstruction redoes it only, from the saved stream
@@ -220,6 +222,79 @@ def test_cli_sweep_with_published_points(codec, folder, tmp_path, monkeypatch, c
     assert [float(t["guidance"]) for t in table] == [1.0, 2.5] and "bpp" in columns
     assert (out / "rd.png").is_file() and combined["files"]["plot"] == "rd.png"
     assert "no perception metric" in combined["skipped"]["dp_plot"]  # no LPIPS / Inception weights given
+
+
+def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tmp_path, monkeypatch, capsys):
+    from perco_jax.data.synthetic import render_scene, synthetic_scene
+    from perco_jax.eval import scenes
+
+    path, c = codec
+    out = tmp_path / "syn"
+    calls = Calls(c, monkeypatch)
+    summary = ev.evaluate(c, "synthetic:6", out, progress=False, batch_size=4)
+    assert calls.compressed == calls.decompressed == 6
+    columns, rows = read_csv(out / "per_image.csv")
+    assert tuple(columns) == ev.CSV_COLUMNS and set(ev.SCENE_COLUMNS) <= set(columns)
+    size, g, k = c.config.image_size, c.grid[0], c.config.codec.codebook_size
+    for i, r in enumerate(rows):
+        scene = synthetic_scene(i, ev.SYNTHETIC_SEED)
+        assert r["name"] == f"scene_{i:05d}" and r["caption"] == scene.caption
+        assert (int(r["height"]), int(r["width"])) == (size, size)
+        recon = load_image(out / "recon" / f"{r['name']}.png")
+        for m, v in scenes.scene_metrics(recon, scene).items():
+            assert float(r[m]) == pytest.approx(v)
+        original = render_scene(scene, size)
+        thumb = ev._quantise(scenes.thumbnail_baseline(original, g, k))
+        for m, v in scenes.scene_metrics(thumb, scene).items():
+            assert float(r[f"thumb_{m}"]) == pytest.approx(v)
+        mse = np.mean((original.astype(np.float64) - thumb) ** 2)
+        assert float(r["thumb_psnr"]) == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
+        assert float(r["thumb_psnr"]) < 40
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["data"] == f"synthetic:6:{ev.SYNTHETIC_SEED}" and saved["protocol"]["size"] == size
+    for m in ev.SCENE_COLUMNS:
+        assert saved["mean"][m] == pytest.approx(np.mean([float(r[m]) for r in rows])) and saved["count"][m] == 6
+    assert saved["psnr_gain_over_thumbnail"] == pytest.approx(saved["mean"]["psnr"] - saved["mean"]["thumb_psnr"])
+    assert saved["scene"]["thumbnail"] == {"grid_side": g, "levels_per_channel": scenes.thumbnail_levels(k),
+                                           "bits": g * g * 3 * np.log2(scenes.thumbnail_levels(k)),
+                                           "index_bits_uniform": g * g * np.log2(k)}
+    assert saved["scene"]["originals"]["background_right"] == 1.0 and saved["scene"]["originals"]["realism"] > 0.9
+    assert summary["mean"] == saved["mean"]
+    table = ev.format_scene_summary(saved)
+    assert "thumbnail 4x4, 96 bits" in table and "originals" in table and "PSNR gain over the thumbnail" in table
+
+    # the CLI prints the table; resuming into the same folder codes nothing again
+    monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))
+    parser = argparse.ArgumentParser(prog="perco-jax")
+    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["evaluate", "--checkpoint", str(path), "--data", "synthetic:6", "--out", str(out),
+                              "--quiet"])
+    capsys.readouterr()
+    assert args.fn(args) == 0
+    assert calls.compressed == calls.decompressed == 6
+    printed = capsys.readouterr().out
+    assert table in printed
+    with pytest.raises(ValueError, match="multiple of 4"):  # no equal-bits thumbnail at 30x30
+        ev.evaluate(c, "synthetic:2", tmp_path / "odd", size=30, progress=False)
+
+
+def test_synthetic_data_spec():
+    from perco_jax.data.synthetic import render_scene, synthetic_scene
+
+    ds = ev.parse_data("synthetic:3:7")
+    assert ds.kind == "synthetic" and ds.spec == "synthetic:3:7" and ds.size is None
+    assert [it.caption for it in ds.items] == [synthetic_scene(i, 7).caption for i in range(3)]
+    assert all(it.path is None for it in ds.items)
+    with pytest.raises(ValueError, match="size"):  # evaluate fills in the codec's size
+        ds.load(ds.items[0])
+    at = ev.parse_data("synthetic:12", size=16)
+    assert at.spec == f"synthetic:12:{ev.SYNTHETIC_SEED}" and at.items[11].name == "scene_00011"
+    np.testing.assert_array_equal(at.load(at.items[2]), render_scene(synthetic_scene(2, ev.SYNTHETIC_SEED), 16))
+    for bad in ("synthetic:0", "synthetic:x", "synthetic:3:-1", "synthetic:2:1.5"):
+        with pytest.raises(ValueError, match="synthetic:N"):
+            ev.parse_data(bad)
+    with pytest.raises(ValueError, match="8 pixels"):
+        ev.parse_data("synthetic:2", size=4)
 
 
 def test_data_specs_and_protocols(tmp_path):

@@ -18,6 +18,14 @@ Data specs (images: .jpg .jpeg .png .gif .bmp .webp .jxl, read as 8-bit RGB):
                     lines and `#` lines skipped): PerCo (SD)'s MS-COCO 30k protocol, every image
                     resized to 512x512 (PIL bicubic) unless `size` says otherwise
 
+  synthetic:N[:SEED]  N built-in scenes (perco_jax.data.synthetic): synthetic_scene(i, SEED) for
+                    i < N, drawn at the codec's image size unless `size` is given, captioned with
+                    their own captions; nothing is read from disk. SEED defaults to SYNTHETIC_SEED
+                    (1000003), which neither training (config.data.seed + {0, 1, 2} * 2**32 for its
+                    train / validation / test splits) nor the tests draw. The reconstruction gets
+                    the scene metrics of perco_jax.eval.scenes and is set against the equal-bits
+                    thumbnail baseline (below).
+
 `center_crop=True` first crops the largest centred square (then resizes when a size applies).
 Captions come from a captions.jsonl / captions.csv (perco_jax.data.folder's formats) beside the
 images (DIR, the file list's folder or each image's folder), matched by path, then by file name;
@@ -40,6 +48,14 @@ gives the numbers a fresh one would):
             perco_jax.eval.segmentation) between the segmentations of original and reconstruction,
             when metrics_weights has "segmentation" (a local transformers segmentation checkpoint);
             summary.json also has miou_image_mean (the mean of the images' own mIoU)
+  colours_present, realism, background_right   synthetic data only: the scene metrics of the
+            reconstruction (perco_jax.eval.scenes), the built-in set's perception and semantics
+            measures; thumb_psnr, thumb_colours_present, thumb_realism, thumb_background_right:
+            the same for the equal-bits thumbnail (`scenes.thumbnail_baseline` at the codec's
+            grid_side and codebook_size: the bits of the uniformly coded indices spent on pixels).
+            summary.json has their means, `psnr_gain_over_thumbnail` (mean PSNR - mean thumb_psnr)
+            and a `scene` block (the thumbnail's bits, the originals' scene metrics);
+            `format_scene_summary(summary)` prints them as a table (the CLI and the demo do)
 
 Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
 computed for that image), summary.json (means, FID / KID, which metrics were skipped or only
@@ -76,15 +92,23 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from perco_jax.eval import metrics
+from perco_jax.eval.scenes import SCENE_METRICS
 
-CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
-               "psnr", "ms_ssim", "lpips", "clip_score", "caption")
 IMAGE_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score")
+# synthetic data only: the reconstruction's scene metrics (perco_jax.eval.scenes), then the equal-bits
+# thumbnail baseline's PSNR and scene metrics
+SCENE_COLUMNS = SCENE_METRICS + ("thumb_psnr",) + tuple(f"thumb_{m}" for m in SCENE_METRICS)
+CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
+               *IMAGE_METRICS, *SCENE_COLUMNS, "caption")
 SET_METRICS = ("fid", "kid", "miou")
 NOT_IMPLEMENTED: dict = {}
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
 WEIGHT_KEYS = ("lpips_trunk", "lpips_heads", "lpips_net", "inception", "clip", "segmentation")
-DATA_KINDS = ("kodak", "folder", "coco30k")
+DATA_KINDS = ("kodak", "folder", "coco30k", "synthetic")
+# synthetic:N without a seed: scenes no training run or test draws (the training pipeline's synthetic
+# splits use seeds config.data.seed + {0, 1, 2} * 2**32, i.e. 0, 2**32 and 2**33 by default; tests use
+# small seeds); a prime well away from both
+SYNTHETIC_SEED = 1_000_003
 COCO30K_SIZE = 512
 MS_SSIM_MIN_SIDE = (metrics.SSIM_WINDOW - 1) * 2 ** (len(metrics.MS_SSIM_WEIGHTS) - 1)  # 160: sides must exceed it
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".jxl")
@@ -102,21 +126,28 @@ LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓
 @dataclasses.dataclass(frozen=True)
 class Item:
     name: str       # unique within the set: the file stem (or its relative path when stems collide)
-    path: Path
+    path: Optional[Path]   # None for a synthetic scene
     caption: str
+    scene: Optional[object] = None  # the perco_jax.data.synthetic.Scene of a synthetic item
 
 
 @dataclasses.dataclass
 class Dataset:
     """An evaluation set: its items and the protocol that prepares each image."""
     spec: str
-    kind: str                   # kodak | folder | coco30k
+    kind: str                   # kodak | folder | coco30k | synthetic
     items: list
-    size: Optional[int] = None  # resize to size x size (PIL bicubic); None = native size
+    size: Optional[int] = None  # resize to size x size (PIL bicubic); None = native size (synthetic: drawn at it)
     center_crop: bool = False
 
     def load(self, item: Item) -> np.ndarray:
         """The image as evaluated: [H, W, 3] float32 in [0, 1] (8-bit values)."""
+        if item.scene is not None:
+            from perco_jax.data.synthetic import render_scene
+
+            if self.size is None:
+                raise ValueError("a synthetic scene needs a size to be drawn at (evaluate uses the codec's image size)")
+            return render_scene(item.scene, self.size)
         return preprocess(_read_rgb8(item.path), self.size, self.center_crop)
 
     def protocol(self) -> dict:
@@ -185,13 +216,39 @@ def _names(paths: Sequence[Path], root: Path) -> list[str]:
     return out
 
 
+def _synthetic_data(spec: str, where: str, size: Optional[int]) -> Dataset:
+    """synthetic:N[:SEED]: scenes synthetic_scene(i, SEED) for i < N, captioned with their captions."""
+    from perco_jax.data.synthetic import synthetic_scene
+
+    n, _, seed = where.partition(":")
+    try:
+        n, seed = int(n), int(seed) if seed else SYNTHETIC_SEED
+    except ValueError:
+        raise ValueError(f"data spec {spec!r}: synthetic:N[:SEED] takes whole numbers") from None
+    if n < 1 or seed < 0:
+        raise ValueError(f"data spec {spec!r}: synthetic:N[:SEED] needs N >= 1 scenes and SEED >= 0")
+    if size is not None and int(size) < 8:
+        raise ValueError(f"synthetic scenes are drawn at 8 pixels a side or more, got size {size}")
+    width = max(5, len(str(n - 1)))
+    items = []
+    for i in range(n):
+        scene = synthetic_scene(i, seed)
+        items.append(Item(f"scene_{i:0{width}d}", None, scene.caption, scene))
+    return Dataset(spec=f"synthetic:{n}:{seed}", kind="synthetic", items=items,
+                   size=None if size is None else int(size))
+
+
 def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = False) -> Dataset:
-    """A Dataset from `kodak:DIR`, `folder:DIR` or `coco30k:FILELIST` (see the module doc)."""
+    """A Dataset from `kodak:DIR`, `folder:DIR`, `coco30k:FILELIST` or `synthetic:N[:SEED]` (see the
+    module doc). A synthetic set without `size` is drawn at the codec's image size by `evaluate`."""
     kind, sep, where = str(spec).partition(":")
     if not sep or kind not in DATA_KINDS or not where:
-        raise ValueError(f"data spec {spec!r} must be one of kodak:DIR, folder:DIR, coco30k:FILELIST")
+        raise ValueError(f"data spec {spec!r} must be one of kodak:DIR, folder:DIR, coco30k:FILELIST, "
+                         "synthetic:N[:SEED]")
     if size is not None and int(size) < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
+    if kind == "synthetic":
+        return _synthetic_data(spec, where, size)
     loc = Path(where).expanduser()
     if kind == "coco30k":
         if not loc.is_file():
@@ -519,6 +576,18 @@ def _image_metrics(original: np.ndarray, recon: np.ndarray, nets: _Networks, cap
     return out
 
 
+def _scene_metrics(original: np.ndarray, recon: np.ndarray, scene, grid_side: int, codebook_size: int) -> dict:
+    """SCENE_COLUMNS of a synthetic item: the reconstruction's scene metrics, and the PSNR and scene
+    metrics of the equal-bits thumbnail of the original (8-bit, as a saved reconstruction)."""
+    from perco_jax.eval import scenes
+
+    thumb = _quantise(scenes.thumbnail_baseline(original, grid_side, codebook_size))
+    out = scenes.scene_metrics(recon, scene)
+    out["thumb_psnr"] = float(np.asarray(metrics.psnr(original[None], thumb[None]))[0])
+    out.update({f"thumb_{k}": v for k, v in scenes.scene_metrics(thumb, scene).items()})
+    return out
+
+
 def _rate(stream: bytes) -> dict:
     from perco_jax.codec.codec import rate_split
 
@@ -599,7 +668,7 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict
                schedule: Optional[str]) -> dict:
     n = len(rows)
     mean, count = {}, {}
-    for c in RATE_COLUMNS + IMAGE_METRICS:
+    for c in RATE_COLUMNS + IMAGE_METRICS + SCENE_COLUMNS:
         vals = [r[c] for r in rows if r.get(c) is not None]
         count[c] = len(vals)
         mean[c] = float(np.mean(vals)) if vals else None
@@ -621,6 +690,7 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict
             f"computed on {count['clip_score']} of {n} images: the others have no caption")
     skipped.update(NOT_IMPLEMENTED)
     c = codec.config
+    scene = _scene_summary(ds, mean, codec) if ds.kind == "synthetic" else None
     return {
         "data": ds.spec, "protocol": ds.protocol(), "num_images": n,
         "codec": {"fingerprint": codec.fingerprint.hex(), "image_size": int(c.image_size),
@@ -628,8 +698,58 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: _Networks, setting: dict
                   "schedule": schedule or c.codec.schedule},
         **setting, "seed": seed,
         "mean": mean, "count": count, "fid": None, "kid": None, "kid_std": None, "miou": None,
+        "psnr_gain_over_thumbnail": scene and scene["psnr_gain_over_thumbnail"], "scene": scene,
         "skipped": skipped, "partial": partial,
     }
+
+
+def _scene_summary(ds: Dataset, mean: dict, codec) -> dict:
+    """The synthetic set's scene block: the thumbnail baseline's bits, the originals' scene metrics
+    (the ceiling: anti-aliased edges keep realism just under 1) and the PSNR gain over the thumbnail."""
+    from perco_jax.eval import scenes
+
+    g, k = codec.grid[0], int(codec.config.codec.codebook_size)
+    levels = scenes.thumbnail_levels(k)
+    originals = [scenes.scene_metrics(ds.load(it), it.scene) for it in ds.items]
+    gain = None if mean.get("psnr") is None or mean.get("thumb_psnr") is None else mean["psnr"] - mean["thumb_psnr"]
+    return {"thumbnail": {"grid_side": g, "levels_per_channel": levels,
+                          "bits": g * g * 3 * math.log2(levels), "index_bits_uniform": g * g * math.log2(k)},
+            "originals": {m: float(np.mean([o[m] for o in originals])) for m in SCENE_METRICS},
+            "psnr_gain_over_thumbnail": gain}
+
+
+def format_scene_summary(summary: dict) -> str:
+    """The scene metrics of a synthetic evaluation (a summary from `evaluate`, one setting or a sweep)
+    as a small text table: the codec per setting, the equal-bits thumbnail, the originals. "" for
+    other data."""
+    settings = summary.get("settings", [summary])
+    if not settings or not settings[0].get("scene"):
+        return ""
+    first = settings[0]
+    head = f"  {'':<30}{'bpp':>8}{'PSNR':>8}{'colours present':>17}{'realism':>9}{'background right':>18}"
+    lines = [head]
+
+    def row(label, bpp, psnr, vals):
+        cells = "".join(f"{'–' if v is None else f'{v:.2f}':>{w}}" for v, w in zip(vals, (17, 9, 18)))
+        lines.append(f"  {label:<30}{'' if bpp is None else f'{bpp:.4f}':>8}"
+                     f"{'–' if psnr is None else f'{psnr:.2f}':>8}{cells}")
+
+    for s in settings:
+        m = s["mean"]
+        row(f"codec (guidance {s['guidance']:g}, {s['steps']} steps)", m.get("bpp"), m.get("psnr"),
+            [m.get(k) for k in SCENE_METRICS])
+    t = first["scene"]["thumbnail"]
+    m = first["mean"]
+    side = (first.get("protocol") or {}).get("size")
+    row(f"thumbnail {t['grid_side']}x{t['grid_side']}, {t['bits']:.0f} bits", side and t["bits"] / side ** 2,
+        m.get("thumb_psnr"),
+        [m.get(f"thumb_{k}") for k in SCENE_METRICS])
+    row("originals", None, None, [first["scene"]["originals"][k] for k in SCENE_METRICS])
+    gains = ", ".join("–" if s["psnr_gain_over_thumbnail"] is None else f"{s['psnr_gain_over_thumbnail']:+.2f} dB"
+                      for s in settings)
+    lines.append(f"  PSNR gain over the thumbnail: {gains} ({first['num_images']} scenes of {first['data']}; "
+                 f"the thumbnail spends {t['bits']:.0f} bits, the indices {t['index_bits_uniform']:.0f} coded uniformly)")
+    return "\n".join(lines)
 
 
 def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _Networks, *, setting: dict,
@@ -644,8 +764,10 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
     rows: dict[str, dict] = {}
     if resume and csv_path.is_file():
         names = {it.name for it in ds.items}
+        need = SCENE_COLUMNS if ds.kind == "synthetic" else ()  # (rows written before these columns existed)
         rows = {r["name"]: r for r in read_rows(csv_path)
-                if r["name"] in names and (recon_dir / f"{r['name']}.png").is_file()}
+                if r["name"] in names and (recon_dir / f"{r['name']}.png").is_file()
+                and all(r.get(c) is not None for c in need)}
     batch_size = max(1, int(batch_size))
     n = len(ds.items)
     todo = [j for j in range(n) if ds.items[j].name not in rows]
@@ -667,6 +789,9 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
                 save_image(recon, recon_dir / f"{it.name}.png")
                 rows[it.name] = {"name": it.name, "height": image.shape[0], "width": image.shape[1],
                                  **_rate(stream), **_image_metrics(image, recon, nets, it.caption), "caption": it.caption}
+                if it.scene is not None:
+                    rows[it.name].update(_scene_metrics(image, recon, it.scene, codec.grid[0],
+                                                        int(codec.config.codec.codebook_size)))
                 new += 1
             write_rows(csv_path, [rows[it.name] for it in ds.items if it.name in rows])
             bar.update(new)
@@ -710,6 +835,14 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     from perco_jax import captioning
 
     ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop)
+    cfg = codec.config
+    if ds.kind == "synthetic":
+        if ds.size is None:  # drawn at the codec's resolution
+            ds = dataclasses.replace(ds, size=int(cfg.image_size))
+        if ds.size % codec.grid[0]:
+            raise ValueError(f"synthetic scenes at {ds.size}x{ds.size} cannot have the equal-bits thumbnail of the "
+                             f"codec's {codec.grid[0]}x{codec.grid[0]} grid: give a size that is a multiple of "
+                             f"{codec.grid[0]}")
     captioning.parse_text_mode(text_mode)
     if text_mode != "full":
         toks = codec.prompt_encoder.tokenizers
@@ -718,7 +851,6 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
             it.caption, text_mode, tok)) for it in ds.items])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = codec.config
     default_g = float(cfg.sample.guidance if guidance is None else guidance)
     default_s = int(cfg.sample.steps if steps is None else steps)
     sweep = dict(sweep or {})
@@ -749,8 +881,10 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
         summ["dir"] = sub
         summaries.append(summ)
     table = [{"guidance": x["guidance"], "steps": x["steps"], "dir": x["dir"], **x["mean"], "fid": x["fid"],
-              "kid": x["kid"], "kid_std": x["kid_std"], "miou": x["miou"]} for x in summaries]
-    columns = ("guidance", "steps", "dir") + RATE_COLUMNS + IMAGE_METRICS + ("fid", "kid", "kid_std", "miou")
+              "kid": x["kid"], "kid_std": x["kid_std"], "miou": x["miou"],
+              "psnr_gain_over_thumbnail": x["psnr_gain_over_thumbnail"]} for x in summaries]
+    columns = (("guidance", "steps", "dir") + RATE_COLUMNS + IMAGE_METRICS + ("fid", "kid", "kid_std", "miou")
+               + SCENE_COLUMNS + ("psnr_gain_over_thumbnail",))
     write_rows(out / "sweep.csv", table, columns)
     series = []
     for s in ss:  # one curve per number of steps, along guidance
@@ -798,6 +932,9 @@ def _run(args) -> int:
     first = result.get("settings", [result])[0]
     for k, why in first["skipped"].items():
         print(f"skipped {k}: {why}")
+    scene_table = format_scene_summary(result)
+    if scene_table:
+        print(scene_table)
     print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
 
@@ -807,8 +944,9 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p = subparsers.add_parser("evaluate", help="rate-distortion-perception of a codec on an image set "
                                                "(per-image CSV, summary JSON, plots)")
     p.add_argument("--checkpoint", required=True, help="codec folder (perco-jax export / demo/checkpoint)")
-    p.add_argument("--data", required=True, help="kodak:DIR, folder:DIR or coco30k:FILELIST (a text file of image "
-                                                 "paths; resized to 512x512)")
+    p.add_argument("--data", required=True, help="kodak:DIR, folder:DIR, coco30k:FILELIST (a text file of image "
+                                                 "paths; resized to 512x512) or synthetic:N[:SEED] (N built-in "
+                                                 f"scenes, default seed {SYNTHETIC_SEED}, with scene metrics)")
     p.add_argument("--out", required=True, help="results folder (rerunning into it resumes)")
     p.add_argument("--lpips-trunk", help="torchvision AlexNet / VGG16 weights (.pth / .safetensors) for LPIPS")
     p.add_argument("--lpips-heads", help="the lpips package's linear heads (weights/v0.1/alex.pth or vgg.pth)")
@@ -823,7 +961,7 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
                    help="sampler step count(s); several values sweep them (default: the codec config's)")
     p.add_argument("--center-crop", action="store_true", help="crop the largest centred square first")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE (bicubic; default: native, "
-                                            f"{COCO30K_SIZE} for coco30k)")
+                                            f"{COCO30K_SIZE} for coco30k, the codec's for synthetic)")
     p.add_argument("--batch-size", type=int, default=8, help="images per compress / decompress step (default 8)")
     p.add_argument("--schedule", help="masking schedule spec for the indices (default: the codec's)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
