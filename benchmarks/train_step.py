@@ -29,7 +29,9 @@ from perco_jax import build, parallel
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
 from perco_jax.flops import step_flops
-from perco_jax.train.loop import _autoencoder_params, frozen_shardings, init_state
+from perco_jax.train.loop import frozen_shardings
+from perco_jax.train.step import init_state
+from perco_jax.train.stage0 import autoencoder_params
 from perco_jax.train.state import make_optimizer
 from perco_jax.train.step import TOKEN_KEYS, make_train_step
 
@@ -74,7 +76,7 @@ def main():
     tx = make_optimizer(config)
     with jax.set_mesh(mesh):
         state, shardings = init_state(config, model, tx, mesh, rules)
-        frozen = {"autoencoder": _autoencoder_params(config, ae), "text": text_params}
+        frozen = {"autoencoder": autoencoder_params(config, ae), "text": text_params}
         frozen = parallel.place(frozen, frozen_shardings(config, frozen, encoder, ae, mesh, rules))
         print(f"built in {time.time() - t0:.0f} s; codec params "
               f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e9:.3f} B")

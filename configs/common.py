@@ -98,8 +98,12 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
 
     # ---- the codec
     config.image_size = 512
-    config.autoencoder = "sd3_vae"          # or "space_to_depth" (tiny configs: no trained VAE)
+    # "sd3_vae", "patch" (a small learned autoencoder that stage 0 trains: tiny configs) or
+    # "space_to_depth" (parameter-free pixel unshuffle)
+    config.autoencoder = "sd3_vae"
     config.space_to_depth_factor = 8
+    config.patch_autoencoder = ml_collections.ConfigDict(dict(factor=4, latent_channels=4, width=128, depth=2))
+    config.autoencoder_workdir = ""         # autoencoder=patch: the stage-0 run whose autoencoder stages 1-2 use
     config.pretrained = ""                  # a `perco-jax convert` weights folder; "" = random init
     config.codec = codec()
     config.hyper_encoder = ml_collections.ConfigDict(dict(
@@ -108,19 +112,24 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # cache: precompute each distinct caption's embeddings once (text_cache.py) instead of running
     # the frozen encoders in every step; embeddings: a folder `perco-jax embed-text` wrote
     # (text_store.py, array_record), read instead (no text encoder is built)
-    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, caption_dropout=0.1, cache=False,
-                                                 embeddings=""))
+    # clip_max_length: CLIP's token length in the prompt encoding (SD3: 77)
+    config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, clip_max_length=77, caption_dropout=0.1,
+                                                 cache=False, embeddings=""))
 
     # ---- the entropy model of the indices (MaskGIT-like; conditional = sees the caption's
     # SD3 text embeddings, which the decoder has before it decodes the indices)
     config.entropy_model = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=8, mlp_ratio=4,
                                                           conditional=True))
 
-    # ---- which stage `train` runs: 1 = MM-DiT + hyper-encoder + VQ (flow matching),
+    # ---- which stage `train` runs: 0 = the learned autoencoder (autoencoder=patch),
+    # 1 = MM-DiT + hyper-encoder + VQ (flow matching),
     # 2 = the entropy model on the indices of the frozen stage-1 run in `stage1_workdir`
     config.stage = 1
     config.stage1_workdir = ""
-    # stage 2's own optimisation settings (the other training fields are shared)
+    # stage 0's and stage 2's own optimisation settings (the other training fields are shared)
+    config.stage0 = ml_collections.ConfigDict(dict(
+        num_train_steps=20_000, batch_size=64, learning_rate=2e-3, warmup_steps=100, ema_decay=0.999,
+        latent_noise=0.05, latent_l2=1e-3, stats_decay=0.99))
     config.stage2 = ml_collections.ConfigDict(dict(
         num_train_steps=50_000, batch_size=256, learning_rate=3e-4, warmup_steps=1000, ema_decay=0.999,
         schedules=TRAINING_SCHEDULES))

@@ -17,10 +17,12 @@ from perco_jax.models.entropy_model import EntropyModel
 from perco_jax.models.hyper_encoder import HyperEncoder, num_stages
 from perco_jax.models.mmdit import mmdit_from_config
 from perco_jax.models.perco import PerCo
+from perco_jax.models.patch_autoencoder import PatchAutoencoder
 from perco_jax.models.vae import AutoencoderKL, SpaceToDepthAutoencoder
 from perco_jax.models.vq import VectorQuantizer
+from perco_jax.text import CLIP_MAX_LENGTH
 
-AUTOENCODERS = ("sd3_vae", "space_to_depth")
+AUTOENCODERS = ("sd3_vae", "space_to_depth", "patch")
 TRAINABLE = ("all", "attention_mlp", "frozen")
 
 
@@ -36,6 +38,8 @@ def latent_geometry(config) -> tuple[int, int]:
     if config.autoencoder == "sd3_vae":
         f = 2 ** (len(config.vae.block_out_channels) - 1)
         return config.image_size // f, config.vae.latent_channels
+    if config.autoencoder == "patch":
+        return config.image_size // config.patch_autoencoder.factor, config.patch_autoencoder.latent_channels
     raise ConfigError(f"autoencoder={config.autoencoder!r}: choose one of {AUTOENCODERS}")
 
 
@@ -75,12 +79,25 @@ def validate(config) -> None:
     need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
+    n_clip = clip_max_length(config)
+    need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),
+         f"text.clip_max_length={n_clip}: need 2 <= length <= the CLIP encoders' max_position_embeddings")
     need(not (config.text.get("cache", False) and config.text.get("embeddings", "")),
          "text.cache and text.embeddings both set: choose one source of precomputed text embeddings")
     need(config.get("frozen_placement", "sharded") in ("sharded", "replicated"),
          f"frozen_placement={config.get('frozen_placement')!r}: sharded or replicated")
-    need(config.stage in (1, 2), f"stage={config.stage!r}: 1 (codec) or 2 (entropy model)")
-    need(config.stage == 1 or config.stage1_workdir,
+    need(config.stage in (0, 1, 2), f"stage={config.stage!r}: 0 (autoencoder), 1 (codec) or 2 (entropy model)")
+    need(config.stage != 0 or config.autoencoder == "patch",
+         f"stage=0 trains the learned autoencoder: set autoencoder=patch (it is {config.autoencoder!r})")
+    pa = config.patch_autoencoder
+    need(min(pa.factor, pa.latent_channels, pa.width, pa.depth) >= 1,
+         f"patch_autoencoder: factor, latent_channels, width and depth must be >= 1, got {pa.to_dict()}")
+    s0 = config.stage0
+    need(s0.batch_size >= 1 and s0.batch_size % jax.process_count() == 0,
+         f"stage0.batch_size={s0.batch_size} must be a positive multiple of the process count")
+    need(0 <= s0.ema_decay < 1 and 0 <= s0.stats_decay < 1, "stage0.ema_decay and stage0.stats_decay: need 0 <= decay < 1")
+    need(s0.latent_noise >= 0 and s0.latent_l2 >= 0, "stage0.latent_noise and stage0.latent_l2 must be >= 0")
+    need(config.stage != 2 or config.stage1_workdir,
          "stage=2 trains the entropy model on a finished stage-1 run: set stage1_workdir=DIR")
     em = config.entropy_model
     need(em.width >= 1 and em.depth >= 1 and em.num_heads >= 1 and em.width % em.num_heads == 0,
@@ -99,17 +116,18 @@ def validate(config) -> None:
     need(0 <= config.stage2.ema_decay < 1, f"stage2.ema_decay={config.stage2.ema_decay}: need 0 <= decay < 1")
 
 
-STAGE2_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")
+STAGE_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")
 
 
 def stage_config(config):
-    """The config a stage trains with: for stage 2, the top-level optimisation fields replaced by
-    config.stage2's (so one optimiser / loop serves both stages)."""
+    """The config a stage trains with: for stages 0 and 2, the top-level optimisation fields
+    replaced by config.stage0's / config.stage2's (so one optimiser / loop serves every stage)."""
     if config.stage == 1:
         return config
     out = config.copy_and_resolve_references()
-    for k in STAGE2_FIELDS:
-        out[k] = config.stage2[k]
+    own = config.stage0 if config.stage == 0 else config.stage2
+    for k in STAGE_FIELDS:
+        out[k] = own[k]
     return out
 
 
@@ -132,6 +150,8 @@ def training_schedules(config) -> jnp.ndarray:
 def build_autoencoder(config):
     if config.autoencoder == "space_to_depth":
         return SpaceToDepthAutoencoder(factor=config.space_to_depth_factor)
+    if config.autoencoder == "patch":
+        return PatchAutoencoder(**config.patch_autoencoder.to_dict(), dtype=jnp.dtype(config.dtype))
     kw = config.vae.to_dict()
     kw["block_out_channels"] = tuple(kw["block_out_channels"])
     return AutoencoderKL(**kw, dtype=jnp.dtype(config.dtype))
@@ -172,6 +192,7 @@ def build_text(config, workdir: str | Path):
         encoder, params = load_prompt_encoder(config.pretrained, compute_dtype=jnp.dtype(config.dtype))
         if encoder is None:
             raise ConfigError(f"pretrained={config.pretrained} has no text encoders / tokenizers")
+        encoder.clip_max_length = clip_max_length(config)
         return encoder, params
 
     from perco_jax.tiny import save_clip_tokenizer, save_t5_tokenizer
@@ -187,5 +208,13 @@ def build_text(config, workdir: str | Path):
     params = {name: nn.meta.unbox(m.init(k, ids))["params"]
               for name, m, k in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (clip_l, clip_g, t5), keys)}
     encoder = PromptEncoder(load_tokenizer(tok / "tokenizer"), load_tokenizer(tok / "tokenizer_2"), clip_l, clip_g,
-                            load_tokenizer(tok / "tokenizer_3"), t5, joint_attention_dim=config.mmdit.joint_attention_dim)
+                            load_tokenizer(tok / "tokenizer_3"), t5, joint_attention_dim=config.mmdit.joint_attention_dim,
+                            clip_max_length=clip_max_length(config))
     return encoder, params
+
+
+def clip_max_length(config) -> int:
+    """CLIP token length of the prompt encoding: SD3's 77 unless config.text.clip_max_length says
+    otherwise (the tiny config's character-level CLIP tokenizers: a short CLIP part keeps the
+    MM-DiT's joint sequence short, the word-level T5 part carries the caption)."""
+    return int(config.text.get("clip_max_length", CLIP_MAX_LENGTH))

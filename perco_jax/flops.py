@@ -116,7 +116,7 @@ def step_flops(config, batch: int | None = None) -> StepFlops:
     on the kernel), plus the frozen text encoders' forward unless config.text.cache."""
     from perco_jax import build, parallel
     from perco_jax.plan import abstract_autoencoder
-    from perco_jax.train.loop import init_state
+    from perco_jax.train.step import init_state
     from perco_jax.train.state import make_optimizer
     from perco_jax.train.step import make_train_step
 

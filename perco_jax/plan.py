@@ -256,7 +256,7 @@ def abstract_components(config, stage: int | None = None, batch: int | None = No
 
 
 def _abstract_components(config, stage, batch) -> Components:
-    from perco_jax.train import loop, stage2
+    from perco_jax.train import stage2, step
     from perco_jax.train.state import make_optimizer
 
     config = config.copy_and_resolve_references()
@@ -274,7 +274,7 @@ def _abstract_components(config, stage, batch) -> Components:
     tx = make_optimizer(config)
     s1 = config.copy_and_resolve_references()
     s1.stage = 1
-    s1_state, s1_shardings = loop.init_state(s1, build.build_perco(s1), make_optimizer(s1), _UNIT_MESH, rules,
+    s1_state, s1_shardings = step.init_state(s1, build.build_perco(s1), make_optimizer(s1), _UNIT_MESH, rules,
                                              abstract=True)
     frozen: dict[str, Part] = {}
     if config.stage == 1:

@@ -80,8 +80,8 @@ def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
     params = state.ema_params if state.ema_params is not None else state.params
     frozen = {"autoencoder": {}, "text": text_params}
     if config.autoencoder != "space_to_depth":
-        from perco_jax.train.loop import _autoencoder_params
-        frozen["autoencoder"] = _autoencoder_params(config, autoencoder)
+        from perco_jax.train.stage0 import autoencoder_params
+        frozen["autoencoder"] = autoencoder_params(config, autoencoder)
     codec = {"params": params, "vq": state.vq_state}
     indices = make_encoder(model, autoencoder)(codec, frozen["autoencoder"], images)
     tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)

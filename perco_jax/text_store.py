@@ -33,14 +33,17 @@ from typing import Sequence
 
 import numpy as np
 
+from perco_jax import build
+
 FORMAT = 1
 _SHARD = re.compile(r"embeddings-(\d{5})-of-(\d{5})\.json$")
 
 
 def text_identity(config) -> dict:
-    """What the embeddings depend on: the T5 length and the encoders (the converted weights folder,
+    """What the embeddings depend on: the CLIP and T5 lengths and the encoders (the converted weights folder,
     or for random tiny encoders their config sections and seed)."""
     ident = {"max_sequence_length": int(config.text.max_sequence_length),
+             "clip_max_length": build.clip_max_length(config),
              "joint_attention_dim": int(config.mmdit.joint_attention_dim),
              "pretrained": str(Path(config.pretrained).resolve()) if config.pretrained else ""}
     if not config.pretrained:
@@ -66,7 +69,7 @@ def embed_captions(config, out: str | os.PathLike, *, captions: Sequence[str] | 
     from flax import serialization
     from tqdm.auto import tqdm
 
-    from perco_jax import build, parallel
+    from perco_jax import parallel
     from perco_jax.data.pipeline import dataset_captions
 
     if dtype not in ("float32", "bfloat16", "float16"):

@@ -19,21 +19,36 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-# The tiny codec the end-to-end tests share (trained once per session): stage 1 as the tiny
-# config for 180 steps, stage 2 for 100 steps on its indices, exported and reloaded.
-STAGE1_OVERRIDES = ["num_train_steps=180", "log_every_steps=10", "checkpoint_every_steps=1000"]
+# The tiny codec the end-to-end tests share (trained once per session): stage 0 (the tiny
+# autoencoder) for STAGE0_STEPS steps, stage 1 on it for 700 steps, stage 2 for 100 steps on its
+# indices, exported and reloaded. (`make demo` trains the same with the tiny config's full budget.)
+STAGE0_STEPS = 1000
+STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]
 CODEC_OVERRIDES = STAGE1_OVERRIDES + ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64",
                                       "entropy_model.depth=2", "stage2.num_train_steps=100", "stage2.batch_size=16"]
 
 
 @pytest.fixture(scope="session")
-def stage1_run(tmp_path_factory):
-    """(config, workdir) of a finished stage-1 run of the tiny config."""
+def stage0_run(tmp_path_factory):
+    """(config, workdir) of a finished stage-0 run (the tiny autoencoder)."""
+    from perco_jax.config import load_config
+    from perco_jax.train.loop import train
+
+    work = tmp_path_factory.mktemp("stage0")
+    config = load_config("tiny", ["stage=0", f"stage0.num_train_steps={STAGE0_STEPS}", "log_every_steps=100",
+                                  "checkpoint_every_steps=10000"])
+    train(config, work, progress=False)
+    return config, work
+
+
+@pytest.fixture(scope="session")
+def stage1_run(stage0_run, tmp_path_factory):
+    """(config, workdir) of a finished stage-1 run of the tiny config on stage0_run's autoencoder."""
     from perco_jax.config import load_config
     from perco_jax.train.loop import train
 
     work = tmp_path_factory.mktemp("stage1")
-    config = load_config("tiny", STAGE1_OVERRIDES)
+    config = load_config("tiny", STAGE1_OVERRIDES + [f"autoencoder_workdir={stage0_run[1]}"])
     train(config, work, progress=False)
     return config, work
 
@@ -47,7 +62,8 @@ def trained_codec(stage1_run, tmp_path_factory):
 
     _, stage1 = stage1_run
     work = tmp_path_factory.mktemp("codec")
-    config = load_config("tiny", CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}"])
+    config = load_config("tiny", CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}",
+                                                    f"autoencoder_workdir={stage1_run[0].autoencoder_workdir}"])
     train(config, work / "stage2", progress=False)
     Codec.from_runs(config, stage1, work / "stage2").save(work / "checkpoint")
     return config, work / "checkpoint", Codec.load(work / "checkpoint")

@@ -84,7 +84,7 @@ def _check_restored(restored, shardings, saved: dict, devices) -> None:
 
 def _abstract_state(config, mesh):
     from perco_jax import build, parallel
-    from perco_jax.train.loop import init_state
+    from perco_jax.train.step import init_state
     from perco_jax.train.state import make_optimizer
 
     config = build.stage_config(config)
@@ -155,7 +155,8 @@ def _process(root: Path, overrides: list[str], process_id: int, port: int) -> No
     import perco_jax.data.pipeline as pipeline
     from perco_jax import parallel
     from perco_jax.config import load_config
-    from perco_jax.train.loop import restore_latest, train
+    from perco_jax.train.checkpoints import restore_latest
+    from perco_jax.train.loop import train
 
     assert (jax.process_index(), jax.process_count(), jax.device_count(), jax.local_device_count()) == \
         (process_id, 2, 8, 4)
@@ -258,7 +259,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_4_and_1(runs):
 
     from perco_jax import parallel
     from perco_jax.config import load_config
-    from perco_jax.train.loop import restore_latest
+    from perco_jax.train.checkpoints import restore_latest
 
     _finish(runs, ["process0", "process1"])
     root = runs["root"]

@@ -79,13 +79,15 @@ def _digest(tree) -> str:
     return h.hexdigest()
 
 
-def fingerprint_of(config, codec_params, entropy_params) -> bytes:
-    """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights."""
+def fingerprint_of(config, codec_params, entropy_params, ae_params=None) -> bytes:
+    """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights
+    (with the autoencoder's when it has learned ones, e.g. a stage-0 patch autoencoder)."""
     from perco_jax.train.stage2 import _comparable
 
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return bitstream.fingerprint({"config": _comparable(cfg), "entropy_model": cfg["entropy_model"],
-                                  "codec": cfg["codec"], "weights": _digest([codec_params, entropy_params])})
+                                  "codec": cfg["codec"],
+                                  "weights": _digest([codec_params, entropy_params] + ([ae_params] if ae_params else []))})
 
 
 def _module_fields(m) -> dict:
@@ -144,7 +146,8 @@ class Codec:
         """The codec of a finished stage-1 run and the stage-2 run trained on it."""
         from perco_jax import parallel
         from perco_jax.train import stage2
-        from perco_jax.train.loop import _autoencoder_params, restore_latest
+        from perco_jax.train.checkpoints import restore_latest
+        from perco_jax.train.stage0 import autoencoder_params
         from perco_jax.train.state import make_optimizer
 
         config = config.copy_and_resolve_references()
@@ -160,9 +163,9 @@ class Codec:
             raise build.ConfigError(f"{stage2_workdir} has no stage-2 checkpoint: train stage 2 first")
         entropy = s2.ema_params if s2.ema_params is not None else s2.params
         encoder, text_params = build.build_text(config, stage1_workdir)
-        ae = _autoencoder_params(config, build.build_autoencoder(config))
+        ae = autoencoder_params(config, build.build_autoencoder(config))
         codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))
-        return cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy))
+        return cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae))
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write this codec as a weights folder (`perco-jax compress --checkpoint FOLDER`)."""
@@ -176,7 +179,8 @@ class Codec:
                       "entropy_model": (self.config.entropy_model.to_dict(), self.entropy_params),
                       "text": (text_cfg, self.text_params)}
         if jax.tree_util.tree_leaves(self.ae_params):
-            components["autoencoder"] = (self.config.vae.to_dict(), self.ae_params)
+            section = self.config.patch_autoencoder if self.config.autoencoder == "patch" else self.config.vae
+            components["autoencoder"] = (section.to_dict(), self.ae_params)
         with tempfile.TemporaryDirectory() as tmp:
             dirs = {}
             for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), pe.tokenizers):
@@ -211,7 +215,7 @@ class Codec:
         encoder = PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
                                 module(CLIPTextEncoder, tc["text_encoder"]), module(CLIPTextEncoder, tc["text_encoder_2"]),
                                 load_tokenizer(folder / "tokenizer_3") if t5 is not None else None, t5,
-                                joint_attention_dim=tc["joint_attention_dim"])
+                                joint_attention_dim=tc["joint_attention_dim"], clip_max_length=build.clip_max_length(config))
         fp = bytes.fromhex(manifest["metadata"]["fingerprint"])
         return cls(config, params["codec"], params["entropy_model"], params.get("autoencoder", {}),
                    params["text"], encoder, fp)

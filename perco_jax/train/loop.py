@@ -1,7 +1,8 @@
-"""The training loop shared by both stages: sharded jit step on a device mesh, orbax
+"""The training loop shared by every stage: sharded jit step on a device mesh, orbax
 CheckpointManager (periodic + SIGTERM, keep-N, exact resume), clu metric writers and periodic
-actions, a progress bar. config.stage picks what trains: 1 = the codec (`step.py`), 2 = the
-entropy model on the frozen stage-1 codec's indices (`stage2.py`).
+actions, a progress bar. config.stage picks what trains: 0 = the learned autoencoder
+(`stage0.py`), 1 = the codec (`step.py`), 2 = the entropy model on the frozen stage-1 codec's
+indices (`stage2.py`).
 
     train(config, workdir) -> final TrainState
 """
@@ -22,8 +23,9 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from perco_jax import build, parallel
-from perco_jax.train.state import TrainState, count_params, make_optimizer
-from perco_jax.train.step import TOKEN_KEYS, make_train_step
+from perco_jax.train.checkpoints import restore_target
+from perco_jax.train.state import count_params, make_optimizer
+from perco_jax.train.step import TOKEN_KEYS, init_state, make_train_step
 
 
 class _Preemption:
@@ -42,39 +44,6 @@ class _Preemption:
     def restore(self):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
-
-
-def init_state(config, model, tx, mesh, rules, abstract: bool = False):
-    """(state, shardings): a fresh sharded stage-1 TrainState built by a jit with out_shardings
-    (abstract=True: its ShapeDtypeStructs, nothing allocated)."""
-    side, channels = build.latent_geometry(config)
-
-    def make(rng):
-        k_init, k_state = jax.random.split(rng)
-        x = jnp.zeros((1, side, side, channels))
-        variables = model.init({"params": k_init, "vq": k_init}, x, x, jnp.zeros((1,)),
-                               jnp.zeros((1, 8, config.mmdit.joint_attention_dim)),
-                               jnp.zeros((1, config.mmdit.pooled_projection_dim)))
-        return fresh_state(variables["params"], tx, config, variables["vq"], k_state)
-
-    return sharded_init(make, jax.random.PRNGKey(config.seed), mesh, rules, abstract)
-
-
-def fresh_state(params, tx, config, vq_state, rng) -> TrainState:
-    """A step-0 TrainState of `params` (EMA = params when config.ema_decay > 0)."""
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema_params=params if config.ema_decay > 0 else None, vq_state=vq_state, rng=rng)
-
-
-def sharded_init(make, rng, mesh, rules, abstract: bool = False):
-    """(state, shardings) of make(rng) (a boxed TrainState), built by one jit with the shardings of
-    its logical axes on `mesh`; abstract=True: its ShapeDtypeStructs, nothing allocated."""
-    shapes = jax.eval_shape(make, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
-    if abstract:
-        return nn.meta.unbox(shapes), shardings
-    state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
-    return state, shardings
 
 
 def load_pretrained_mmdit(config, state, shardings):
@@ -119,32 +88,6 @@ def _restore(mngr, state, shardings):
     return restored.state, int(restored.data["examples_seen"])
 
 
-def restore_target(state, shardings):
-    """ShapeDtypeStructs with shardings for orbax to restore `state` into. optax's MaskedNode (the
-    optimiser state of frozen parameters: no arrays) is kept as it is; the shardings tree has a
-    leaf where the state has one."""
-    return jax.tree_util.tree_map(
-        lambda x, s: x if isinstance(x, optax.MaskedNode) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state, shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-
-def restore_latest(workdir: str | Path, abstract_state, shardings):
-    """The latest TrainState saved by `train` in workdir (None if there is none), restored onto
-    `shardings` (the mesh may differ from the one it was saved on)."""
-    path = Path(workdir).absolute() / "checkpoints"
-    if not path.is_dir():
-        return None
-    mngr = ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(create=False))
-    try:
-        step = mngr.latest_step()
-        if step is None:
-            return None
-        target = restore_target(abstract_state, shardings)
-        return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    finally:
-        mngr.close()
-
-
 def _save(mngr, state, examples_seen: int, force: bool = False) -> None:
     step = int(jax.device_get(state.step))
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -161,7 +104,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     from clu import metric_writers, periodic_actions  # (imports TensorFlow: only when training)
 
     from perco_jax.data.pipeline import make_dataset
-    from perco_jax.train import stage2
+    from perco_jax.train import stage0, stage2
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +117,9 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     model = build.build_perco(config)
     autoencoder = build.build_autoencoder(config)
     store = None
-    if config.text.get("embeddings", ""):  # precomputed by `perco-jax embed-text`: no text encoder
+    if config.stage == 0:  # the autoencoder alone: no text
+        prompt_encoder, text_params = None, {}
+    elif config.text.get("embeddings", ""):  # precomputed by `perco-jax embed-text`: no text encoder
         from perco_jax.text_store import TextEmbeddingStore
 
         store = TextEmbeddingStore(config.text.embeddings, config)
@@ -185,8 +130,13 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
 
     with jax.set_mesh(mesh):
-        frozen = {"autoencoder": _autoencoder_params(config, autoencoder), "text": text_params}
-        if config.stage == 1:
+        frozen = {"autoencoder": {} if config.stage == 0 else stage0.autoencoder_params(config, autoencoder),
+                  "text": text_params}
+        if config.stage == 0:
+            state, shardings = stage0.init_state(config, autoencoder, tx, mesh, rules)
+            step = stage0.make_train_step(autoencoder, config, tx)
+            postfix = {"psnr": "psnr"}
+        elif config.stage == 1:
             state, shardings = init_state(config, model, tx, mesh, rules)
             step = make_train_step(model, autoencoder, prompt_encoder, config, tx)
             postfix = {"loss": "loss", "usage": "codebook_usage"}
@@ -209,6 +159,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         if cache is not None:
             e_ctx, e_pooled = cache([""])
             empty = {"context": jnp.asarray(e_ctx), "pooled": jnp.asarray(e_pooled)}
+        elif prompt_encoder is None:
+            empty = {}
         else:
             empty = {k: jnp.asarray(v[:1]) for k, v in
                      prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
@@ -232,6 +184,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
                 if cache is not None:
                     ctx, pooled = cache(captions)
                     text = {"context": ctx, "pooled": pooled}
+                elif prompt_encoder is None:
+                    text = {}
                 else:
                     tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
                     text = {k: tokens[k] for k in TOKEN_KEYS if k in tokens}
@@ -303,17 +257,3 @@ def text_shardings(prompt_encoder, text_params: dict, mesh, rules) -> dict:
     modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
                "text_encoder_3": prompt_encoder.t5}
     return {name: parallel.module_shardings(modules[name], ids, p, mesh, rules) for name, p in text_params.items()}
-
-
-def _autoencoder_params(config, autoencoder):
-    """The frozen autoencoder's params: none for space-to-depth, the converted VAE otherwise."""
-    if config.autoencoder == "space_to_depth":
-        return {}
-    if not config.pretrained:
-        x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
-        return nn.meta.unbox(autoencoder.init(jax.random.PRNGKey(config.seed + 2), x))["params"]
-    from perco_jax.checkpoint import load_weights
-
-    return load_weights(config.pretrained, ["vae"])[1]["vae"]
-
-

@@ -21,11 +21,12 @@ import optax
 from perco_jax import build
 from perco_jax.models.entropy_model import masked_loss_bits, training_mask
 from perco_jax.reconstruct import encode_images
-from perco_jax.train.state import TrainState, ema_update, step_key
+from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 from perco_jax.train.step import TOKEN_KEYS
 
 # Sections that must equal the stage-1 run's: they define the indices stage 2 learns to code.
-CODEC_SECTIONS = ("image_size", "autoencoder", "space_to_depth_factor", "vae", "mmdit", "codec",
+CODEC_SECTIONS = ("image_size", "autoencoder", "space_to_depth_factor", "vae", "patch_autoencoder",
+                  "autoencoder_workdir", "mmdit", "codec",
                   "hyper_encoder", "vq", "clip_l", "clip_g", "t5", "text", "pretrained", "dtype", "seed")
 STAGE1_STATE_FIELDS = ("ema_decay", "trainable", "grad_accum_steps", "grad_clip", "num_train_steps",
                        "learning_rate", "warmup_steps", "lr_schedule", "weight_decay", "batch_size")
@@ -53,7 +54,8 @@ def check_stage1_config(config, stage1_workdir: Path) -> None:
 
 def restore_stage1(config, stage1_workdir: str | Path, mesh, rules) -> TrainState:
     """The latest stage-1 TrainState of stage1_workdir, restored onto `mesh`."""
-    from perco_jax.train.loop import init_state, restore_latest
+    from perco_jax.train.checkpoints import restore_latest
+    from perco_jax.train.step import init_state
     from perco_jax.train.state import make_optimizer
 
     stage1_workdir = Path(stage1_workdir)
@@ -82,8 +84,6 @@ def codec_params(state: TrainState) -> dict:
 def init_state(config, model, tx, mesh, rules, abstract: bool = False):
     """(state, shardings): a fresh sharded stage-2 TrainState (vq_state None); abstract=True:
     its ShapeDtypeStructs, nothing allocated."""
-    from perco_jax.train.loop import fresh_state, sharded_init
-
     g = config.codec.grid_side
     ctx = (jnp.zeros((1, 1, model.context_dim)) if model.context_dim else None)
 

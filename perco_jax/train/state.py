@@ -7,6 +7,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
 
 
 @flax.struct.dataclass
@@ -65,3 +66,20 @@ def step_key(state: TrainState, name: int) -> jax.Array:
 
 def count_params(tree) -> int:
     return int(sum(jnp.size(x) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def fresh_state(params, tx, config, vq_state, rng) -> TrainState:
+    """A step-0 TrainState of `params` (EMA = params when config.ema_decay > 0)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema_params=params if config.ema_decay > 0 else None, vq_state=vq_state, rng=rng)
+
+
+def sharded_init(make, rng, mesh, rules, abstract: bool = False):
+    """(state, shardings) of make(rng) (a boxed TrainState), built by one jit with the shardings of
+    its logical axes on `mesh`; abstract=True: its ShapeDtypeStructs, nothing allocated."""
+    shapes = jax.eval_shape(make, rng)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
+    if abstract:
+        return nn.meta.unbox(shapes), shardings
+    state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
+    return state, shardings

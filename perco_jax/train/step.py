@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from perco_jax import flow
+from perco_jax import build, flow
 from perco_jax.models.vae import latents_from_moments, scale_latents
-from perco_jax.train.state import TrainState, ema_update, step_key
+from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
 TOKEN_KEYS = ("clip_l", "clip_g", "t5")
 
@@ -64,3 +64,18 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
 
     return train_step
 
+
+def init_state(config, model, tx, mesh, rules, abstract: bool = False):
+    """(state, shardings): a fresh sharded stage-1 TrainState built by a jit with out_shardings
+    (abstract=True: its ShapeDtypeStructs, nothing allocated)."""
+    side, channels = build.latent_geometry(config)
+
+    def make(rng):
+        k_init, k_state = jax.random.split(rng)
+        x = jnp.zeros((1, side, side, channels))
+        variables = model.init({"params": k_init, "vq": k_init}, x, x, jnp.zeros((1,)),
+                               jnp.zeros((1, 8, config.mmdit.joint_attention_dim)),
+                               jnp.zeros((1, config.mmdit.pooled_projection_dim)))
+        return fresh_state(variables["params"], tx, config, variables["vq"], k_state)
+
+    return sharded_init(make, jax.random.PRNGKey(config.seed), mesh, rules, abstract)
