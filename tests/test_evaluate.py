@@ -19,6 +19,7 @@ from perco_jax.config import load_config
 from perco_jax.eval import evaluate as ev
 from perco_jax.images import load_image, save_image
 from perco_jax.models.lpips import TRUNKS, Conv
+from tests.test_captions import blip2_folder  # noqa: F401  (the tiny BLIP-2 captioner fixture)
 from tests.test_clip_score import clip_folder  # noqa: F401  (the tiny CLIP model fixture)
 from tests.test_segmentation import segformer  # noqa: F401  (the tiny SegFormer fixture)
 
@@ -124,6 +125,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
         parts = float(r["bpp_caption"]) + float(r["bpp_indices"]) + float(r["bpp_container"])
         assert parts == pytest.approx(float(r["bpp"]), rel=1e-12)
         assert r["caption"] == CAPTIONS.get(f"{r['name']}.png", "")
+        assert r["caption_source"] == ("file" if f"{r['name']}.png" in CAPTIONS else "none")
         _, caps, _ = c.read_batch([stream])  # the caption really is in the stream
         assert caps == [r["caption"]]
         assert load_image(out / "recon" / f"{r['name']}.png").shape == (h, w, 3)
@@ -198,9 +200,9 @@ def test_cli_sweep_with_published_points(codec, folder, tmp_path, monkeypatch, c
     for name in ("a", "b", "c"):
         (kodak / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
     published = tmp_path / "published.csv"  # made-up points (only the overlay is under test)
-    published.write_text("# test rows\nmethod,dataset,resolution,bpp,psnr,ms_ssim,lpips,fid,kid,clip_score,miou,source\n"
-                         "X,kodak,512x512,0.01,20,,,,,,,test\nX,kodak,512x512,0.05,22,,,,,,,test\n"
-                         "Y,coco30k,512x512,0.02,30,,,,,,,test\n")
+    published.write_text("# test rows\nmethod,dataset,resolution,protocol,bpp,psnr,exactness,source\n"
+                         "X,kodak,full,kodak-full,0.01,20,table,test\nX,kodak,full,kodak-full,0.05,22,figure,test\n"
+                         "Y,coco30k,512x512,coco30k-512,0.02,30,table,test\n")
     monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))  # the fixture's (compiled) codec
     calls = Calls(c, monkeypatch)
     parser = argparse.ArgumentParser(prog="perco-jax")
@@ -324,11 +326,100 @@ def test_data_specs_and_protocols(tmp_path):
         ev.parse_data(f"coco30k:{filelist}")
 
 
-def test_published_csv_parses_and_cites_its_sources():
+def test_published_csv_holds_the_issue_17_points_with_sources_and_exactness():
     rows = ev.load_published()
     header = next(ln for ln in ev.PUBLISHED_CSV.read_text().splitlines() if not ln.startswith("#"))
     assert tuple(header.split(",")) == ev.PUBLISHED_COLUMNS
-    assert all(r["source"] and r["method"] in ("PerCo", "PerCo (SD)", "PerCoV2") for r in rows)
+    assert len(rows) == 31
+    assert {r["method"] for r in rows} == {"PerCo", "PerCo (SD)", "PerCoV2", "MS-ILLM", "SD v2.1 autoencoder"}
+    protocols = {"coco30k-512": ("coco30k", "512x512"), "kodak-full": ("kodak", "full"),
+                 "clic2020-full:diffeic": ("clic2020", "full"), "clic2020-full:ms-illm": ("clic2020", "full")}
+    for r in rows:
+        assert (r["dataset"], r["resolution"]) == protocols[r["protocol"]]
+        assert r["exactness"] in ev.EXACTNESS and r["source"]
+        if r["exactness"] == "figure":  # read off a plot: the uncertainty is given
+            assert "±" in r["source"] and r["protocol"] == "coco30k-512"
+        assert (r["bpp"] is None) == (r["method"] == "SD v2.1 autoencoder")
+        assert bool(r["image"]) == ("Fig. 2" in r["source"])
+    by = {}
+    for r in rows:
+        by.setdefault((r["method"], r["protocol"], r["image"]), []).append(r)
+    coco = by[("PerCo", "coco30k-512", "")]
+    assert [r["bpp"] for r in coco] == [0.0041, 0.0080, 0.0121, 0.0335, 0.0528, 0.0957, 0.127]
+    assert (coco[3]["ms_ssim"], coco[3]["lpips"], coco[3]["fid"], coco[3]["kid"]) == \
+        (0.710, 0.242, 2.60, 0.00052)
+    sd = by[("PerCo (SD)", "coco30k-512", "")]
+    assert [r["bpp"] for r in sd] == [0.0037, 0.0042, 0.0114, 0.0329, 0.0525, 0.0954, 0.1266]
+    assert (sd[-1]["ms_ssim"], sd[-1]["lpips"], sd[-1]["fid"], sd[-1]["kid"]) == (0.855, 0.140, 1.22, 0.00011)
+    (ae,) = by[("SD v2.1 autoencoder", "coco30k-512", "")]
+    assert (ae["ms_ssim"], ae["lpips"], ae["fid"], ae["kid"]) == (0.931, 0.065, 0.64, 0.00006)
+    kodak = by[("PerCo (SD)", "kodak-full", "")]
+    assert [(r["bpp"], r["lpips"], r["ms_ssim"], r["psnr"], r["dists"], r["fid"]) for r in kodak] == [
+        (0.12614, 0.14326, 0.84650, 22.787, 0.0796, None), (0.03239, 0.29650, 0.67396, 19.528, 0.1607, None)]
+    clic = by[("PerCo (SD)", "clic2020-full:diffeic", "")]
+    assert [(r["bpp"], r["fid"], r["kid"]) for r in clic] == [(0.12575, 7.102, 0.00043), (0.03200, 16.024, 0.00222)]
+    assert [(r["bpp"], r["psnr"]) for r in by[("MS-ILLM", "kodak-full", "")]] == [(0.04435, 24.73), (0.08061, 25.92)]
+    assert [(r["bpp"], r["fid"], r["kid"]) for r in by[("MS-ILLM", "clic2020-full:ms-illm", "")]] == [
+        (0.03462, 6.272, 0.00104), (0.06328, 4.479, 0.00082)]
+    per_image = {(r["method"], r["image"]): r["bpp"] for r in rows if r["image"]}
+    assert per_image == {("PerCoV2", "kodim10"): 0.00308, ("PerCoV2", "kodim21"): 0.00360,
+                         ("PerCoV2", "kodim13"): 0.00378, ("PerCoV2", "kodim07"): 0.00351,
+                         ("PerCo (SD)", "kodim10"): 0.00339, ("PerCo (SD)", "kodim21"): 0.00388,
+                         ("PerCo (SD)", "kodim13"): 0.00406, ("PerCo (SD)", "kodim07"): 0.00372}
+
+
+def test_published_csv_validation(tmp_path):
+    bad = tmp_path / "p.csv"
+    bad.write_text("method,dataset,resolution,bpp,source\nX,kodak,full,0.1,s\n")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        ev.load_published(bad)
+    bad.write_text("method,dataset,protocol,bpp,exactness,source\nX,kodak,kodak-full,0.1,guess,s\n")
+    with pytest.raises(ValueError, match="exactness"):
+        ev.load_published(bad)
+    bad.write_text("method,dataset,protocol,bpp,exactness,source\nX,kodak,kodak-full,lots,table,s\n")
+    with pytest.raises(ValueError, match="not a number"):
+        ev.load_published(bad)
+
+
+def _plotted(monkeypatch):
+    """The figures plot_rd draws (captured from _panels)."""
+    figs, panels = [], ev._panels
+
+    def capture(mpl, n):
+        fig, axes = panels(mpl, n)
+        figs.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(ev, "_panels", capture)
+    return figs
+
+
+def test_rd_plot_shows_one_protocol_names_sources_and_hollows_figure_points(tmp_path, monkeypatch):
+    figs = _plotted(monkeypatch)
+    rows = ev.load_published()
+    ours = {"psnr": 20.0, "ms_ssim": 0.5, "lpips": 0.4, "fid": 5.0, "kid": 0.001}
+    series = [{"label": "ours", "points": [(0.01, ours)]}]
+    for protocol in ("coco30k-512", "kodak-full", "clic2020-full:ms-illm", "clic2020-full:diffeic"):
+        assert ev.plot_rd(tmp_path / "rd.png", series, rows, protocol) is None
+        fig = figs[-1]
+        legend = fig.legends[0]
+        labels = [t.get_text() for t in legend.get_texts()]
+        want = {ev._published_label(r) + (", no bpp" if r["bpp"] is None else "")
+                for r in rows if r["protocol"] == protocol and not r["image"]}
+        assert labels[0] == "ours" and set(labels[1:]) == want
+        for label, handle in list(zip(labels, legend.legend_handles))[1:]:
+            if "no bpp" not in label:
+                assert (handle.get_markerfacecolor() == "none") == ("read from a figure" in label)
+        allowed = {r["bpp"] for r in rows if r["protocol"] == protocol and not r["image"]} | {0.01}
+        for ax in fig.axes:  # every point drawn is ours or of this protocol
+            for line in ax.get_lines():
+                xs = set(np.atleast_1d(line.get_xdata()).tolist())
+                assert xs <= allowed or xs <= {0, 1}, (protocol, xs)  # (axhline spans x in axes units)
+    assert "PerCo (Nikolai10/PerCo, read from a figure)" in [t.get_text() for t in figs[0].legends[0].get_texts()]
+    assert "MS-ILLM (facebookresearch/NeuralCompression, table)" in [t.get_text() for t in figs[1].legends[0].get_texts()]
+    assert ev.data_protocol(ev.Dataset("kodak:x", "kodak", [])) == "kodak-full"
+    assert ev.data_protocol(ev.Dataset("coco30k:x", "coco30k", [], size=512)) == "coco30k-512"
+    assert ev.data_protocol(ev.Dataset("coco30k:x", "coco30k", [], size=512, center_crop=True)) == "coco30k-512-crop"
 
 
 def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tmp_path):
@@ -380,3 +471,116 @@ def test_miou_between_segmentations_of_originals_and_reconstructions(codec, fold
               seg.segment(load_image(tmp_path / "out" / "recon" / f"{n}.png")[None])[0]) for n in ("a", "c")]
     assert summary["miou"] == pytest.approx(miou_dataset(pairs, seg.num_classes), abs=1e-9)
     assert 0.0 <= summary["miou_image_mean"] <= 1.0 and "miou" not in summary["skipped"]
+
+
+def _cli(args):
+    parser = argparse.ArgumentParser(prog="perco-jax")
+    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    parsed = parser.parse_args(["evaluate", *map(str, args)])
+    return parsed.fn(parsed)
+
+
+def test_kodak_per_image_rates_next_to_perco_v2(codec, folder, tmp_path, monkeypatch, capsys):
+    from perco_jax import captioning as cap
+
+    path, c = codec
+    kodak = tmp_path / "kodak"
+    kodak.mkdir()
+    for src, dst in (("a", "kodim10"), ("c", "kodim07"), ("b", "other")):
+        (kodak / f"{dst}.png").write_bytes((folder / f"{src}.png").read_bytes())
+    (kodak / "captions.jsonl").write_text(json.dumps({"file": "other.png", "caption": "ignored"}) + "\n")
+    cache = cap.CaptionCache(tmp_path / "cache.jsonl")
+    cache.put(cap.image_key(kodak / "kodim10.png"), "a cached caption", "someone")
+    monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))
+    out = tmp_path / "out"
+    assert _cli(["--checkpoint", path, "--data", f"kodak:{kodak}", "--out", out, "--quiet", "--captions", "none",
+                 "--caption-cache", tmp_path / "cache.jsonl"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    _, rows = read_csv(out / "per_image.csv")
+    bpp = {r["name"]: float(r["bpp"]) for r in rows}
+    table = {e["image"]: e for e in summary["kodak_per_image"]}
+    assert sorted(table) == ["kodim07", "kodim10", "kodim13", "kodim21"]
+    assert table["kodim10"] == {"image": "kodim10", "ours": pytest.approx(bpp["kodim10"]), "PerCoV2": 0.00308,
+                                "PerCo (SD)": 0.00339}
+    assert table["kodim07"]["ours"] == pytest.approx(bpp["kodim07"]) and table["kodim13"]["ours"] is None
+    text = ev.format_kodak_per_image(summary["kodak_per_image"])
+    assert text in printed.out and "PerCoV2" in text and f"{bpp['kodim10']:.5f}" in text
+    assert summary["published_protocol"] == "kodak-full" and summary["published_points"] == 4
+    # --captions none: the captions file is not read; the cache gives kodim10's caption
+    assert {r["name"]: (r["caption"], r["caption_source"]) for r in rows} == {
+        "kodim07": ("", "none"), "kodim10": ("a cached caption", "cache"), "other": ("", "none")}
+    assert printed.err.count("without a caption") == 1 and "2 of 3 images" in printed.err
+
+
+def test_captions_from_files_and_a_cache_and_one_line_for_the_rest(codec, folder, tmp_path, capsys):
+    from perco_jax import captioning as cap
+
+    _, c = codec
+    small = _subset(folder, tmp_path, ("a", "b", "c"))  # no captions file beside them
+    cache_path = tmp_path / "cache.jsonl"
+    cap.CaptionCache(cache_path).put(cap.image_key(small / "a.png"), "a cached circle", "some captioner")
+    out = tmp_path / "out"
+    summary = ev.evaluate(c, f"folder:{small}", out, caption_cache=cache_path, progress=False)
+    err = capsys.readouterr().err
+    note = "2 of 3 images were coded without a caption (b, c): 2 found none in the captions file, caption cache or " \
+           "captioner given (give --captioner DIR, --caption-cache FILE or --captions FILE)"
+    assert err.strip() == note
+    _, rows = read_csv(out / "per_image.csv")
+    assert [(r["caption"], r["caption_source"]) for r in rows] == [("a cached circle", "cache"), ("", "none"),
+                                                                    ("", "none")]
+    _, caps, _ = c.read_batch([(out / "streams" / "a.perco").read_bytes()])
+    assert caps == ["a cached circle"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["caption_sources"] == {"a": "cache", "b": "none", "c": "none"}
+    assert run["caption_cache"] == str(cache_path.resolve()) and run["captioner"] is None
+    assert summary["captions"]["sources"] == {"cache": 1, "none": 2} and summary["captions"]["note"] == note
+    assert summary["captions"]["per_image"] == run["caption_sources"]
+    ev.evaluate(c, f"folder:{small}", out, caption_cache=cache_path, progress=False)  # resumes (same identity)
+    with pytest.raises(ValueError, match="caption"):  # the same folder without the cache is another run
+        ev.evaluate(c, f"folder:{small}", out, progress=False)
+
+    # a captions file given explicitly (matched by file name) comes before the cache
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"file": "a.png", "caption": "from the file"}) + "\n"
+                    + json.dumps({"file": "b.png", "caption": "b from the file"}) + "\n")
+    both = ev.evaluate(c, f"folder:{small}", tmp_path / "both", captions=mine, caption_cache=cache_path,
+                       progress=False)
+    assert both["captions"]["per_image"] == {"a": "file", "b": "file", "c": "none"}
+    none = ev.evaluate(c, f"folder:{small}", tmp_path / "none", captions=mine, progress=False, text_mode="none")
+    assert none["captions"]["sources"] == {"none": 3}
+    assert capsys.readouterr().err.splitlines()[-1] == "all 3 images were coded without a caption (--text-mode none)"
+    with pytest.raises(FileNotFoundError, match="captions file"):
+        ev.parse_data(f"folder:{small}", captions=tmp_path / "missing.jsonl")
+    with pytest.raises(ValueError, match="own captions"):
+        ev.parse_data("synthetic:2", captions=mine)
+    assert [it.caption_source for it in ev.parse_data("synthetic:2", captions="none").items] == ["", ""]
+
+
+def test_captions_from_a_captioner_are_cached_and_not_made_again(codec, folder, blip2_folder, tmp_path, monkeypatch):
+    from perco_jax import captioning as cap
+
+    _, c = codec
+    small = _subset(folder, tmp_path, ("a", "c"), {"a.png": "a red circle"})
+    want = cap.Captioner.load(blip2_folder, device="cpu").caption([small / "c.png"], progress=False)[0]
+    assert want  # (the tiny random BLIP-2 writes something)
+    calls = []
+    generate = cap.Captioner.generate
+
+    def counting(self, images, *a, **k):
+        calls.append(len(images))
+        return generate(self, images, *a, **k)
+
+    monkeypatch.setattr(cap.Captioner, "generate", counting)
+    out = tmp_path / "out"
+    summary = ev.evaluate(c, f"folder:{small}", out, captioner=str(blip2_folder), progress=False)
+    _, rows = read_csv(out / "per_image.csv")
+    assert [(r["caption"], r["caption_source"]) for r in rows] == [("a red circle", "file"), (want, "captioner")]
+    assert calls == [1]  # only c, which has no caption in the file
+    assert summary["captions"]["captioner"] == f"{blip2_folder.name}:greedy:32" and summary["captions"]["note"] is None
+    cached = cap.CaptionCache(out / ev.CAPTION_CACHE)
+    assert cached.get(cap.image_key(small / "c.png"), summary["captions"]["captioner"]) == want
+    ev.evaluate(c, f"folder:{small}", out, captioner=str(blip2_folder), progress=False)
+    assert calls == [1]  # resumed: the cache answers
+    with pytest.raises(ValueError, match="caption"):  # another captioner setting is another run
+        ev.evaluate(c, f"folder:{small}", out, captioner=str(blip2_folder), caption_tokens=5, progress=False)

@@ -27,9 +27,19 @@ Data specs (images: .jpg .jpeg .png .gif .bmp .webp .jxl, read as 8-bit RGB):
                     thumbnail baseline (below).
 
 `center_crop=True` first crops the largest centred square (then resizes when a size applies).
-Captions come from a captions.jsonl / captions.csv (perco_jax.data.folder's formats) beside the
-images (DIR, the file list's folder or each image's folder), matched by path, then by file name;
-an image without one is coded with the empty caption.
+Captions, from the sources `compress` has (`captions`, `caption_cache`, `captioner`, `text_mode`):
+  1. the data's own: a captions.jsonl / captions.csv (perco_jax.data.folder's formats) beside the
+     images (DIR, the file list's folder or each image's folder), or the file `captions` names
+     (paths relative to it), matched by path, then by file name; a synthetic scene's own caption.
+     captions="none" (--captions none) uses none of them;
+  2. else `captioning.resolve_caption`, as compress calls it: the caption cache (JSONL, keyed by the
+     image file's pixels, so compress and evaluate share one), then the captioner (BLIP-2 or
+     Molmo-style, greedy, caption_tokens), whose captions are added to the cache (by default
+     OUT/caption_cache.jsonl, so a resumed run does not caption again);
+  3. else none: the image is coded with the empty caption, and evaluate prints one line saying how
+     many were (`--text-mode none` codes every image without one, on purpose).
+Each image's source (file, scene, cache, captioner, none) is in per_image.csv (caption_source),
+run.json (caption_sources) and summary.json (`captions`: counts, per image, the note).
 
 Metrics, computed on the reconstruction as saved (8-bit PNG under OUT/recon, so a resumed run
 gives the numbers a fresh one would):
@@ -59,8 +69,12 @@ gives the numbers a fresh one would):
 
 Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
 computed for that image), summary.json (means, FID / KID, which metrics were skipped or only
-partly computed and why), rd.png (bpp against each metric, the published PerCo / PerCo (SD) /
-PerCoV2 points of `published.csv` overlaid for the matching data set when it has rows).
+partly computed and why), rd.png (bpp against each metric, with the reference points of
+`published.csv` whose protocol is the data's (`data_protocol`: coco30k-512, kodak-full; or
+`published_protocol`) overlaid: one series per method and source, named in the legend, hollow
+markers for values read from a figure, a dotted level for a point without bpp; rows of another
+protocol are never drawn on the same axes). For Kodak, summary.json's `kodak_per_image` (printed
+by the CLI) sets our bpp of kodim07 / 10 / 13 / 21 next to PerCoV2's and PerCo (SD)'s per-image rates.
 
 Sweeps: sweep={"guidance": [...], "steps": [...]} evaluates every combination into its own
 subfolder OUT/guidance=G_steps=S/ (the files above) and writes a combined OUT/summary.json,
@@ -86,6 +100,7 @@ import itertools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -99,7 +114,11 @@ IMAGE_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score")
 # thumbnail baseline's PSNR and scene metrics
 SCENE_COLUMNS = SCENE_METRICS + ("thumb_psnr",) + tuple(f"thumb_{m}" for m in SCENE_METRICS)
 CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
-               *IMAGE_METRICS, *SCENE_COLUMNS, "caption")
+               *IMAGE_METRICS, *SCENE_COLUMNS, "caption", "caption_source")
+# where an image's caption came from: a captions file, the synthetic scene's own caption, the caption
+# cache (no captioner given), the captioner (or its entry in the cache), or none (coded without one)
+CAPTION_SOURCES = ("file", "scene", "cache", "captioner", "none")
+CAPTION_CACHE = "caption_cache.jsonl"  # in the output folder, when a captioner is given without a cache
 SET_METRICS = ("fid", "kid", "miou")
 NOT_IMPLEMENTED: dict = {}
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
@@ -114,8 +133,10 @@ MS_SSIM_MIN_SIDE = (metrics.SSIM_WINDOW - 1) * 2 ** (len(metrics.MS_SSIM_WEIGHTS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".jxl")
 CAPTION_FILES = ("captions.jsonl", "captions.csv")
 PUBLISHED_CSV = Path(__file__).with_name("published.csv")
-PUBLISHED_COLUMNS = ("method", "dataset", "resolution", "bpp", "psnr", "ms_ssim", "lpips", "fid", "kid",
-                     "clip_score", "miou", "source")
+PUBLISHED_COLUMNS = ("method", "dataset", "resolution", "protocol", "image", "bpp", "psnr", "ms_ssim", "lpips",
+                     "dists", "fid", "kid", "clip_score", "miou", "exactness", "source")
+PUBLISHED_TEXT = ("method", "dataset", "resolution", "protocol", "image", "exactness", "source")
+EXACTNESS = ("table", "figure")  # verbatim from a table / results file, or read from a plot (uncertainty in source)
 PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score", "fid", "kid", "miou")
 LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "clip_score": "CLIP score ↑",
           "fid": "FID ↓", "kid": "KID ↓", "miou": "mIoU ↑"}
@@ -129,6 +150,7 @@ class Item:
     path: Optional[Path]   # None for a synthetic scene
     caption: str
     scene: Optional[object] = None  # the perco_jax.data.synthetic.Scene of a synthetic item
+    caption_source: str = ""  # CAPTION_SOURCES; "" = not resolved yet (parse_data: no captions-file entry)
 
 
 @dataclasses.dataclass
@@ -180,22 +202,22 @@ def preprocess(image: np.ndarray, size: Optional[int] = None, center_crop: bool 
     return x.astype(np.float32) / 255.0
 
 
-def _caption_table(dirs: Sequence[Path]) -> tuple[dict, dict]:
-    """({resolved path: caption}, {file name: caption}) from the captions files found in `dirs`."""
+def _caption_table(files: Sequence[Path]) -> tuple[dict, dict]:
+    """({resolved path: caption}, {file name: caption}) from those captions files that exist (paths in
+    a file are relative to its folder); the first file that names an image wins."""
     from perco_jax.data.folder import read_captions
 
     by_path, by_name = {}, {}
     seen = set()
-    for d in dirs:
-        for fname in CAPTION_FILES:
-            f = (d / fname).resolve()
-            if f in seen or not f.is_file():
-                continue
-            seen.add(f)
-            for rel, caption in read_captions(f):
-                p = Path(rel) if Path(rel).is_absolute() else d / rel
-                by_path.setdefault(str(p.resolve()), caption)
-                by_name.setdefault(Path(rel).name, caption)
+    for f in files:
+        f = Path(f).resolve()
+        if f in seen or not f.is_file():
+            continue
+        seen.add(f)
+        for rel, caption in read_captions(f):
+            p = Path(rel) if Path(rel).is_absolute() else f.parent / rel
+            by_path.setdefault(str(p.resolve()), caption)
+            by_name.setdefault(Path(rel).name, caption)
     return by_path, by_name
 
 
@@ -216,7 +238,7 @@ def _names(paths: Sequence[Path], root: Path) -> list[str]:
     return out
 
 
-def _synthetic_data(spec: str, where: str, size: Optional[int]) -> Dataset:
+def _synthetic_data(spec: str, where: str, size: Optional[int], own_captions: bool) -> Dataset:
     """synthetic:N[:SEED]: scenes synthetic_scene(i, SEED) for i < N, captioned with their captions."""
     from perco_jax.data.synthetic import synthetic_scene
 
@@ -233,22 +255,33 @@ def _synthetic_data(spec: str, where: str, size: Optional[int]) -> Dataset:
     items = []
     for i in range(n):
         scene = synthetic_scene(i, seed)
-        items.append(Item(f"scene_{i:0{width}d}", None, scene.caption, scene))
+        items.append(Item(f"scene_{i:0{width}d}", None, scene.caption if own_captions else "", scene,
+                          "scene" if own_captions else ""))
     return Dataset(spec=f"synthetic:{n}:{seed}", kind="synthetic", items=items,
                    size=None if size is None else int(size))
 
 
-def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = False) -> Dataset:
+def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = False,
+               captions: str | os.PathLike | None = None) -> Dataset:
     """A Dataset from `kodak:DIR`, `folder:DIR`, `coco30k:FILELIST` or `synthetic:N[:SEED]` (see the
-    module doc). A synthetic set without `size` is drawn at the codec's image size by `evaluate`."""
+    module doc). A synthetic set without `size` is drawn at the codec's image size by `evaluate`.
+
+    captions: None = the captions files beside the images (the scenes' own captions for synthetic
+    data); a path = that captions file (.jsonl / .csv) instead; "none" = no captions from the data
+    (images get theirs from the caption cache or captioner in `evaluate`, else none)."""
     kind, sep, where = str(spec).partition(":")
     if not sep or kind not in DATA_KINDS or not where:
         raise ValueError(f"data spec {spec!r} must be one of kodak:DIR, folder:DIR, coco30k:FILELIST, "
                          "synthetic:N[:SEED]")
     if size is not None and int(size) < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
+    no_captions = captions is not None and str(captions) == "none"
+    if captions is not None and not no_captions and not Path(captions).expanduser().is_file():
+        raise FileNotFoundError(f"captions file {captions} does not exist (give a .jsonl / .csv file, or 'none')")
     if kind == "synthetic":
-        return _synthetic_data(spec, where, size)
+        if captions is not None and not no_captions:
+            raise ValueError("synthetic scenes have their own captions: captions takes only 'none' (to drop them)")
+        return _synthetic_data(spec, where, size, own_captions=not no_captions)
     loc = Path(where).expanduser()
     if kind == "coco30k":
         if not loc.is_file():
@@ -275,10 +308,18 @@ def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = Fal
         paths = sorted(p for p in loc.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not paths:
             raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {loc}")
-    dirs = [root] + sorted({p.parent for p in paths} - {root})
-    by_path, by_name = _caption_table(dirs)
-    names = _names(paths, root)
-    items = [Item(n, p, by_path.get(str(p.resolve()), by_name.get(p.name, ""))) for n, p in zip(names, paths)]
+    if no_captions:
+        files = []
+    elif captions is not None:
+        files = [Path(captions).expanduser()]
+    else:
+        dirs = [root] + sorted({p.parent for p in paths} - {root})
+        files = [d / f for d in dirs for f in CAPTION_FILES]
+    by_path, by_name = _caption_table(files)
+    items = []
+    for n, p in zip(_names(paths, root), paths):
+        caption = by_path.get(str(p.resolve()), by_name.get(p.name))
+        items.append(Item(n, p, caption or "", caption_source="" if caption is None else "file"))
     return Dataset(spec=f"{kind}:{where}", kind=kind, items=items, size=None if size is None else int(size),
                    center_crop=bool(center_crop))
 
@@ -409,7 +450,8 @@ def _parse(value: str):
 def read_rows(path: Path) -> list[dict]:
     """Rows of a per_image.csv with numbers parsed (empty cells -> None; name / caption kept as text)."""
     with open(path, encoding="utf-8", newline="") as f:
-        return [{k: (v if k in ("name", "caption") else _parse(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: (v if k in ("name", "caption", "caption_source") else _parse(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)]
 
 
 def _read_json(path: Path):
@@ -422,6 +464,8 @@ def _read_json(path: Path):
 def _check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
     """Write `want` to path; with resume, a different stored identity is an error."""
     have = _read_json(path) if resume and path.exists() else None
+    if isinstance(have, dict):
+        have = {k: v for k, v in have.items() if k != "caption_sources"}  # a record, not identity
     if have is not None and have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"{path.parent} holds results of another {what} (differs in {', '.join(diff)}: "
@@ -434,7 +478,9 @@ def _check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
 # ----------------------------------------------------------------------------- published points
 
 def load_published(path: str | os.PathLike | None = None) -> list[dict]:
-    """Rows of the published operating points CSV (`#` lines are comments; empty cells -> None)."""
+    """Rows of the published reference points CSV (`#` lines are comments; empty cells -> None; text
+    columns PUBLISHED_TEXT, numbers otherwise). A row without bpp is a reference level (e.g. an
+    autoencoder's upper bound); a row with an `image` is a per-image point (`kodak_per_image`)."""
     path = Path(path) if path is not None else PUBLISHED_CSV
     if not path.is_file():
         return []
@@ -442,23 +488,67 @@ def load_published(path: str | os.PathLike | None = None) -> list[dict]:
         lines = [ln for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
     if not lines:
         return []
+    reader = csv.DictReader(lines)
+    lacking = [c for c in ("method", "dataset", "protocol", "bpp", "exactness", "source") if c not in reader.fieldnames]
+    if lacking:
+        raise ValueError(f"{path} lacks the columns {lacking} (expected {','.join(PUBLISHED_COLUMNS)})")
     out = []
-    for r in csv.DictReader(lines):
+    for r in reader:
         row = {}
         for k, v in r.items():
             if k is None:
                 continue
             v = (v or "").strip()
-            if k in ("method", "dataset", "resolution", "source"):
+            if k in PUBLISHED_TEXT:
                 row[k] = v
             else:
                 try:
                     row[k] = float(v) if v else None
                 except ValueError:
                     raise ValueError(f"{path}: column {k} of {r.get('method')!r} is not a number: {v!r}") from None
-        if row.get("bpp") is not None:
-            out.append(row)
+        if row["exactness"] not in EXACTNESS:
+            raise ValueError(f"{path}: exactness of {row['method']!r} must be one of {EXACTNESS}, got {row['exactness']!r}")
+        out.append(row)
     return out
+
+
+def data_protocol(ds: Dataset) -> str:
+    """The protocol id of an evaluated set, as in published.csv's `protocol` column: coco30k-512
+    (PerCo's MS-COCO 30k at 512x512), kodak-full (Kodak at its native size), else KIND-SIZE|full[-crop]
+    (which no published row has; name a published protocol with evaluate(published_protocol=...))."""
+    size = "full" if ds.size is None else str(ds.size)
+    return f"{ds.kind}-{size}" + ("-crop" if ds.center_crop else "")
+
+
+def _published_for(published: Sequence[dict], protocol: str) -> list[dict]:
+    """The averaged published points (not per-image rows) of one protocol."""
+    return [r for r in published if r.get("protocol") == protocol and not r.get("image")]
+
+
+def kodak_per_image(rows: Sequence[dict], published: Sequence[dict]) -> list[dict]:
+    """Per-image Kodak rates of the published rows with an `image` (PerCoV2's Fig. 2) next to ours,
+    matched by file name (kodim10 ...): [{"image", "ours": bpp or None, METHOD: bpp, ...}]."""
+    pub = [r for r in published if r.get("image") and r.get("dataset", "").lower() == "kodak"]
+    ours = {str(r["name"]).lower(): r.get("bpp") for r in rows}
+    table = {}
+    for r in pub:
+        entry = table.setdefault(r["image"], {"image": r["image"], "ours": ours.get(r["image"].lower())})
+        entry[r["method"]] = r["bpp"]
+    return [table[k] for k in sorted(table)]
+
+
+def format_kodak_per_image(table: Sequence[dict]) -> str:
+    """`kodak_per_image` as text: one line per image, bpp of ours and of each published method."""
+    if not table:
+        return ""
+    methods = list(dict.fromkeys(k for e in table for k in e if k not in ("image", "ours")))
+    lines = ["  Kodak per image, bpp (published: PerCoV2 arXiv:2503.09368 Fig. 2, its lowest setting)",
+             f"  {'image':<10}{'ours':>10}" + "".join(f"{m:>14}" for m in methods)]
+    for e in table:
+        cells = [e.get(k) for k in ["ours"] + methods]
+        lines.append(f"  {e['image']:<10}" + "".join(f"{'–' if v is None else f'{v:.5f}':>{10 if i == 0 else 14}}"
+                                                     for i, v in enumerate(cells)))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -472,42 +562,66 @@ def _matplotlib():
     return Figure, FigureCanvasAgg
 
 
-def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], dataset_kind: str,
+def _published_label(row: dict) -> str:
+    """Legend text of a published series: method, source (its first word: the repository or paper),
+    and how it was read."""
+    how = "read from a figure" if row["exactness"] == "figure" else "table"
+    return f"{row['method']} ({row['source'].split()[0].rstrip(',;')}, {how})"
+
+
+def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], protocol: str,
             title: str = "") -> Optional[str]:
     """bpp (log x) against each metric that has a value. `series`: [{label, points: [(bpp, {metric: v})],
-    annotate: [str] | None, scatter: bool}]. Returns None when written, else why not."""
+    annotate: [str] | None, scatter: bool}]. The published rows of `protocol` only (never two protocols
+    on one axis) are overlaid, one series per method and source, named in the legend: filled markers
+    for table values, hollow for values read from a figure, a dotted level for a row without bpp.
+    Returns None when written, else why not."""
     mpl = _matplotlib()
     if mpl is None:
         return "matplotlib is not installed (pip install matplotlib)"
-    pub = [r for r in published if r.get("dataset", "").lower() == dataset_kind.lower()]
+    pub = _published_for(published, protocol)
     shown = [m for m in PLOT_METRICS
              if any(v.get(m) is not None and math.isfinite(v[m]) for s in series for _, v in s["points"])]
     if not shown:
         return "no metric values to plot"
+    groups: dict = {}  # one published series per (method, source, exactness), a colour each
+    for r in pub:
+        groups.setdefault((r["method"], r["source"], r["exactness"]), []).append(r)
+    colour = {key: f"C{(len(series) + i) % 10}" for i, key in enumerate(groups)}
+    legend: dict = {}  # label -> handle, over all panels (a source may have values on some metrics only)
     fig, axes = _panels(mpl, len(shown))
     for ax, m in zip(axes, shown):
-        for s in series:
+        for i, s in enumerate(series):
             pts = [(b, v[m]) for b, v in s["points"] if v.get(m) is not None and math.isfinite(v[m]) and b > 0]
             if not pts:
                 continue
             xs, ys = zip(*pts)
             if s.get("scatter"):
-                ax.scatter(xs, ys, s=10, alpha=0.35, label=s["label"])
+                h = ax.scatter(xs, ys, s=10, alpha=0.35, color=f"C{i}")
             else:
-                ax.plot(xs, ys, marker="o", label=s["label"])
+                (h,) = ax.plot(xs, ys, marker="o", color=f"C{i}")
+            legend.setdefault(s["label"], h)
             for (x, y), text in zip(pts, s.get("annotate") or []):
                 ax.annotate(text, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        methods = sorted({r["method"] for r in pub})
-        for method in methods:
-            pts = sorted((r["bpp"], r[m]) for r in pub if r["method"] == method and r.get(m) is not None)
+        for key, rows in groups.items():
+            label = _published_label(rows[0])
+            hollow = {"markerfacecolor": "none"} if key[2] == "figure" else {}
+            pts = sorted((r["bpp"], r[m]) for r in rows if r.get("bpp") is not None and r.get(m) is not None)
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="s", ls="--", label=f"{method} (published)")
+                (h,) = ax.plot(xs, ys, marker="s", ls="--", color=colour[key], **hollow)
+                legend.setdefault(label, h)
+            for r in rows:
+                if r.get("bpp") is None and r.get(m) is not None:  # no rate: a level (an upper bound)
+                    h = ax.axhline(r[m], ls=":", color=colour[key])
+                    legend.setdefault(f"{label}, no bpp", h)
         ax.set_xscale("log")
         ax.set_xlabel("bpp")
         ax.set_ylabel(LABELS[m])
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.set_figheight(3.6 + 0.2 * math.ceil(len(legend) / 3))
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize=7,
+               ncols=min(3, len(legend)))
     if title:
         fig.suptitle(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -754,7 +868,7 @@ def format_scene_summary(summary: dict) -> str:
 
 def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _Networks, *, setting: dict,
                       seed: int, schedule: Optional[str], batch_size: int, resume: bool, progress: bool,
-                      published: list, label: str) -> dict:
+                      published: list, label: str, captions: dict, protocol: str) -> dict:
     from perco_jax.images import save_image
 
     _check_identity(out / "setting.json", setting, resume, "guidance / steps setting")
@@ -788,7 +902,8 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
                 recon = _quantise(recon)
                 save_image(recon, recon_dir / f"{it.name}.png")
                 rows[it.name] = {"name": it.name, "height": image.shape[0], "width": image.shape[1],
-                                 **_rate(stream), **_image_metrics(image, recon, nets, it.caption), "caption": it.caption}
+                                 **_rate(stream), **_image_metrics(image, recon, nets, it.caption),
+                                 "caption": it.caption, "caption_source": it.caption_source}
                 if it.scene is not None:
                     rows[it.name].update(_scene_metrics(image, recon, it.scene, codec.grid[0],
                                                         int(codec.config.codec.codebook_size)))
@@ -797,7 +912,7 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
             bar.update(new)
     finally:
         bar.close()
-    ordered = [rows[it.name] for it in ds.items]
+    ordered = [dict(rows[it.name], caption_source=it.caption_source) for it in ds.items]
     write_rows(csv_path, ordered)
     summary = _summarise(ds, ordered, nets, setting, codec, seed, schedule)
     _set_metrics(ds, recon_dir, nets, batch_size, summary)
@@ -806,14 +921,85 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: _N
                  "miou": summary["miou"]}
     why = plot_rd(out / "rd.png", [{"label": "perco-jax (per image)", "points": points, "scatter": True},
                                    {"label": "perco-jax (mean)", "points": [(set_point["bpp"], set_point)]}],
-                  published, ds.kind, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']}")
+                  published, protocol, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']}")
     summary["files"] = {"per_image": "per_image.csv", "recon": "recon/", "streams": os.path.relpath(streams_dir, out),
                         "plot": None if why else "rd.png"}
     if why:
         summary["skipped"]["plot"] = why
-    summary["published_points"] = sum(1 for r in published if r.get("dataset", "").lower() == ds.kind)
+    summary["published_protocol"] = protocol
+    summary["published_points"] = len(_published_for(published, protocol))
+    if ds.kind == "kodak":
+        summary["kodak_per_image"] = kodak_per_image(ordered, published)
+    summary["captions"] = captions
     _write_atomic(out / "summary.json", json.dumps(summary, indent=2, allow_nan=True) + "\n")
     return summary
+
+
+# ----------------------------------------------------------------------------- captions
+
+def _resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, caption_tokens: int,
+                      trust_remote_code: bool, progress: bool) -> Dataset:
+    """Every item's caption and caption_source, as `compress` finds them: the data's own caption
+    (captions file, scene), else `captioning.resolve_caption` (the caption cache, then the captioner,
+    which adds to the cache), else none; then the text mode (none: no caption at all)."""
+    from perco_jax import captioning as cap
+
+    mode, _ = cap.parse_text_mode(text_mode)
+    items = list(ds.items)
+    missing = [i for i, it in enumerate(items) if not it.caption_source]
+    if mode == "none":
+        missing = []
+        items = [dataclasses.replace(it, caption="", caption_source="none") for it in items]
+    if missing and (captioner is not None or cache is not None):
+        if captioner is not None and not isinstance(captioner, cap.Captioner):
+            captioner = cap.Captioner.load(captioner, trust_remote_code=trust_remote_code,
+                                           max_new_tokens=caption_tokens)
+        if cache is not None and not isinstance(cache, cap.CaptionCache):
+            cache = cap.CaptionCache(cache)
+        source = "cache" if captioner is None else "captioner"
+        from tqdm.auto import tqdm
+
+        for i in tqdm(missing, disable=not progress or captioner is None, desc=f"captioning ({source})", unit="img"):
+            it = items[i]
+            try:  # the image as compress sees it: its file (the cache key is the file's pixels), or the scene
+                text = cap.resolve_caption(it.path if it.path is not None else ds.load(it), captioner=captioner,
+                                           cache=cache, max_new_tokens=caption_tokens)
+            except cap.CaptionError:  # (no captioner, and the cache does not hold this image)
+                continue
+            items[i] = dataclasses.replace(it, caption=text, caption_source=source)
+    items = [it if it.caption_source else dataclasses.replace(it, caption="", caption_source="none") for it in items]
+    if mode == "truncate":
+        toks = codec.prompt_encoder.tokenizers
+        tok = toks[2] if toks[2] is not None else toks[0]
+        items = [dataclasses.replace(it, caption=cap.apply_text_mode(it.caption, text_mode, tok)) for it in items]
+    return dataclasses.replace(ds, items=items)
+
+
+def _caption_record(ds: Dataset, text_mode: str, identity: dict) -> dict:
+    """summary.json's `captions` block: the caption sources, per image and counted, and a note (one
+    line) when images were coded without a caption."""
+    per = {it.name: it.caption_source for it in ds.items}
+    counts = {s: n for s in CAPTION_SOURCES if (n := sum(v == s for v in per.values()))}
+    n, without = len(ds.items), [it for it in ds.items if not it.caption]
+    note = None
+    if without and text_mode.strip().lower() == "none":
+        note = f"all {n} images were coded without a caption (--text-mode none)"
+    elif without:
+        reasons = []
+        none = sum(it.caption_source == "none" for it in without)
+        if none:
+            looked = "captions file, caption cache or captioner" if identity["captions_file"] != "none" else \
+                "caption cache or captioner"
+            reasons.append(f"{none} found none in the {looked} given (give --captioner DIR, --caption-cache FILE or "
+                           "--captions FILE)")
+        if len(without) > none:
+            reasons.append(f"{len(without) - none} have an empty caption"
+                           + (f" after --text-mode {text_mode}" if text_mode != "full" else ""))
+        examples = ", ".join(it.name for it in without[:3]) + (", ..." if len(without) > 3 else "")
+        note = f"{len(without)} of {n} images were coded without a caption ({examples}): " + "; ".join(reasons)
+    return {"sources": counts, "without_caption": len(without), "note": note, "text_mode": text_mode,
+            "captions_file": identity["captions_file"], "captioner": identity["captioner"],
+            "caption_cache": identity["caption_cache"], "per_image": per}
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -825,16 +1011,28 @@ def _setting_dir(guidance: float, steps: int) -> str:
 def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None, guidance: Optional[float] = None,
              steps: Optional[int] = None, sweep: Optional[Mapping] = None, batch_size: int = 8, resume: bool = True,
              progress: bool = True, seed: int = 0, schedule: Optional[str] = None, size: Optional[int] = None,
-             center_crop: bool = False, published: str | os.PathLike | None = None, text_mode: str = "full") -> dict:
+             center_crop: bool = False, published: str | os.PathLike | None = None, text_mode: str = "full",
+             captions: str | os.PathLike | None = None, captioner=None, caption_cache=None,
+             caption_tokens: int = 32, trust_remote_code: bool = False,
+             published_protocol: Optional[str] = None) -> dict:
     """Evaluate `codec` (a perco_jax.codec.codec.Codec) on `data` (a spec string or a Dataset) into
     out_dir; returns the summary (for a sweep: {"settings": [summary per setting], "sweep": ...}).
     See the module doc for the outputs, resuming and determinism. `size` / `center_crop` set the
     protocol (a Dataset keeps its own); `published` is the published-points CSV (default:
-    perco_jax/eval/published.csv); `text_mode` (none | full | truncate:N, perco_jax.captioning) is
-    applied to every caption before coding, to study the rate split between z_g and z_l."""
+    perco_jax/eval/published.csv) and `published_protocol` the protocol of its rows to overlay
+    (default: the data's, `data_protocol`); `text_mode` (none | full | truncate:N,
+    perco_jax.captioning) is applied to every caption before coding, to study the rate split
+    between z_g and z_l.
+
+    Captions, as `compress` finds them: the data's own (`captions`: None = the captions files beside
+    the images or the scenes' captions, a captions file, or "none"), else the JSONL `caption_cache`,
+    else the `captioner` (a local checkpoint folder or a loaded perco_jax.captioning.Captioner;
+    `caption_tokens`, `trust_remote_code` as in compress), whose captions go to the cache (default
+    OUT/caption_cache.jsonl); an image with none of them is coded with the empty caption, and one
+    line says how many were."""
     from perco_jax import captioning
 
-    ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop)
+    ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop, captions=captions)
     cfg = codec.config
     if ds.kind == "synthetic":
         if ds.size is None:  # drawn at the codec's resolution
@@ -844,11 +1042,6 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
                              f"codec's {codec.grid[0]}x{codec.grid[0]} grid: give a size that is a multiple of "
                              f"{codec.grid[0]}")
     captioning.parse_text_mode(text_mode)
-    if text_mode != "full":
-        toks = codec.prompt_encoder.tokenizers
-        tok = toks[2] if toks[2] is not None else toks[0]
-        ds = dataclasses.replace(ds, items=[dataclasses.replace(it, caption=captioning.apply_text_mode(
-            it.caption, text_mode, tok)) for it in ds.items])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     default_g = float(cfg.sample.guidance if guidance is None else guidance)
@@ -861,15 +1054,32 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     ss = [int(s) for s in sweep.get("steps") or [default_s]]
     if any(s < 1 for s in ss):
         raise ValueError(f"steps must be at least 1, got {ss}")
+    if captioner is not None and caption_cache is None:
+        caption_cache = out / CAPTION_CACHE
+    captioner_id = None
+    if captioner is not None:
+        captioner_id = captioner.name if isinstance(captioner, captioning.Captioner) else \
+            captioning.captioner_name(captioner, caption_tokens)
     identity = {"fingerprint": codec.fingerprint.hex(), "data": ds.spec, **ds.protocol(),
-                "schedule": schedule or cfg.codec.schedule, "seed": int(seed), "text_mode": text_mode}
+                "schedule": schedule or cfg.codec.schedule, "seed": int(seed), "text_mode": text_mode,
+                "captions_file": "data" if captions is None else ("none" if str(captions) == "none"
+                                                                  else str(Path(captions).expanduser().resolve())),
+                "captioner": captioner_id,
+                "caption_cache": None if captioner is not None or caption_cache is None
+                else str(Path(caption_cache).expanduser().resolve())}
     _check_identity(out / "run.json", identity, resume,
-                    "evaluation (codec, data, protocol, schedule, seed or text mode)")
+                    "evaluation (codec, data, protocol, schedule, seed, text mode or caption sources)")
+    ds = _resolve_captions(ds, codec, text_mode=text_mode, captioner=captioner, cache=caption_cache,
+                           caption_tokens=caption_tokens, trust_remote_code=trust_remote_code, progress=progress)
+    record = _caption_record(ds, text_mode, identity)
+    _write_atomic(out / "run.json", json.dumps({**identity, "caption_sources": record["per_image"]}, indent=2) + "\n")
+    if record["note"]:
+        print(record["note"], file=sys.stderr, flush=True)
     nets = _networks(metrics_weights or {})
     rows = load_published(published)
     streams_dir = out / "streams"
     kw = dict(seed=int(seed), schedule=schedule, batch_size=batch_size, resume=resume, progress=progress,
-              published=rows)
+              published=rows, captions=record, protocol=published_protocol or data_protocol(ds))
     if not sweep:
         return _evaluate_setting(codec, ds, out, streams_dir, nets, setting={"guidance": gs[0], "steps": ss[0]},
                                  label=ds.kind, **kw)
@@ -891,10 +1101,10 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
         pts = [(t["bpp"], t) for t in table if t["steps"] == s]
         series.append({"label": f"perco-jax steps={s}", "points": pts,
                        "annotate": [f"g={t['guidance']:g}" for t in table if t["steps"] == s]})
-    why = plot_rd(out / "rd.png", series, rows, ds.kind, title=f"{ds.spec}  sweep")
+    why = plot_rd(out / "rd.png", series, rows, kw["protocol"], title=f"{ds.spec}  sweep")
     why_dp = plot_dp(out / "dp.png", table, title=f"{ds.spec}  distortion-perception")
     combined = {"data": ds.spec, "protocol": ds.protocol(), "num_images": len(ds.items),
-                "sweep": {"guidance": gs, "steps": ss}, "settings": summaries,
+                "sweep": {"guidance": gs, "steps": ss}, "settings": summaries, "captions": record,
                 "files": {"table": "sweep.csv", "plot": None if why else "rd.png",
                           "dp_plot": None if why_dp else "dp.png"}}
     skipped = {k: v for k, v in (("plot", why), ("dp_plot", why_dp)) if v}
@@ -922,7 +1132,9 @@ def _run(args) -> int:
                       steps=steps[0] if len(steps) == 1 else None, sweep=sweep or None,
                       batch_size=args.batch_size, resume=not args.no_resume, progress=not args.quiet,
                       seed=args.seed, schedule=args.schedule, size=args.size, center_crop=args.center_crop,
-                      published=args.published, text_mode=args.text_mode)
+                      published=args.published, text_mode=args.text_mode, captions=args.captions,
+                      captioner=args.captioner, caption_cache=args.caption_cache, caption_tokens=args.caption_tokens,
+                      trust_remote_code=args.trust_remote_code, published_protocol=args.published_protocol)
     for s in result.get("settings", [result]):
         m = s["mean"]
         parts = [f"guidance={s['guidance']:g} steps={s['steps']}", f"bpp={m['bpp']:.5f}"]
@@ -932,9 +1144,9 @@ def _run(args) -> int:
     first = result.get("settings", [result])[0]
     for k, why in first["skipped"].items():
         print(f"skipped {k}: {why}")
-    scene_table = format_scene_summary(result)
-    if scene_table:
-        print(scene_table)
+    for text in (format_scene_summary(result), format_kodak_per_image(first.get("kodak_per_image") or [])):
+        if text:
+            print(text)
     print(f"wrote {Path(args.out) / 'summary.json'}")
     return 0
 
@@ -967,8 +1179,19 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
     p.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
     p.add_argument("--text-mode", default="full", help="captions as z_g: full, none (empty prompt) or "
                                                        "truncate:N (first N tokens)")
+    p.add_argument("--captions", help="a captions file (.jsonl / .csv, paths relative to it) instead of those "
+                                      "beside the images, or 'none' to use no captions from the data")
+    p.add_argument("--captioner", help="a local captioner checkpoint folder (BLIP-2, or Molmo-style with "
+                                       "--trust-remote-code) for images without a caption, as compress")
+    p.add_argument("--caption-cache", help="JSONL caption cache (read, and extended by the captioner; default with "
+                                           f"--captioner: OUT/{CAPTION_CACHE})")
+    p.add_argument("--caption-tokens", type=int, default=32, help="the captioner's token budget (PerCo: 32)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a captioner that ships its own code")
     p.add_argument("--published", help="CSV of published operating points to overlay (default: perco_jax/eval/"
                                        "published.csv)")
+    p.add_argument("--published-protocol", help="overlay the published rows of this protocol (e.g. "
+                                                "clic2020-full:ms-illm for folder:CLIC2020; default: the data's, "
+                                                "coco30k-512 or kodak-full)")
     p.add_argument("--no-resume", action="store_true", help="recompute every image and overwrite the results")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(fn=_run)
