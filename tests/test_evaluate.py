@@ -276,6 +276,12 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     assert calls.compressed == calls.decompressed == 6
     printed = capsys.readouterr().out
     assert table in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["caption_sources"] == {r["name"]: "scene" for r in rows}
+    old = {k: v for k, v in run.items() if k not in ("captions_file", "captioner", "caption_cache", "caption_sources")}
+    (out / "run.json").write_text(json.dumps(old))  # results written before the caption sources were recorded
+    ev.evaluate(c, "synthetic:6", out, progress=False)
+    assert calls.compressed == calls.decompressed == 6  # resumed: nothing coded again
     with pytest.raises(ValueError, match="multiple of 4"):  # no equal-bits thumbnail at 30x30
         ev.evaluate(c, "synthetic:2", tmp_path / "odd", size=30, progress=False)
 

@@ -119,6 +119,7 @@ CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_in
 # cache (no captioner given), the captioner (or its entry in the cache), or none (coded without one)
 CAPTION_SOURCES = ("file", "scene", "cache", "captioner", "none")
 CAPTION_CACHE = "caption_cache.jsonl"  # in the output folder, when a captioner is given without a cache
+IDENTITY_DEFAULTS = {"captions_file": "data", "captioner": None, "caption_cache": None}
 SET_METRICS = ("fid", "kid", "miou")
 NOT_IMPLEMENTED: dict = {}
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
@@ -464,8 +465,10 @@ def _read_json(path: Path):
 def _check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
     """Write `want` to path; with resume, a different stored identity is an error."""
     have = _read_json(path) if resume and path.exists() else None
-    if isinstance(have, dict):
-        have = {k: v for k, v in have.items() if k != "caption_sources"}  # a record, not identity
+    if isinstance(have, dict):  # caption_sources is a record, not identity; results written before the
+        # caption-source keys existed used what their defaults mean
+        have = {**{k: v for k, v in IDENTITY_DEFAULTS.items() if k in want},
+                **{k: v for k, v in have.items() if k != "caption_sources"}}
     if have is not None and have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         raise ValueError(f"{path.parent} holds results of another {what} (differs in {', '.join(diff)}: "
