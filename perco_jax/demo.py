@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -62,20 +63,21 @@ def check_sd3_port(work: Path) -> float:
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-HELDOUT_SEED = 1000003  # synthetic scenes no training run or test draws (training: seeds 0..2 * stride)
-HELDOUT = 48             # held-out scenes measured
+HELDOUT = 48             # held-out scenes measured (evaluate's synthetic seed: no training run or test draws it)
 SHOWN = 8                # of them, shown in reconstructions.png
 UPSCALE = 4              # nearest-neighbour upscaling of the 32x32 pictures, so a person can judge them
 
 
-def run_demo(workdir: str) -> int:
-    from perco_jax.codec.codec import Codec, rate_split
+def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT) -> int:
+    """The demo in `workdir`; `overrides` (config key=value, every stage) and `heldout` (scenes
+    measured) let a test run it on a small budget."""
+    from perco_jax.codec.codec import Codec
     from perco_jax.codec.report import format_rates, schedule_rates
     from perco_jax.config import load_config
-    from perco_jax.data.synthetic import synthetic_example, synthetic_scene
-    from perco_jax.eval.scenes import SCENE_METRICS, scene_metrics, thumbnail_baseline
-    from perco_jax.images import save_image
-    from perco_jax.reconstruct import psnr
+    from perco_jax.data.synthetic import render_scene, synthetic_scene
+    from perco_jax.eval.evaluate import SYNTHETIC_SEED as HELDOUT_SEED, evaluate, format_scene_summary
+    from perco_jax.eval.scenes import thumbnail_baseline
+    from perco_jax.images import load_image, save_image
     from perco_jax.train.loop import train
 
     work = Path(workdir)
@@ -87,11 +89,11 @@ def run_demo(workdir: str) -> int:
         print("demo FAILED: the converted MM-DiT differs from diffusers")
         return 1
 
-    config = load_config("tiny", [f"autoencoder_workdir={work / 'stage0'}"])
+    config = load_config("tiny", [*overrides, f"autoencoder_workdir={work / 'stage0'}"])
     print(f"[2/5] stage 0: training the tiny autoencoder ({config.image_size}^2 -> "
           f"{config.image_size // config.patch_autoencoder.factor}^2 x {config.patch_autoencoder.latent_channels}) "
           f"for {config.stage0.num_train_steps} steps on synthetic scenes")
-    train(load_config("tiny", ["stage=0"]), work / "stage0")
+    train(load_config("tiny", [*overrides, "stage=0"]), work / "stage0")
     print(f"[3/5] stage 1: training the tiny codec for {config.num_train_steps} steps "
           f"(z_l: {config.codec.grid_side}x{config.codec.grid_side} indices, K={config.codec.codebook_size})")
     train(config, work / "stage1")
@@ -104,43 +106,27 @@ def run_demo(workdir: str) -> int:
     codec.save(work / "checkpoint")
     codec = Codec.load(work / "checkpoint")
 
-    side, g, k = config.image_size, config.codec.grid_side, config.codec.codebook_size
-    scenes = [synthetic_scene(i, HELDOUT_SEED) for i in range(HELDOUT)]
-    images, captions = zip(*(synthetic_example(i, HELDOUT_SEED, side) for i in range(HELDOUT)))
-    names = [f"heldout_{i:02d}" for i in range(HELDOUT)]
-    t0 = time.time()
-    streams = codec.compress_batch(list(images), list(captions))
-    t1 = time.time()
-    recon = codec.decompress_batch(streams)
-    t2 = time.time()
-    thumbs = [thumbnail_baseline(x, g, k) for x in images]
-    (work / "streams").mkdir(exist_ok=True)
-    for name, stream, o, r in zip(names, streams, images, recon):
-        (work / "streams" / f"{name}.perco").write_bytes(stream)
-        save_image(np.concatenate([o, r], axis=1), work / "streams" / f"{name}.png")
-    rows = [np.concatenate([_upscale(o), _upscale(t), _upscale(r)], axis=1)
-            for o, t, r in zip(images[:SHOWN], thumbs[:SHOWN], recon[:SHOWN])]
+    summary = evaluate(codec, f"synthetic:{heldout}:{HELDOUT_SEED}", work / "eval", progress=False)
+    g, k = config.codec.grid_side, config.codec.codebook_size
+    scenes = [synthetic_scene(i, HELDOUT_SEED) for i in range(heldout)]
+    images = [render_scene(sc, config.image_size) for sc in scenes]
+    captions = [sc.caption for sc in scenes]
+    names = sorted(p.stem for p in (work / "eval" / "recon").glob("*.png"))[:SHOWN]
+    rows = [np.concatenate([_upscale(o), _upscale(thumbnail_baseline(o, g, k)),
+                            _upscale(load_image(work / "eval" / "recon" / f"{name}.png"))], axis=1)
+            for o, name in zip(images, names)]
     save_image(np.concatenate(rows, axis=0), work / "reconstructions.png")
-    print(f"[5/5] codec exported to {work / 'checkpoint'}; {HELDOUT} held-out scenes compressed in "
-          f"{t1 - t0:.1f} s and decompressed in {t2 - t1:.1f} s (schedule {config.codec.schedule}) -> "
-          f"{work / 'streams'}; {work / 'reconstructions.png'} shows {SHOWN} of them, x{UPSCALE}: "
-          "original | equal-bits thumbnail | reconstruction")
-    print(f"  {'image':<12}{'bytes':>7}{'bpp':>8}{'caption B':>10}{'index B':>9}{'frame B':>9}{'PSNR':>7}  caption")
-    for name, stream, o, r, c in list(zip(names, streams, images, recon, captions))[:SHOWN]:
-        rs = rate_split(stream)
-        print(f"  {name:<12}{rs['total']:>7}{8 * rs['total'] / rs['pixels']:>8.4f}{rs['caption']:>10}"
-              f"{rs['indices']:>9}{rs['container']:>9}{psnr(o, r):>7.2f}  {c[:48]}")
-    print(f"\n  held-out scenes (seed {HELDOUT_SEED}, {HELDOUT} scenes): the codec against a {g}x{g} thumbnail "
-          f"that spends the indices' uniform-coding bits ({g * g} x log2 {k})")
-    print(f"  {'':<16}{'PSNR':>7}" + "".join(f"{m:>18}" for m in SCENE_METRICS))
-    for label, outs in (("codec", recon), ("thumbnail", thumbs), ("originals", images)):
-        ms = [scene_metrics(x, sc) for x, sc in zip(outs, scenes)]
-        p = np.mean([psnr(o, x) for o, x in zip(images, outs)]) if outs is not images else float("nan")
-        print(f"  {label:<16}{p:>7.2f}" + "".join(f"{np.mean([m[n] for m in ms]):>18.3f}" for n in SCENE_METRICS))
-    print("  (the tiny codec is trained on drawn scenes only: photos are outside what it can code)")
-    print(f"\n  rate of the z_l indices per masking schedule ({HELDOUT} images, index bytes exact; "
+    m = summary["mean"]
+    print(f"[5/5] codec exported to {work / 'checkpoint'}; {heldout} held-out scenes (seed {HELDOUT_SEED}) "
+          f"compressed and decompressed through their bitstreams by `perco-jax evaluate` -> {work / 'eval'} "
+          f"({m['bpp']:.4f} bpp: caption {m['bpp_caption']:.4f}, indices {m['bpp_indices']:.4f}, framing "
+          f"{m['bpp_container']:.4f}; schedule {config.codec.schedule})")
+    print(format_scene_summary(summary))
+    print(f"  {work / 'reconstructions.png'}: {SHOWN} of them, x{UPSCALE}: original | equal-bits thumbnail | "
+          "reconstruction. (The tiny codec is trained on drawn scenes only: photos are outside what it can code.)")
+    print(f"\n  rate of the z_l indices per masking schedule ({heldout} images, index bytes exact; "
           f"'(model)' = the entropy model's cross-entropy):")
-    print(format_rates(schedule_rates(codec, list(images), list(captions))))
+    print(format_rates(schedule_rates(codec, images, captions)))
     print(f"\nnext: perco-jax compress --checkpoint {work / 'checkpoint'} YOUR.png -o YOUR.perco --caption '...'")
     print(f"demo OK in {time.time() - start:.0f} s")
     return 0

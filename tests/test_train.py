@@ -53,7 +53,7 @@ def test_tiny_codec_draws_the_scenes_and_beats_the_equal_bits_thumbnail(stage1_r
     thumb = _scene_scores([thumbnail_baseline(x, g, k) for x in originals], originals, scenes)
     assert ours["psnr"] > thumb["psnr"] + 2.0, (ours, thumb)
     assert ours["realism"] > max(0.9, thumb["realism"] + 0.2), (ours, thumb)
-    assert ours["colours_present"] > max(0.3, 2 * thumb["colours_present"]), (ours, thumb)
+    assert ours["colours_present"] > max(0.2, 2.5 * thumb["colours_present"]), (ours, thumb)
     assert ours["background_right"] >= 0.95, ours
     # shapes roughly in place: each reconstruction's 8x8-pixel cells are closer to its own original
     # than to the other scenes'
