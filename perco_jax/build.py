@@ -213,6 +213,18 @@ def build_text(config, workdir: str | Path):
     return encoder, params
 
 
+def text_encoders_built(config) -> bool:
+    """Whether a training run builds the frozen text encoders: not when it reads embeddings that
+    `perco-jax embed-text` precomputed (config.text.embeddings)."""
+    return not config.text.get("embeddings", "")
+
+
+def text_encoders_in_step(config) -> bool:
+    """Whether the frozen text encoders run inside the training step: not with precomputed
+    embeddings, whether cached in the loop (config.text.cache) or read from a store."""
+    return text_encoders_built(config) and not config.text.get("cache", False)
+
+
 def clip_max_length(config) -> int:
     """CLIP token length of the prompt encoding: SD3's 77 unless config.text.clip_max_length says
     otherwise (the tiny config's character-level CLIP tokenizers: a short CLIP part keeps the

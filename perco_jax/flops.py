@@ -95,11 +95,11 @@ def mmdit_forward_flops(mmdit: MMDiT, batch: int, height: int, width: int, conte
 class StepFlops:
     """Model FLOPs of one stage-1 training step of `batch` examples, and their parts."""
     batch: int
-    step: int                  # the whole step (text encoders included unless config.text.cache)
+    step: int                  # the whole step (text encoders included unless precomputed)
     mmdit_forward: int         # the MM-DiT forward, by formula (mmdit_forward_flops)
     trained_forward: int       # forward of the trained network (hyper-encoder, VQ, MM-DiT), counted
     autoencoder_forward: int   # the frozen VAE encoder
-    text_forward: int          # the frozen text encoders (0 with config.text.cache)
+    text_forward: int          # the frozen text encoders (0 with text.cache or text.embeddings)
 
     @property
     def per_example(self) -> float:
@@ -113,12 +113,12 @@ def step_flops(config, batch: int | None = None) -> StepFlops:
     """Model FLOPs of one stage-1 training step of `config` on `batch` examples (default
     config.batch_size), counted from the jaxpr of the real step (`train/step.py`) traced on
     abstract inputs with rematerialisation off and XLA's attention (the model FLOPs do not depend
-    on the kernel), plus the frozen text encoders' forward unless config.text.cache."""
+    on the kernel), plus the frozen text encoders' forward unless the run uses precomputed
+    embeddings (config.text.cache or config.text.embeddings)."""
     from perco_jax import build, parallel
     from perco_jax.plan import abstract_autoencoder
-    from perco_jax.train.step import init_state
     from perco_jax.train.state import make_optimizer
-    from perco_jax.train.step import make_train_step
+    from perco_jax.train.step import init_state, make_train_step
 
     config = config.copy_and_resolve_references()
     config.stage = 1
@@ -157,7 +157,7 @@ def step_flops(config, batch: int | None = None) -> StepFlops:
     if ae_params:
         ae = count_flops(lambda p, x: autoencoder.apply({"params": p}, x, method=autoencoder.encode),
                          ae_params, batch_in["image"])
-    text = 0 if config.text.get("cache", False) else text_forward_flops(config, b)
+    text = text_forward_flops(config, b) if build.text_encoders_in_step(config) else 0
     mmdit = mmdit_forward_flops(model.mmdit, b, side, side, context_len)
     return StepFlops(batch=b, step=step_count + text, mmdit_forward=mmdit, trained_forward=trained,
                      autoencoder_forward=ae, text_forward=text)

@@ -288,8 +288,9 @@ def _abstract_components(config, stage, batch) -> Components:
         frozen["stage-1 codec"] = Part({"params": getattr(s1_state, which), "vq": s1_state.vq_state},
                                        {"params": _specs_of(getattr(s1_shardings, which)),
                                         "vq": _specs_of(s1_shardings.vq_state)})
-    for name, boxed in abstract_text_encoders(config).items():
-        frozen[name] = _boxed_part(boxed, rules)
+    if build.text_encoders_built(config):  # (a run reading precomputed embeddings loads none)
+        for name, boxed in abstract_text_encoders(config).items():
+            frozen[name] = _boxed_part(boxed, rules)
     frozen["VAE"] = _boxed_part(abstract_autoencoder(config), rules)
     return Components(config, state, frozen)
 
@@ -345,7 +346,7 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
     side, ch = build.latent_geometry(config)
     m_ctx = CLIP_LENGTH + config.text.max_sequence_length
     joint = config.mmdit.joint_attention_dim
-    text_peak = 0 if config.text.get("cache", False) else _text_forward_peak(config, b, s, t) + text_gather
+    text_peak = _text_forward_peak(config, b, s, t) + text_gather if build.text_encoders_in_step(config) else 0
     batch = b * (config.image_size ** 2 * 3 * 4 + m_ctx * joint * s + config.mmdit.pooled_projection_dim * s)
     if config.stage == 2:
         em, g, k = config.entropy_model, config.codec.grid_side, config.codec.codebook_size
@@ -492,11 +493,12 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     rows.append(("VQ statistics, step, rng", sum(o[0] for o in other), sum(o[1] for o in other)))
     for name, part in comp.frozen.items():
         what = {"T5": "T5 text encoder", "CLIP-L": "CLIP-L text encoder", "CLIP-G": "CLIP-G text encoder",
-                "VAE": "SD3 VAE" if cfg.autoencoder == "sd3_vae" else "autoencoder (no params)"}.get(name, name)
+                "VAE": {"sd3_vae": "SD3 VAE", "patch": "patch autoencoder"}.get(cfg.autoencoder, "autoencoder (no params)")
+                }.get(name, name)
         rows.append((f"{what} (frozen)", part.total(), part.per_device(mesh, replicated=frozen == "replicated")))
     b = cfg.batch_size // data_fsdp
     text_gather = 0 if frozen == "replicated" else max(
-        largest_layer_gathered(comp.frozen[k], mesh) for k in ("CLIP-L", "CLIP-G", "T5"))
+        [largest_layer_gathered(comp.frozen[k], mesh) for k in ("CLIP-L", "CLIP-G", "T5") if k in comp.frozen], default=0)
     acts = activations(cfg, b, mesh["tensor"], flash_attention, text_gather)
     gathered = largest_layer_gathered(st, mesh, under="params")
     if gathered:

@@ -94,4 +94,6 @@ def test_step_is_three_trained_forwards_plus_the_frozen_ones():
     assert 0.97 * expected < s.step <= expected
     cached = flops.step_flops(load_config("tiny", ["text.cache=True"]), batch=4)
     assert cached.text_forward == 0 and cached.step == s.step - s.text_forward
+    stored = flops.step_flops(load_config("tiny", ["text.embeddings=/some/embed-text/output"]), batch=4)
+    assert stored.text_forward == 0 and stored.step == cached.step  # a run reading a store encodes nothing
     np.testing.assert_equal(s.as_dict()["per_example"], s.per_example)

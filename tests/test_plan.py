@@ -67,6 +67,18 @@ def test_tiny_on_one_device_is_the_eval_shape_byte_count(tiny):
     assert q.row("optimiser state (AdamW mu+nu)")[1] < 2 * (expected - mmdit + patch) + 64
 
 
+def test_runs_reading_precomputed_embeddings_hold_and_run_no_text_encoder():
+    """text.embeddings: the loop builds no text encoder, so the plan counts neither its params nor its
+    forward pass; text.cache: the encoders are held (they fill the cache) but not run in the step."""
+    full = plan.make_plan(load_config("sd3_medium"), {"data": 8})
+    cached = plan.make_plan(load_config("sd3_medium", ["text.cache=True"]), {"data": 8})
+    stored = plan.make_plan(load_config("sd3_medium", ["text.embeddings=/emb"]), {"data": 8})
+    assert any(r[0].startswith("T5 text encoder") for r in full.rows + cached.rows)
+    assert not any("text encoder" in r[0] for r in stored.rows)
+    assert stored.per_device < cached.per_device <= full.per_device
+    assert stored.activation_bytes == cached.activation_bytes <= full.activation_bytes
+
+
 def test_fsdp8_shards_exactly_the_leaves_the_rules_shard(tiny):
     p = plan.make_plan(tiny, {"fsdp": 8})
     boxed = _boxed_tiny_params(tiny)

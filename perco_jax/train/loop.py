@@ -119,7 +119,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     store = None
     if config.stage == 0:  # the autoencoder alone: no text
         prompt_encoder, text_params = None, {}
-    elif config.text.get("embeddings", ""):  # precomputed by `perco-jax embed-text`: no text encoder
+    elif not build.text_encoders_built(config):  # precomputed by `perco-jax embed-text`
         from perco_jax.text_store import TextEmbeddingStore
 
         store = TextEmbeddingStore(config.text.embeddings, config)
