@@ -320,3 +320,16 @@ def test_compress_and_decode_on_8_devices_decompress_on_1_and_other_batches(trai
     # the decoder split over 8 devices gives the 1-device images
     np.testing.assert_allclose(np.load(tmp_path / "decoded.npy"), np.stack(codec.decompress_batch(streams[:3])),
                                atol=2e-5)
+
+
+def test_export_takes_the_autoencoder_of_the_stage1_run(trained, stage1_run):
+    """Export (and stage 2) need not be told the stage-0 run again: a config that leaves
+    autoencoder_workdir empty takes the stage-1 run's, and gives the same codec."""
+    from perco_jax.codec.codec import Codec
+
+    config, folder, codec = trained
+    bare = config.copy_and_resolve_references()
+    bare.autoencoder_workdir = ""
+    again = Codec.from_runs(bare, config.stage1_workdir, folder.parent / "stage2")
+    assert again.config.autoencoder_workdir == stage1_run[0].autoencoder_workdir
+    assert again.fingerprint == codec.fingerprint

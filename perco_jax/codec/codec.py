@@ -150,7 +150,7 @@ class Codec:
         from perco_jax.train.stage0 import autoencoder_params
         from perco_jax.train.state import make_optimizer
 
-        config = config.copy_and_resolve_references()
+        config = stage2.inherit_autoencoder(config.copy_and_resolve_references(), stage1_workdir)
         build.validate(config)
         mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
         rules = parallel.rules_from_config(config.sharding_rules)

@@ -109,6 +109,8 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     build.validate(config)
+    if config.stage == 2:
+        config = stage2.inherit_autoencoder(config, config.stage1_workdir)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     config = build.stage_config(config)

@@ -52,6 +52,18 @@ def check_stage1_config(config, stage1_workdir: Path) -> None:
                                 "stage 2 must use the codec it codes")
 
 
+def inherit_autoencoder(config, stage1_workdir: str | Path):
+    """`config`, with autoencoder_workdir taken from the stage-1 run's config.json when it leaves it
+    empty for a learned autoencoder (stage 2 and export use the autoencoder stage 1 was trained on,
+    so they need not be told it again)."""
+    path = Path(stage1_workdir) / "config.json"
+    if config.autoencoder != "patch" or config.get("autoencoder_workdir") or not path.exists():
+        return config
+    out = config.copy_and_resolve_references()
+    out.autoencoder_workdir = json.loads(path.read_text()).get("autoencoder_workdir", "")
+    return out
+
+
 def restore_stage1(config, stage1_workdir: str | Path, mesh, rules) -> TrainState:
     """The latest stage-1 TrainState of stage1_workdir, restored onto `mesh`."""
     from perco_jax.train.checkpoints import restore_latest
