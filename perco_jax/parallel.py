@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -96,3 +97,15 @@ def place(tree: Any, shardings: Any) -> Any:
     with out_shardings, so dimensions that do not divide by their mesh axes are padded by XLA
     instead of refused as by device_put."""
     return jax.jit(lambda t: t, out_shardings=shardings)(tree)
+
+
+def text_shardings(prompt_encoder, text_params: dict, mesh, rules) -> dict:
+    """Shardings of {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params} by the logical
+    axes of the prompt encoder's CLIP-L / CLIP-G / T5 modules ({} without text params: a run that
+    reads precomputed embeddings has no prompt encoder)."""
+    if not text_params:
+        return {}
+    ids = (jnp.zeros((1, 8), jnp.int32),)
+    modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
+               "text_encoder_3": prompt_encoder.t5}
+    return {name: module_shardings(modules[name], ids, p, mesh, rules) for name, p in text_params.items()}

@@ -91,13 +91,12 @@ def embed_captions(config, out: str | os.PathLike, *, captions: Sequence[str] | 
 
     with tempfile.TemporaryDirectory(prefix="perco_jax_tokenizers_") as tmp:  # (tiny tokenizers: made by code)
         encoder, params = build.build_text(config, tmp)
-    from perco_jax.train.loop import text_shardings
 
     # this host's devices as one fsdp axis: the encoders' params split over them as in training
     # (T5-XXL need not fit one device), the captions too
     local = jax.local_devices()
     mesh = parallel.make_mesh({"fsdp": -1}, local)
-    params = parallel.place(params, text_shardings(encoder, params, mesh,
+    params = parallel.place(params, parallel.text_shardings(encoder, params, mesh,
                                                    parallel.rules_from_config(config.sharding_rules)))
     batch = math.ceil(batch_size / len(local)) * len(local)  # fixed shape, divisible by the devices
     ids_sharding = parallel.batch_sharding(mesh)

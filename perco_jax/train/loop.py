@@ -240,22 +240,10 @@ def frozen_shardings(config, frozen: dict, prompt_encoder, autoencoder, mesh, ru
     if config.get("frozen_placement", "sharded") == "replicated":
         out = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen[k]) for k in ("text", "autoencoder")}
     else:
-        out = {"text": text_shardings(prompt_encoder, frozen["text"], mesh, rules), "autoencoder": {}}
+        out = {"text": parallel.text_shardings(prompt_encoder, frozen["text"], mesh, rules), "autoencoder": {}}
         if frozen["autoencoder"]:
             x = jnp.zeros((1, autoencoder.downsample_factor, autoencoder.downsample_factor, 3))
             out["autoencoder"] = parallel.module_shardings(autoencoder, (x,), frozen["autoencoder"], mesh, rules)
     if "codec" in frozen:
         out["codec"] = jax.tree_util.tree_map(lambda x: x.sharding, frozen["codec"])
     return out
-
-
-def text_shardings(prompt_encoder, text_params: dict, mesh, rules) -> dict:
-    """Shardings of {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params} by the logical
-    axes of the prompt encoder's CLIP-L / CLIP-G / T5 modules ({} without text params: a run that
-    reads precomputed embeddings has no prompt encoder)."""
-    if not text_params:
-        return {}
-    ids = (jnp.zeros((1, 8), jnp.int32),)
-    modules = {"text_encoder": prompt_encoder.clip_l, "text_encoder_2": prompt_encoder.clip_g,
-               "text_encoder_3": prompt_encoder.t5}
-    return {name: parallel.module_shardings(modules[name], ids, p, mesh, rules) for name, p in text_params.items()}
