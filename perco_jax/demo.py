@@ -31,7 +31,7 @@ def check_sd3_port(work: Path) -> float:
     from diffusers import SD3Transformer2DModel
 
     from perco_jax.checkpoint import load_weights
-    from perco_jax.cli import main as cli
+    from perco_jax.convert.pipeline import convert_to_folder
     from perco_jax.config import load_config
     from perco_jax.convert.transformer import config_from_diffusers
     from perco_jax.models.mmdit import mmdit_from_config
@@ -45,9 +45,7 @@ def check_sd3_port(work: Path) -> float:
         for p in ref.parameters():
             p.normal_(0, 0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.05)
     ref.save_pretrained(work / "diffusers_transformer")
-    if cli(["convert", "--diffusers", str(work / "diffusers_transformer"), "--out", str(work / "weights"),
-            "--quiet"]):
-        raise RuntimeError("conversion failed")
+    convert_to_folder(diffusers=str(work / "diffusers_transformer"), out=work / "weights", progress=False)
     configs, params = load_weights(work / "weights", ["transformer"])
     model = mmdit_from_config(config_from_diffusers(configs["transformer"]))
     rng = np.random.default_rng(0)
