@@ -184,10 +184,10 @@ def build_text(config, workdir: str | Path):
     encoders from the config's clip_l / clip_g / t5 sections, with the built-in tiny tokenizers
     written under `workdir/tokenizers` (deterministic from config.seed).
     """
-    from perco_jax.text import PromptEncoder, load_tokenizer
+    from perco_jax.text import PromptEncoder
 
     if config.pretrained:  # (only the text components are read)
-        from perco_jax.convert.pipeline import load_prompt_encoder
+        from perco_jax.sd3 import load_prompt_encoder
 
         encoder, params = load_prompt_encoder(config.pretrained, compute_dtype=jnp.dtype(config.dtype))
         if encoder is None:
@@ -195,21 +195,18 @@ def build_text(config, workdir: str | Path):
         encoder.clip_max_length = clip_max_length(config)
         return encoder, params
 
-    from perco_jax.tiny import save_clip_tokenizer, save_t5_tokenizer
+    from perco_jax.tiny import save_tokenizers
 
     tok = Path(workdir) / "tokenizers"
-    if not (tok / "tokenizer_3").exists():
-        save_clip_tokenizer(tok / "tokenizer", pad_with_eos=True)
-        save_clip_tokenizer(tok / "tokenizer_2", pad_with_eos=False)
-        save_t5_tokenizer(tok / "tokenizer_3")
+    if not (tok / "tokenizer_3").exists():  # the last one save_tokenizers writes
+        save_tokenizers(tok)
     clip_l, clip_g, t5 = text_modules(config)
     keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), 3)
     ids = jnp.zeros((1, 8), jnp.int32)
     params = {name: nn.meta.unbox(m.init(k, ids))["params"]
               for name, m, k in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (clip_l, clip_g, t5), keys)}
-    encoder = PromptEncoder(load_tokenizer(tok / "tokenizer"), load_tokenizer(tok / "tokenizer_2"), clip_l, clip_g,
-                            load_tokenizer(tok / "tokenizer_3"), t5, joint_attention_dim=config.mmdit.joint_attention_dim,
-                            clip_max_length=clip_max_length(config))
+    encoder = PromptEncoder.from_folder(tok, clip_l, clip_g, t5, joint_attention_dim=config.mmdit.joint_attention_dim,
+                                        clip_max_length=clip_max_length(config))
     return encoder, params
 
 

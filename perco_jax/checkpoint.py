@@ -18,6 +18,8 @@ from typing import Mapping
 
 FORMAT, VERSION = "perco-jax", 1
 MANIFEST = "perco.json"
+# The tokenizer folders of CLIP-L, OpenCLIP bigG and T5 (diffusers' names; T5's is optional).
+TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class CheckpointError(ValueError):
@@ -105,3 +107,10 @@ def load_weights(folder: str | os.PathLike, names: list[str] | None = None) -> t
         restored = ckptr.restore(folder / "params", args=ocp.args.PyTreeRestore(item=item, restore_args=args,
                                                                                    partial_restore=True))
     return {n: configs[n] for n in names}, {n: restored[n] for n in names}
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """A transformers tokenizer from a local folder, e.g. a weights folder's tokenizer*/ (never the hub)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

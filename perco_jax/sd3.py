@@ -4,6 +4,9 @@ Semantics are those of diffusers' `StableDiffusion3Pipeline`: prompts encoded by
 noise of shape [B, H/f, W/f, C] (or the caller's latents), the flow-matching Euler schedule with the
 scheduler's shift, classifier-free guidance with the batch ordered (negative, positive), latents
 un-scaled with the VAE's scaling/shift factors, decoded and mapped to [0, 1].
+
+Reads the weights folders `perco-jax convert` writes (`convert.pipeline`, format in `checkpoint`);
+the converter never imports this module.
 """
 from __future__ import annotations
 
@@ -17,8 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from perco_jax import flow
-from perco_jax.models.mmdit import MMDiT
-from perco_jax.models.vae import unscale_latents
+from perco_jax.checkpoint import TOKENIZERS, load_weights, read_manifest
+from perco_jax.convert.common import ConversionError
+from perco_jax.convert.pipeline import DEFAULT_SHIFT
+from perco_jax.convert.text_encoders import clip_config_from_hf, t5_config_from_hf
+from perco_jax.convert.transformer import config_from_diffusers
+from perco_jax.convert.vae import vae_config_from_diffusers
+from perco_jax.models.clip import CLIPTextEncoder
+from perco_jax.models.mmdit import MMDiT, mmdit_from_config
+from perco_jax.models.t5 import T5Encoder
+from perco_jax.models.vae import AutoencoderKL, unscale_latents
+from perco_jax.text import PromptEncoder
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, OpenCLIP bigG, T5 (optional)
 
 
 @dataclasses.dataclass(eq=False)
@@ -27,14 +41,26 @@ class SD3Pipeline:
     vae: Any                    # AutoencoderKL or SpaceToDepthAutoencoder
     prompt_encoder: Any         # text.PromptEncoder, or None when only embeddings are passed
     params: dict                # {"transformer": ..., "vae": ..., "text_encoder": ..., ...}
-    shift: float = 3.0
+    shift: float = DEFAULT_SHIFT
 
     @classmethod
     def load(cls, folder: str | Path, dtype=jnp.float32, compute_dtype=None) -> "SD3Pipeline":
-        """From a weights folder written by `perco-jax convert` (see `perco_jax.checkpoint`)."""
-        from perco_jax.convert.pipeline import load_pipeline_components
-
-        return load_pipeline_components(folder, dtype=dtype, compute_dtype=compute_dtype)
+        """From a weights folder written by `perco-jax convert` (see `perco_jax.checkpoint`); text
+        encoders only if the folder has them and their tokenizers."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        for need in ("transformer", "vae"):
+            if need not in manifest["components"]:
+                raise ConversionError(f"{folder} has no {need}; convert a whole SD3 pipeline (or a single "
+                                      "file that bundles the VAE)")
+        configs, params = load_weights(folder)
+        cd = compute_dtype or dtype
+        params = {k: _cast(v, dtype) for k, v in params.items()}
+        transformer = mmdit_from_config(config_from_diffusers(configs["transformer"]), dtype=cd)
+        vae = AutoencoderKL(**vae_config_from_diffusers(configs["vae"]), dtype=cd)
+        encoder = _prompt_encoder(folder, configs, cd, transformer.joint_attention_dim)
+        shift = manifest.get("metadata", {}).get("scheduler", {}).get("shift", DEFAULT_SHIFT)
+        return cls(transformer, vae, encoder, params, shift=float(shift))
 
     # ------------------------------------------------------------------ shapes
 
@@ -116,3 +142,44 @@ class SD3Pipeline:
         if self.prompt_encoder is None:
             raise ValueError("this pipeline has no text encoders; convert a full SD3 pipeline folder")
         return self.prompt_encoder(self.params, list(prompts), max_sequence_length)
+
+
+# ----------------------------------------------------------------------------- text encoders of a folder
+
+def load_prompt_encoder(folder: str | Path, dtype=jnp.float32, compute_dtype=None):
+    """(PromptEncoder, {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params}) of a weights
+    folder, reading only the text components (not the MM-DiT or VAE); (None, {}) without them."""
+    folder = Path(folder)
+    configs = read_manifest(folder)["components"]
+    if "transformer" not in configs:
+        raise ConversionError(f"{folder} has no transformer (its joint attention width sets the text context)")
+    names = _text_components(folder, configs)
+    if not names:
+        return None, {}
+    joint = int(config_from_diffusers(configs["transformer"])["joint_attention_dim"])
+    params = {k: _cast(v, dtype) for k, v in load_weights(folder, names)[1].items()}
+    return _prompt_encoder(folder, configs, compute_dtype or dtype, joint), params
+
+
+def _text_components(folder: Path, names) -> list[str]:
+    """The text encoders a folder holds with their tokenizers ([] when CLIP-L / CLIP-G lack them)."""
+    clip_l, clip_g, t5 = TEXT_ENCODERS
+    tok_l, _, tok_t5 = TOKENIZERS
+    if not (clip_l in names and clip_g in names and (folder / tok_l).is_dir()):
+        return []
+    with_t5 = t5 in names and (folder / tok_t5).is_dir()
+    return [clip_l, clip_g] + ([t5] if with_t5 else [])
+
+
+def _prompt_encoder(folder: Path, configs: dict, compute_dtype, joint_attention_dim: int):
+    """The PromptEncoder of a weights folder's text components and tokenizers (None without them)."""
+    names = _text_components(folder, configs)
+    if not names:
+        return None
+    clip_l, clip_g = (CLIPTextEncoder(**clip_config_from_hf(configs[n]), dtype=compute_dtype) for n in names[:2])
+    t5 = T5Encoder(**t5_config_from_hf(configs[names[2]]), dtype=compute_dtype) if len(names) == 3 else None
+    return PromptEncoder.from_folder(folder, clip_l, clip_g, t5, joint_attention_dim=joint_attention_dim)
+
+
+def _cast(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)

@@ -11,11 +11,15 @@ Tokenizers are transformers tokenizers loaded from local folders; encoders are F
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from perco_jax.checkpoint import TOKENIZERS, load_tokenizer
 
 CLIP_MAX_LENGTH = 77
 
@@ -32,6 +36,16 @@ class PromptEncoder:
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.joint_attention_dim = joint_attention_dim
         self.clip_max_length = clip_max_length
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, clip_l, clip_g, t5=None, *, joint_attention_dim: int,
+                    clip_max_length: int = CLIP_MAX_LENGTH) -> "PromptEncoder":
+        """The encoder modules with the tokenizers of `folder`'s tokenizer/, tokenizer_2/ and (with
+        T5) tokenizer_3/ (`checkpoint.TOKENIZERS`)."""
+        tok_l, tok_g, tok_t5 = (Path(folder) / name for name in TOKENIZERS)
+        return cls(load_tokenizer(tok_l), load_tokenizer(tok_g), clip_l, clip_g,
+                   load_tokenizer(tok_t5) if t5 is not None else None, t5,
+                   joint_attention_dim=joint_attention_dim, clip_max_length=clip_max_length)
 
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, np.ndarray]:
         """Token ids [B, 77] for each CLIP and [B, max_sequence_length] for T5 (if present)."""
@@ -74,10 +88,3 @@ def _ids(tokenizer: Any, prompts: list[str], length: int, add_special_tokens: bo
     out = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                     add_special_tokens=add_special_tokens, return_tensors="np")
     return np.asarray(out["input_ids"], np.int32)
-
-
-def load_tokenizer(folder):
-    """A transformers tokenizer from a local folder (never the hub)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

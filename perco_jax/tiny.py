@@ -58,6 +58,19 @@ def save_t5_tokenizer(folder: str | Path) -> Path:
     return folder
 
 
+def save_tokenizers(folder: str | Path) -> Path:
+    """The three tiny tokenizers under `folder` as tokenizer/ (CLIP-L), tokenizer_2/ (bigG) and
+    tokenizer_3/ (T5), the layout of a weights folder (`checkpoint.TOKENIZERS`)."""
+    from perco_jax.checkpoint import TOKENIZERS
+
+    folder = Path(folder)
+    tok_l, tok_g, tok_t5 = TOKENIZERS
+    save_clip_tokenizer(folder / tok_l, pad_with_eos=True)
+    save_clip_tokenizer(folder / tok_g, pad_with_eos=False)
+    save_t5_tokenizer(folder / tok_t5)
+    return folder
+
+
 def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = True, config=None) -> Path:
     """A random StableDiffusion3Pipeline in the tiny config's shapes, saved as a diffusers folder.
 
@@ -104,13 +117,10 @@ def save_tiny_sd3_pipeline(folder: str | Path, seed: int = 0, with_t5: bool = Tr
                     p.copy_(1 + 0.1 * noise)
                 else:
                     p.copy_(0.05 * noise)
-    from transformers import AutoTokenizer
+    from perco_jax.checkpoint import TOKENIZERS, load_tokenizer
 
-    save_clip_tokenizer(tok_dir / "tokenizer", pad_with_eos=True)
-    save_clip_tokenizer(tok_dir / "tokenizer_2", pad_with_eos=False)
-    save_t5_tokenizer(tok_dir / "tokenizer_3")
-    toks = {n: AutoTokenizer.from_pretrained(str(tok_dir / n), local_files_only=True)
-            for n in ("tokenizer", "tokenizer_2", "tokenizer_3")}
+    save_tokenizers(tok_dir)
+    toks = {n: load_tokenizer(tok_dir / n) for n in TOKENIZERS}
     if not with_t5:
         toks["tokenizer_3"] = None
     pipe = StableDiffusion3Pipeline(**parts, **toks)

@@ -260,3 +260,30 @@ def test_half_precision_compute_and_logical_axes():
         boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), ids)["params"]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
         assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+
+
+# ----------------------------------------------------------------------------- prompt encoder of a folder
+
+def test_prompt_encoder_from_folder_reads_the_folders_tokenizers(tmp_path):
+    """PromptEncoder.from_folder: tokenizer/ and tokenizer_2/ always, tokenizer_3/ only with T5;
+    the ids are those of the tokenizers read directly."""
+    from perco_jax.build import text_modules
+    from perco_jax.checkpoint import TOKENIZERS, load_tokenizer
+    from perco_jax.config import load_config
+    from perco_jax.text import PromptEncoder
+    from perco_jax.tiny import save_tokenizers
+
+    folder = save_tokenizers(tmp_path / "tok")
+    clip_l, clip_g, t5 = text_modules(load_config("tiny"))
+    caption = ["a red circle above a blue square"]
+    with_t5 = PromptEncoder.from_folder(folder, clip_l, clip_g, t5, joint_attention_dim=32, clip_max_length=12)
+    direct = [load_tokenizer(folder / name) for name in TOKENIZERS]
+    ids = with_t5.tokenize(caption, max_sequence_length=16)
+    for key, tok, length in zip(("clip_l", "clip_g", "t5"), direct, (12, 12, 16)):
+        want = tok(caption, padding="max_length", max_length=length, truncation=True, return_tensors="np")["input_ids"]
+        np.testing.assert_array_equal(ids[key], want)
+    assert with_t5.clip_max_length == 12 and with_t5.joint_attention_dim == 32
+    without = PromptEncoder.from_folder(folder, clip_l, clip_g, joint_attention_dim=32)
+    assert without.tokenizers[2] is None and without.t5 is None and "t5" not in without.tokenize(caption)
+    with pytest.raises(OSError):  # a folder without the tokenizers
+        PromptEncoder.from_folder(tmp_path / "empty", clip_l, clip_g, joint_attention_dim=32)

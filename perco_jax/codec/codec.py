@@ -169,7 +169,7 @@ class Codec:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write this codec as a weights folder (`perco-jax compress --checkpoint FOLDER`)."""
-        from perco_jax.checkpoint import save_weights
+        from perco_jax.checkpoint import TOKENIZERS, save_weights
 
         pe = self.prompt_encoder
         text_cfg = {"text_encoder": _module_fields(pe.clip_l), "text_encoder_2": _module_fields(pe.clip_g),
@@ -183,7 +183,7 @@ class Codec:
             components["autoencoder"] = (section.to_dict(), self.ae_params)
         with tempfile.TemporaryDirectory() as tmp:
             dirs = {}
-            for name, tok in zip(("tokenizer", "tokenizer_2", "tokenizer_3"), pe.tokenizers):
+            for name, tok in zip(TOKENIZERS, pe.tokenizers):
                 if tok is not None:
                     tok.save_pretrained(str(Path(tmp) / name))
                     dirs[name] = Path(tmp) / name
@@ -196,7 +196,7 @@ class Codec:
         from perco_jax.checkpoint import CheckpointError, load_weights, read_manifest
         from perco_jax.models.clip import CLIPTextEncoder
         from perco_jax.models.t5 import T5Encoder
-        from perco_jax.text import PromptEncoder, load_tokenizer
+        from perco_jax.text import PromptEncoder
 
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -212,10 +212,10 @@ class Codec:
                            for k, v in fields.items()})
 
         t5 = module(T5Encoder, tc["text_encoder_3"]) if tc.get("text_encoder_3") else None
-        encoder = PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
-                                module(CLIPTextEncoder, tc["text_encoder"]), module(CLIPTextEncoder, tc["text_encoder_2"]),
-                                load_tokenizer(folder / "tokenizer_3") if t5 is not None else None, t5,
-                                joint_attention_dim=tc["joint_attention_dim"], clip_max_length=build.clip_max_length(config))
+        encoder = PromptEncoder.from_folder(folder, module(CLIPTextEncoder, tc["text_encoder"]),
+                                            module(CLIPTextEncoder, tc["text_encoder_2"]), t5,
+                                            joint_attention_dim=tc["joint_attention_dim"],
+                                            clip_max_length=build.clip_max_length(config))
         fp = bytes.fromhex(manifest["metadata"]["fingerprint"])
         return cls(config, params["codec"], params["entropy_model"], params.get("autoencoder", {}),
                    params["text"], encoder, fp)

@@ -1,5 +1,5 @@
-"""Whole-pipeline conversion into a perco-jax weights folder (see `perco_jax.checkpoint`), and
-loading such a folder back as an `SD3Pipeline`.
+"""Whole-pipeline conversion into a perco-jax weights folder (see `perco_jax.checkpoint`); such a
+folder loads back as an `SD3Pipeline` (`perco_jax.sd3`).
 
 Sources:
   * a diffusers SD3 pipeline folder (model_index.json; transformer, vae, text_encoder,
@@ -16,21 +16,18 @@ import json
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
-
-from perco_jax.checkpoint import load_weights, read_manifest, save_weights
+from perco_jax.checkpoint import TOKENIZERS, load_tokenizer, save_weights
 from perco_jax.convert.common import ConversionError, SafetensorsSource, TensorSource
 from perco_jax.convert.single_file_vae import load_single_file_vae
 from perco_jax.convert.text_encoders import (T5_EMBED_KEYS, clip_config_from_hf, clip_config_to_hf,
                                              clip_from_source, load_clip, load_t5, t5_config_from_hf,
                                              t5_config_to_hf, t5_from_source)
-from perco_jax.convert.transformer import config_from_diffusers, config_to_diffusers, load_transformer
-from perco_jax.convert.vae import load_vae, vae_config_from_diffusers, vae_config_to_diffusers
+from perco_jax.convert.transformer import config_to_diffusers, load_transformer
+from perco_jax.convert.vae import load_vae, vae_config_to_diffusers
 from perco_jax.models.clip import CLIPTextEncoder
 from perco_jax.models.t5 import T5Encoder
 
 PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
-TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 CLIP_ACT = {"clip_l": "quick_gelu", "clip_g": "gelu"}  # not stored in a single file
 DEFAULT_SHIFT = 3.0
 
@@ -94,8 +91,6 @@ def _scheduler_shift(path: Path) -> float:
 
 def _tokenizer_dirs(root: Path, components: dict) -> dict[str, Path]:
     """Tokenizer folders to copy, checked against the converted text encoders' vocabularies."""
-    from perco_jax.text import load_tokenizer
-
     dirs = {}
     for tok, enc in zip(TOKENIZERS, ("text_encoder", "text_encoder_2", "text_encoder_3")):
         d = root / tok
@@ -164,75 +159,3 @@ def _infer_t5_config(src: TensorSource) -> dict:
     return dict(model_type="t5", vocab_size=vocab, d_model=d_model, d_kv=q // heads, num_heads=heads,
                 d_ff=src.shape(wi)[0], num_layers=layers, relative_attention_num_buckets=buckets,
                 feed_forward_proj="gated-gelu" if gated else "relu")
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_pipeline_components(folder: str | os.PathLike, dtype=jnp.float32, compute_dtype=None):
-    """An `SD3Pipeline` from a weights folder; text encoders only if the folder has them and
-    their tokenizers."""
-    from perco_jax.models.mmdit import mmdit_from_config
-    from perco_jax.models.vae import AutoencoderKL
-    from perco_jax.sd3 import SD3Pipeline
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    names = list(manifest["components"])
-    for need in ("transformer", "vae"):
-        if need not in names:
-            raise ConversionError(f"{folder} has no {need}; convert a whole SD3 pipeline (or a single "
-                                  "file that bundles the VAE)")
-    configs, params = load_weights(folder)
-    cd = compute_dtype or dtype
-    params = {k: _cast(v, dtype) for k, v in params.items()}
-    transformer = mmdit_from_config(config_from_diffusers(configs["transformer"]), dtype=cd)
-    vae = AutoencoderKL(**vae_config_from_diffusers(configs["vae"]), dtype=cd)
-    encoder = _prompt_encoder(folder, configs, cd, transformer.joint_attention_dim)
-    shift = manifest.get("metadata", {}).get("scheduler", {}).get("shift", DEFAULT_SHIFT)
-    return SD3Pipeline(transformer, vae, encoder, params, shift=float(shift))
-
-
-def _text_components(folder: Path, names) -> list[str]:
-    """The text encoders a folder holds with their tokenizers ([] when CLIP-L / CLIP-G lack them)."""
-    if not ("text_encoder" in names and "text_encoder_2" in names and (folder / "tokenizer").is_dir()):
-        return []
-    t5 = "text_encoder_3" in names and (folder / "tokenizer_3").is_dir()
-    return ["text_encoder", "text_encoder_2"] + (["text_encoder_3"] if t5 else [])
-
-
-def _prompt_encoder(folder: Path, configs: dict, compute_dtype, joint_attention_dim: int):
-    """The PromptEncoder of a weights folder's text components and tokenizers (None without them)."""
-    from perco_jax.text import PromptEncoder, load_tokenizer
-
-    names = _text_components(folder, configs)
-    if not names:
-        return None
-    clip_l = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder"]), dtype=compute_dtype)
-    clip_g = CLIPTextEncoder(**clip_config_from_hf(configs["text_encoder_2"]), dtype=compute_dtype)
-    t5 = tok3 = None
-    if "text_encoder_3" in names:
-        t5 = T5Encoder(**t5_config_from_hf(configs["text_encoder_3"]), dtype=compute_dtype)
-        tok3 = load_tokenizer(folder / "tokenizer_3")
-    return PromptEncoder(load_tokenizer(folder / "tokenizer"), load_tokenizer(folder / "tokenizer_2"),
-                         clip_l, clip_g, tok3, t5, joint_attention_dim=joint_attention_dim)
-
-
-def load_prompt_encoder(folder: str | os.PathLike, dtype=jnp.float32, compute_dtype=None):
-    """(PromptEncoder, {"text_encoder", "text_encoder_2"[, "text_encoder_3"]: params}) of a weights
-    folder, reading only the text components (not the MM-DiT or VAE); (None, {}) without them."""
-    folder = Path(folder)
-    configs = read_manifest(folder)["components"]
-    if "transformer" not in configs:
-        raise ConversionError(f"{folder} has no transformer (its joint attention width sets the text context)")
-    names = _text_components(folder, configs)
-    if not names:
-        return None, {}
-    joint = int(config_from_diffusers(configs["transformer"])["joint_attention_dim"])
-    params = {k: _cast(v, dtype) for k, v in load_weights(folder, names)[1].items()}
-    return _prompt_encoder(folder, configs, compute_dtype or dtype, joint), params
-
-
-def _cast(tree, dtype):
-    import jax
-
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
