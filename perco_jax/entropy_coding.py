@@ -5,10 +5,18 @@ coded under the probabilities the model predicts with mask = groups >= s, i.e. f
 groups 0..s-1 only; the decoder recovers the grid in the same order, filling in each decoded group
 before predicting the next. Within a group, positions are taken in row-major order.
 
-`apply_fn(indices [B, H, W] int32, mask [B, H, W] bool, context [B, L, C] | None) -> logits
-[B, H, W, K] float32` is the caller's jitted model function (see `make_apply_fn`).
+The coding tables come from one of two models, passed as `model` to every function here:
+  - the float `EntropyModel`, as `apply_fn(indices [B, H, W] int32, mask [B, H, W] bool,
+    context [B, L, C] | None) -> logits [B, H, W, K] float32`, the caller's jitted model function
+    (see `make_apply_fn`); its probabilities are quantised by `range_coding.quantize_counts`.
+    Bitstream versions <= 3. Subject to the determinism rule below.
+  - the integer entropy model (`perco_jax.models.integer_entropy_model`), as `IntegerTables`:
+    integer arithmetic from the (int8) inputs to the tables, so the tables are bit-identical on
+    any machine, XLA flag, batch size or device layout; the determinism rule and batch_size do
+    not apply (batch_size=None is fine on both sides). Bitstream version 4.
 
-DETERMINISM RULE. The range decoder only works if it builds bit-identical coding tables to the
+DETERMINISM RULE (float model only).
+The range decoder only works if it builds bit-identical coding tables to the
 encoder's, so the encoder must compute every group's probabilities exactly as the decoder will:
 for each step s, one call of the SAME jitted function with the SAME shapes (the same batch B, the
 full H x W grid, the same context) and the mask of that step (groups >= s). Never compute all
@@ -40,8 +48,32 @@ import jax.numpy as jnp
 import numpy as np
 
 from perco_jax.codec import range_coding
+from perco_jax.models import integer_entropy_model as iem
 
 ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+
+class IntegerTables:
+    """The integer entropy model `qm` as a source of coding tables:
+    tables(indices [B, H, W], mask [B, H, W], context) -> counts [B, H, W, K] int64 (each row
+    sums to 2^range_coding.PRECISION). context: [B, L, C] int8 values (`iem.quantize_context`),
+    or the float context, which is quantised here; None for an unconditional model.
+    reference=True runs the NumPy int64 reference instead of the jitted JAX path (same tables)."""
+
+    def __init__(self, qm: iem.IntegerEntropyModel, reference: bool = False):
+        if qm.config["precision"] != range_coding.PRECISION:
+            raise ValueError(f"integer model tables sum to 2^{qm.config['precision']}, the range coder "
+                             f"needs 2^{range_coding.PRECISION}")
+        self.model = qm
+        self._counts = (lambda x, m, c: iem.reference_counts(qm, x, m, c)) if reference else iem.make_jax_counts(qm)
+
+    def __call__(self, indices, mask, context=None) -> np.ndarray:
+        if context is not None and not np.issubdtype(np.asarray(context).dtype, np.integer):
+            context = iem.quantize_context(context, self.model)
+        return np.asarray(self._counts(indices, mask, context), np.int64)
+
+
+Model = ApplyFn | IntegerTables
 
 
 def make_apply_fn(model, params) -> ApplyFn:
@@ -97,10 +129,23 @@ def group_probabilities(apply_fn: ApplyFn, indices, groups, step: int,
     return probs.reshape(x.shape[0], -1, probs.shape[-1])[:, _positions(g, step)]
 
 
-def _groups_of(apply_fn, x, g, context):
-    """Yields (positions [n_s], probs [B, n_s, K]) for every step, as the decoder will see them."""
+def group_tables(model: Model, indices, groups, step: int, context=None) -> np.ndarray:
+    """Integer coding tables [B, n_s, K] int64 of the positions of group `step` (row-major order),
+    as the range coder uses them: the integer model's, or the float model's probabilities
+    (`group_probabilities`) quantised by `range_coding.quantize_counts`."""
+    if not isinstance(model, IntegerTables):
+        p = group_probabilities(model, indices, groups, step, context)
+        return range_coding.quantize_counts(p.reshape(-1, p.shape[-1])).reshape(p.shape)
+    x = _check_indices(indices)
+    g = _check_groups(groups, x.shape[1:])
+    counts = model(x, np.broadcast_to(g >= step, x.shape), context)
+    return counts.reshape(x.shape[0], -1, counts.shape[-1])[:, _positions(g, step)]
+
+
+def _groups_of(model, x, g, context):
+    """Yields (positions [n_s], tables [B, n_s, K]) for every step, as the decoder will see them."""
     for step in range(int(g.max()) + 1):
-        yield _positions(g, step), group_probabilities(apply_fn, x, g, step, context)
+        yield _positions(g, step), group_tables(model, x, g, step, context)
 
 
 def _chunks(n: int, batch_size: Optional[int]):
@@ -128,14 +173,15 @@ def _check_context(context, b: int):
     return context
 
 
-def encode_indices(apply_fn: ApplyFn, indices, groups, context=None,
+def encode_indices(model: Model, indices, groups, context=None,
                    batch_size: Optional[int] = None) -> list[bytes]:
     """One range-coded payload per image of indices [B, H, W] int in [0, K), under groups [H, W].
 
-    Runs the model once per group with that step's mask (see the determinism rule above), on
-    the whole batch (batch_size=None) or on chunks of batch_size images, the last one padded with
-    zero grids (and zero context). The decoder must use the same batch shape: the same B when
-    batch_size is None, else the same batch_size (then any subset of the payloads decodes).
+    Runs the model once per group with that step's mask, on the whole batch (batch_size=None) or
+    on chunks of batch_size images, the last one padded with zero grids (and zero context). With
+    the float model (see the determinism rule above) the decoder must use the same batch shape:
+    the same B when batch_size is None, else the same batch_size (then any subset of the payloads
+    decodes); with `IntegerTables` any batching decodes any payload.
     """
     x = _check_indices(indices)
     g = _check_groups(groups, x.shape[1:])
@@ -147,19 +193,19 @@ def encode_indices(apply_fn: ApplyFn, indices, groups, context=None,
         cs = None if context is None else _pad(context[sl], batch_size)
         flat = xs.reshape(xs.shape[0], -1)
         symbols = [[] for _ in range(b)]
-        probs = [[] for _ in range(b)]
-        for pos, p in _groups_of(apply_fn, xs, g, cs):
-            if flat.size and (flat.min() < 0 or flat.max() >= p.shape[-1]):
-                raise ValueError(f"indices must be in [0, {p.shape[-1]}), got range "
+        tables = [[] for _ in range(b)]
+        for pos, t in _groups_of(model, xs, g, cs):
+            if flat.size and (flat.min() < 0 or flat.max() >= t.shape[-1]):
+                raise ValueError(f"indices must be in [0, {t.shape[-1]}), got range "
                                  f"[{flat.min()}, {flat.max()}]")
             for i in range(b):
                 symbols[i].append(flat[i, pos])
-                probs[i].append(p[i])
-        payloads += [range_coding.encode_groups(symbols[i], probs[i]) for i in range(b)]
+                tables[i].append(t[i])
+        payloads += [range_coding.encode_counts(symbols[i], tables[i]) for i in range(b)]
     return payloads
 
 
-def decode_indices(apply_fn: ApplyFn, payloads: Sequence[bytes], grid: tuple[int, int], groups,
+def decode_indices(model: Model, payloads: Sequence[bytes], grid: tuple[int, int], groups,
                    context=None, batch_size: Optional[int] = None) -> np.ndarray:
     """Inverse of encode_indices: indices [B, H, W] int32 from B payloads (B = len(payloads)).
 
@@ -178,14 +224,14 @@ def decode_indices(apply_fn: ApplyFn, payloads: Sequence[bytes], grid: tuple[int
         cs = None if context is None else _pad(context[sl], batch_size)
         for step in range(int(g.max()) + 1):
             pos = _positions(g, step)
-            p = group_probabilities(apply_fn, x.reshape(-1, h, w), g, step, cs)
+            t = group_tables(model, x.reshape(-1, h, w), g, step, cs)
             for i in range(b):
-                x[i, pos] = decoders[i].decode(p[i])
+                x[i, pos] = decoders[i].decode_counts(t[i])
         out[sl] = x[:b].reshape(b, h, w)
     return out
 
 
-def rate_bits(apply_fn: ApplyFn, indices, groups, context=None,
+def rate_bits(model: Model, indices, groups, context=None,
               batch_size: Optional[int] = None) -> np.ndarray:
     """Cross-entropy [B] float64 in bits of each image's indices [B, H, W] under the schedule.
 
@@ -201,7 +247,7 @@ def rate_bits(apply_fn: ApplyFn, indices, groups, context=None,
         xs = _pad(x[sl], batch_size)
         cs = None if context is None else _pad(context[sl], batch_size)
         flat = xs.reshape(xs.shape[0], -1)
-        for pos, p in _groups_of(apply_fn, xs, g, cs):
+        for pos, t in _groups_of(model, xs, g, cs):
             for i in range(b):
-                bits[sl.start + i] += range_coding.cross_entropy_bits(flat[i, pos], p[i])
+                bits[sl.start + i] += range_coding.count_bits(flat[i, pos], t[i])
     return bits

@@ -60,13 +60,13 @@ def _family():
     return constriction.stream.model.Categorical(perfect=False)
 
 
-def quantize_probabilities(probs) -> np.ndarray:
-    """Exactly normalised fixed-point coding table [N, K] float64 from probabilities [N, K].
+def quantize_counts(probs) -> np.ndarray:
+    """Integer coding table [N, K] int64 from probabilities [N, K]: counts c >= 1 per row with
+    sum(c) == 2^PRECISION.
 
     Rows need not sum to one (they are renormalised); entries must be finite and >= 0 (values
-    above 1 are clipped to 1). Each output row is c / 2^PRECISION with integer c >= 1 and
-    sum(c) == 2^PRECISION: c = 1 + floor(q * (2^P - K) / sum(q)) with q = floor(p * 2^30), the
-    rounding remainder going to the most probable symbol (the first one on ties). A row of all
+    above 1 are clipped to 1). c = 1 + floor(q * (2^P - K) / sum(q)) with q = floor(p * 2^30),
+    the rounding remainder going to the most probable symbol (the first one on ties). A row of all
     zeros becomes uniform.
     """
     p = np.asarray(probs)
@@ -86,14 +86,44 @@ def quantize_probabilities(probs) -> np.ndarray:
     counts = 1 + (q * (_TOTAL - k)) // row_sum      # <= 2^30 * 2^20: fits int64
     rest = _TOTAL - counts.sum(axis=1)              # in [0, K): floor losses
     counts[np.arange(n), np.argmax(q, axis=1)] += rest
+    return counts
+
+
+def quantize_probabilities(probs) -> np.ndarray:
+    """Exactly normalised fixed-point coding table [N, K] float64 from probabilities [N, K]:
+    `quantize_counts(probs) / 2^PRECISION`."""
+    return quantize_counts(probs).astype(np.float64) / _TOTAL
+
+
+def check_counts(counts) -> np.ndarray:
+    """An integer coding table [N, K] (every count >= 1, each row summing to exactly
+    2^PRECISION) as int64; ValueError for anything else."""
+    c = np.asarray(counts)
+    if c.ndim != 2 or not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"a coding table must be integer counts [N, K], got {c.dtype} {c.shape}")
+    if not 2 <= c.shape[1] <= MAX_ALPHABET:
+        raise ValueError(f"alphabet size K must be in [2, {MAX_ALPHABET}], got {c.shape[1]}")
+    c = c.astype(np.int64)
+    if c.size and (c.min() < 1 or (c.sum(axis=1) != _TOTAL).any()):
+        raise ValueError(f"coding table rows must be counts >= 1 summing to 2^{PRECISION}")
+    return c
+
+
+def _table(counts: np.ndarray) -> np.ndarray:
+    """constriction's probabilities [N, K] float64 of counts (exact dyadic numbers)."""
     return counts.astype(np.float64) / _TOTAL
 
 
 def cross_entropy_bits(symbols, probs) -> float:
     """sum(-log2 table[symbol]) in bits under the quantised table of probs [N, K]; symbols [N]."""
-    table = quantize_probabilities(probs)
+    return count_bits(symbols, quantize_counts(probs))
+
+
+def count_bits(symbols, counts) -> float:
+    """sum(-log2(counts[symbol] / 2^PRECISION)) in bits; symbols [N], counts [N, K]."""
+    c = check_counts(counts)
     s = np.asarray(symbols, np.int64)
-    return float(-np.log2(table[np.arange(len(s)), s]).sum())
+    return float(-np.log2(_table(c[np.arange(len(s)), s][:, None])).sum())
 
 
 def _check_group(symbols, probs) -> tuple[np.ndarray, np.ndarray]:
@@ -152,13 +182,24 @@ def encode_groups(symbols_per_group: Sequence, probs_per_group: Sequence, trim: 
     """Range codes groups of symbols, each under its own probabilities, into one byte string.
 
     symbols_per_group: list of int arrays [n_i]; probs_per_group: list of float arrays [n_i, K_i]
-    (the same float32 values the decoder will compute). Empty groups are allowed. trim=True
-    drops the trailing bytes the decoder does not need (verified by decoding).
+    (the same float32 values the decoder will compute), quantised by `quantize_counts`.
     """
     if len(symbols_per_group) != len(probs_per_group):
         raise ValueError(f"{len(symbols_per_group)} symbol groups but {len(probs_per_group)} probability groups")
     groups = [_check_group(s, p) for s, p in zip(symbols_per_group, probs_per_group)]
-    groups = [(s, quantize_probabilities(p)) for s, p in groups]
+    return encode_counts([s for s, _ in groups], [quantize_counts(p) for _, p in groups], trim)
+
+
+def encode_counts(symbols_per_group: Sequence, counts_per_group: Sequence, trim: bool = True) -> bytes:
+    """Range codes groups of symbols, each under its own integer coding table, into one byte string.
+
+    symbols_per_group: list of int arrays [n_i]; counts_per_group: list of integer tables [n_i, K_i]
+    (`check_counts`). Empty groups are allowed. trim=True drops the trailing bytes the decoder
+    does not need (verified by decoding).
+    """
+    if len(symbols_per_group) != len(counts_per_group):
+        raise ValueError(f"{len(symbols_per_group)} symbol groups but {len(counts_per_group)} tables")
+    groups = [(_check_group(s, c)[0], _table(check_counts(c))) for s, c in zip(symbols_per_group, counts_per_group)]
     enc = constriction.stream.queue.RangeEncoder()
     family = _family()
     for s, table in groups:
@@ -188,6 +229,10 @@ class Decoder:
     def decode(self, probs) -> np.ndarray:
         """Symbols [n] int32 of the next group, given its probabilities [n, K]."""
         return self._decode_table(quantize_probabilities(probs))
+
+    def decode_counts(self, counts) -> np.ndarray:
+        """Symbols [n] int32 of the next group, given its integer coding table [n, K]."""
+        return self._decode_table(_table(check_counts(counts)))
 
     def _decode_table(self, table: np.ndarray) -> np.ndarray:
         if table.shape[0] == 0:
