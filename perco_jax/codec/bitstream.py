@@ -1,8 +1,14 @@
 """The perco-jax bitstream: a small versioned container with strict parsing.
 
-Version 3 (what the codec writes) leaves out everything the decoding model already knows; versions
-1 and 2 (a fixed 38-byte frame) are still read. All integers little-endian; varints are unsigned
-LEB128 in their minimal form. docs/bitstream.md has the same layouts with the reasons.
+Versions 3 and 4 (what the codec writes) leave out everything the decoding model already knows;
+versions 1 and 2 (a fixed 38-byte frame) are still read. All integers little-endian; varints are
+unsigned LEB128 in their minimal form. docs/bitstream.md has the same layouts with the reasons.
+
+Version 4 has the layout of version 3 with the first byte 0xA4 (_MARK | 4); what differs is the
+payload's coding tables: a version-4 payload is coded under the integer entropy model's tables
+(perco_jax.models.integer_entropy_model: bit-identical on any machine), a version-3 one under the
+float model's quantised probabilities (same backend and software on both sides). The codec writes
+4 when it holds an integer model, else 3 (`INTEGER_MODEL_VERSION`, `FLOAT_MODEL_VERSION`).
 
 Version 3 (first byte 0xA3 = _MARK | 3: never b"P", so it cannot be taken for a "PRCO" stream):
 
@@ -74,7 +80,9 @@ import numpy as np
 from perco_jax import schedules
 
 MAGIC = b"PRCO"           # versions 1 and 2
-VERSION = 3               # the newest version: what the codec writes and the newest read here
+VERSION = 4               # the newest version: the newest read here
+FLOAT_MODEL_VERSION = 3   # what a codec with the float entropy model writes (tables from float probabilities)
+INTEGER_MODEL_VERSION = 4  # what a codec with an integer entropy model writes (integer tables)
 STANDALONE_VERSION = 2    # the newest one readable without the model (Header's default)
 _MARK = 0xA0              # a version >= 3 stream starts with the byte _MARK | version
 _FIXED = struct.Struct("<8sHHHHIBHHBB")
@@ -423,6 +431,10 @@ def check_crc(data: bytes, indices=(), model: Header | None = None) -> None:
     if _crc(data[:-_CRC.size], version, indices, key) == _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
         return
     other = " (or made with another model/config whose fingerprint starts alike)" if version >= 3 else ""
+    if version >= INTEGER_MODEL_VERSION and np.size(indices):
+        raise BitstreamError(
+            f"bitstream CRC32 mismatch over its bytes and decoded indices: the stream is corrupted{other}, or "
+            "it was coded under another integer entropy model (its coding tables are the same on every machine)")
     if version >= 2 and np.size(indices):
         raise BitstreamError(
             f"bitstream CRC32 mismatch over its bytes and decoded indices: the stream is corrupted{other}, or "
@@ -498,7 +510,7 @@ def _unpack_v3(data: bytes, indices, model) -> tuple[Header, str, bytes]:
     stored, pos = _take(data, pos, n, end, "caption")
     if indices is not None:
         check_crc(data, indices, model)
-    header = dataclasses.replace(model, version=3, **fields)
+    header = dataclasses.replace(model, version=_version(data), **fields)
     validate(header)
     if _long_forms(header, model) != flags & _F_LONG:  # one encoding per header
         raise BitstreamError("corrupted bitstream (a field in its long form where the short form applies)")

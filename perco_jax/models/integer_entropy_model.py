@@ -147,8 +147,8 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def _capture(model, params, indices, mask, context) -> dict:
     """{path: float64 array} of every submodule's output (flax capture_intermediates)."""
-    _, state = model.apply(params, indices, mask, context, capture_intermediates=True,
-                           mutable=["intermediates"])
+    run = jax.jit(lambda p, x, m, c: model.apply(p, x, m, c, capture_intermediates=True, mutable=["intermediates"]))
+    _, state = run(params, indices, mask, context)
     flat = {}
     for path, v in jax.tree_util.tree_leaves_with_path(state["intermediates"]):
         key = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path[:-1])

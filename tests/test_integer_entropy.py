@@ -1,0 +1,206 @@
+"""The integer entropy model: golden streams, bit-exact JAX path, table invariants, bounds, PTQ.
+
+Golden data (tests/data/integer_entropy, made by the NumPy int64 reference; regenerate with
+`python -m tests.integer_golden`): the JAX path must reproduce its payloads and table hashes byte
+for byte under every setting here, and in a subprocess with other XLA flags and 8 devices.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from perco_jax import entropy_coding as ec
+from perco_jax import schedules
+from perco_jax.codec import bitstream as bs
+from perco_jax.codec import range_coding as rc
+from perco_jax.models import integer_entropy_model as iem
+from perco_jax.models.entropy_model import EntropyModel
+from tests import integer_golden as golden
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def qm():
+    return golden.load_model(golden.DATA / "model.npz")
+
+
+@pytest.fixture(scope="module")
+def expected():
+    return json.loads((golden.DATA / "golden.json").read_text())
+
+
+def test_reference_reproduces_the_golden_streams(qm, expected):
+    assert golden.reproduces(qm, expected, ec.IntegerTables(qm, reference=True)) == []
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_jax_path_reproduces_the_golden_streams(qm, expected, batch):
+    assert golden.reproduces(qm, expected, ec.IntegerTables(qm), batch=batch, specs=golden.SPECS[:2]) == []
+
+
+@pytest.mark.slow
+def test_jax_path_reproduces_the_golden_streams_under_every_setting():
+    """In one subprocess with XLA_FLAGS=--xla_backend_optimization_level=0 and 8 host devices: jit,
+    disable_jit, batch 1 and 8, bfloat16 default matmul precision, the batch sharded over 8
+    devices, x64 on and off (golden.check_variants)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-m", "tests.integer_golden", "--check"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {k: [] for k in ("jit", "batch 1", "disable_jit", "bfloat16 matmul precision", "8 devices",
+                                      "x64")}, result
+
+
+def test_cross_decode(qm, expected):
+    """Payloads the NumPy reference encoded decode with the JAX path, and the other way round."""
+    x, ctx = golden.golden_inputs()
+    jax_tables, ref_tables = ec.IntegerTables(qm), ec.IntegerTables(qm, reference=True)
+    for spec in ("qlds:4", "random:5:3"):
+        g = schedules.from_spec(spec, golden.GRID, golden.GRID)
+        by_reference = [bytes.fromhex(p) for p in expected[spec]["payloads"]]
+        np.testing.assert_array_equal(ec.decode_indices(jax_tables, by_reference, x.shape[1:], g, ctx), x)
+        by_jax = ec.encode_indices(jax_tables, x[:3], g, ctx[:3])
+        np.testing.assert_array_equal(ec.decode_indices(ref_tables, by_jax, x.shape[1:], g, ctx[:3]), x[:3])
+        # any batching decodes any payload: three payloads one at a time
+        for i in range(3):
+            np.testing.assert_array_equal(ec.decode_indices(jax_tables, by_reference[i:i + 1], x.shape[1:], g,
+                                                            ctx[i:i + 1]), x[i:i + 1])
+
+
+def _cdf_ok(counts: np.ndarray) -> None:
+    counts = np.asarray(counts, np.int64)
+    assert counts.min() >= 1
+    assert (counts.sum(-1) == 1 << rc.PRECISION).all()
+    cdf = np.cumsum(counts, axis=-1)
+    assert (np.diff(cdf, axis=-1) > 0).all() and (cdf[..., -1] == 1 << rc.PRECISION).all()
+
+
+def test_table_invariants(qm):
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, golden.K, (5, 4, 3)).astype(np.int32)
+    mask = rng.random(x.shape) < 0.5
+    ctx = rng.integers(-127, 128, (5, 2, golden.C)).astype(np.int32)
+    _cdf_ok(iem.reference_counts(qm, x, mask, ctx))
+    _cdf_ok(np.asarray(iem.make_jax_counts(qm)(x, mask, ctx)))
+    # extreme logits: flat, one dominant symbol, clamped extremes, both paths
+    top = iem._amax(iem.LOGIT_BITS)
+    logits = np.array([[0] * golden.K, [top] + [-top] * (golden.K - 1), list(range(golden.K)),
+                       [-top] * golden.K], np.int64)
+    ref = iem.integer_counts(qm, logits, iem._NUMPY)
+    _cdf_ok(ref)
+    assert (ref[0] == ref[0, 0]).sum() >= golden.K - 1  # flat: uniform up to the remainder
+    assert ref[1, 0] == (1 << rc.PRECISION) - (golden.K - 1) and (ref[1, 1:] == 1).all()
+    got = jax.jit(lambda lg: iem.integer_counts(qm, lg, iem._JAX))(jnp.asarray(logits, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), ref)
+
+
+def test_long_division_matches_int64():
+    rng = np.random.default_rng(0)
+    s = rng.integers(1, 1 << 26, 5000)
+    e = np.minimum(rng.integers(0, 1 << 16, 5000), s)
+    t = (1 << 20) - rng.integers(2, 1 << 10, 5000)
+    got = jax.jit(lambda e, s, t: jax.vmap(lambda e, s, t: iem._JAX.muldiv(e, t, s), in_axes=(0, 0, None))(e, s, t))
+    for tv in np.unique(t)[:3]:
+        np.testing.assert_array_equal(np.asarray(got(jnp.asarray(e, jnp.int32), jnp.asarray(s, jnp.int32), int(tv))),
+                                      e * int(tv) // s)
+
+
+def test_integer_helpers_match_exact_arithmetic():
+    v = np.concatenate([np.arange(0, 5000), np.random.default_rng(1).integers(0, 1 << 24, 5000)])
+    np.testing.assert_array_equal(iem._isqrt(v, iem._NUMPY, 24), np.floor(np.sqrt(v)).astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: iem._isqrt(v, iem._JAX, 24))(jnp.asarray(v, jnp.int32))),
+                                  np.floor(np.sqrt(v)))
+    m = np.array([0, 1, 2, 3, 4, 1023, 1024, (1 << 30) + 5])
+    np.testing.assert_array_equal(iem._bit_length(m, iem._NUMPY), [int(k).bit_length() for k in m])
+    x = np.array([-7, -6, -5, 5, 6, 7, 100])
+    np.testing.assert_array_equal(iem._rshift(x, np.int64(1), iem._NUMPY), np.floor(x / 2 + 0.5))
+    np.testing.assert_array_equal(iem._rshift(x, np.int64(-3), iem._NUMPY), x * 8)
+
+
+def test_overflow_bound(qm):
+    iem.check_bounds(qm)  # the golden model fits
+    arrays = dict(qm.arrays)
+    w = arrays["blocks_0.fc2.w"].copy()
+    w[:, 0] = 1 << 20
+    with pytest.raises(ValueError, match="blocks_0.fc2 accumulator"):
+        iem.check_bounds(dataclasses.replace(qm, arrays={**arrays, "blocks_0.fc2.w": w}))
+    with pytest.raises(ValueError, match="softmax sum"):
+        iem.check_bounds(dataclasses.replace(qm, config={**qm.config, "max_context": 1 << 16}))
+    s = arrays["head.s"].copy()
+    s[0] = -40
+    with pytest.raises(ValueError, match="head"):
+        iem.check_bounds(dataclasses.replace(qm, arrays={**arrays, "head.s": s}))
+    # the bound is a real bound: the reference's int64 intermediates of the largest inputs stay in int32
+    x = np.zeros((2, golden.GRID, golden.GRID), np.int32)
+    ctx = np.stack([np.full((golden.L, golden.C), 127), np.full((golden.L, golden.C), -127)]).astype(np.int32)
+    logits = iem.integer_logits(qm, x, np.zeros(x.shape, bool), ctx.astype(np.int64), iem._NUMPY)
+    assert np.abs(logits).max() <= iem._amax(iem.LOGIT_BITS)
+
+
+def test_crc_refuses_a_perturbed_model(qm, expected):
+    """A decoder whose integer model differs in one bias decodes other indices; the v4 CRC says so."""
+    x, ctx = golden.golden_inputs()
+    g = schedules.from_spec("qlds:4", golden.GRID, golden.GRID)
+    payload = bytes.fromhex(expected["qlds:4"]["payloads"][0])
+    model = bs.Header(version=bs.INTEGER_MODEL_VERSION, fingerprint=b"\x01" * 8, image_height=16, image_width=16,
+                      grid_h=golden.GRID, grid_w=golden.GRID, codebook_size=golden.K, schedule="qlds", schedule_steps=4)
+    stream = bs.pack(model, "", payload, indices=x[0], model=model)
+    assert stream[0] == 0xA4
+    arrays = dict(qm.arrays)
+    b = arrays["head.b"].copy()
+    b[int(x[0, 0, 0])] -= 1 << 22  # the first coded symbol becomes improbable
+    other = ec.IntegerTables(dataclasses.replace(qm, arrays={**arrays, "head.b": b}))
+    decoded = ec.decode_indices(other, [bs.unpack(stream, indices=None, model=model)[2]], x.shape[1:], g, ctx[:1])
+    assert not np.array_equal(decoded[0], x[0])
+    with pytest.raises(bs.BitstreamError, match="another integer entropy model"):
+        bs.check_crc(stream, decoded[0], model=model)
+    bs.check_crc(stream, ec.decode_indices(ec.IntegerTables(qm), [payload], x.shape[1:], g, ctx[:1])[0], model=model)
+
+
+def test_stored_model_round_trip(qm, tmp_path):
+    golden.save_model(qm, tmp_path / "m.npz")
+    again = golden.load_model(tmp_path / "m.npz")
+    assert again.digest() == qm.digest() and again.config == qm.config
+
+
+@pytest.mark.slow
+def test_quantized_model_is_close_to_the_float_model():
+    """PTQ of a random conditional model: the integer tables cost under 0.5% over the float
+    probabilities (cross-entropy of samples from the float model)."""
+    model = EntropyModel(**golden.FLOAT_MODEL)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, golden.K, (32, 4, 4))
+    mask = rng.random(x.shape) < rng.random((32, 1, 1))
+    ctx = rng.normal(size=(32, golden.L, golden.C)).astype(np.float32)
+    params = jax.jit(model.init)(jax.random.key(2), jnp.asarray(x[:1]), jnp.asarray(mask[:1]), jnp.asarray(ctx[:1]))
+    q = iem.quantize(model, params, x, mask, ctx)
+    p = np.asarray(jax.nn.softmax(model.apply(params, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ctx))), np.float64)
+    counts = iem.reference_counts(q, x, mask, iem.quantize_context(ctx, q))
+    entropy = -(p * np.log2(p)).sum(-1).mean()
+    cross = -(p * np.log2(counts / 2.0 ** rc.PRECISION)).sum(-1).mean()
+    assert entropy <= cross < 1.005 * entropy, (entropy, cross)
+
+
+def test_errors(qm):
+    x = np.zeros((1, 4, 4), np.int32)
+    m = np.ones(x.shape, bool)
+    with pytest.raises(ValueError, match="int8 context"):
+        iem.reference_counts(qm, x, m, None)
+    with pytest.raises(ValueError, match="int8 context"):
+        iem.reference_counts(qm, x, m, np.zeros((1, 3, golden.C), np.float32))
+    with pytest.raises(ValueError, match="max_grid"):
+        iem.reference_counts(qm, np.zeros((1, 5, 4), np.int32), True, np.zeros((1, 3, golden.C), np.int32))
+    with pytest.raises(ValueError, match="2\\^20"):
+        ec.IntegerTables(dataclasses.replace(qm, config={**qm.config, "precision": 16}))
+    with pytest.raises(ValueError, match="counts >= 1"):
+        rc.encode_counts([np.zeros(1, np.int32)], [np.array([[1 << rc.PRECISION, 0]])])
