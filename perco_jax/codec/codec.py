@@ -38,8 +38,9 @@ import ml_collections
 import numpy as np
 
 from perco_jax import build, entropy_coding, schedules
-from perco_jax.codec import bitstream, range_coding
+from perco_jax.codec import bitstream, integer_export, range_coding
 from perco_jax.codec.bitstream import BitstreamError, Header
+from perco_jax.models.integer_entropy_model import IntegerEntropyModel
 
 _TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MAX_SIDE = 0xFFFF  # the header stores the original size as uint16
@@ -79,7 +80,7 @@ def _digest(tree) -> str:
     return h.hexdigest()
 
 
-def fingerprint_of(config, codec_params, entropy_params, ae_params=None) -> bytes:
+def fingerprint_of(config, codec_params, entropy_params, ae_params=None, integer_model=None) -> bytes:
     """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights
     (with the autoencoder's when it has learned ones, e.g. a stage-0 patch autoencoder)."""
     from perco_jax.train.stage2 import _comparable
@@ -87,7 +88,8 @@ def fingerprint_of(config, codec_params, entropy_params, ae_params=None) -> byte
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return bitstream.fingerprint({"config": _comparable(cfg), "entropy_model": cfg["entropy_model"],
                                   "codec": cfg["codec"],
-                                  "weights": _digest([codec_params, entropy_params] + ([ae_params] if ae_params else []))})
+                                  "weights": _digest([codec_params, entropy_params] + ([ae_params] if ae_params else []))}
+                                 | ({"integer_entropy_model": integer_model.digest()} if integer_model is not None else {}))
 
 
 def _module_fields(m) -> dict:
@@ -109,6 +111,7 @@ class Codec:
     text_params: dict        # {"text_encoder", "text_encoder_2", "text_encoder_3"}
     prompt_encoder: object   # perco_jax.text.PromptEncoder
     fingerprint: bytes
+    integer_model: object = None     # the integer entropy model (integer_export; version-4 streams) or None
 
     def __post_init__(self):
         from perco_jax.reconstruct import make_decoder, make_encoder
@@ -121,6 +124,7 @@ class Codec:
         self.batch = int(c.codec.coding_batch_size)
         self._encode = make_encoder(self.model, self.autoencoder)
         self._apply = entropy_coding.make_apply_fn(self.entropy_model, {"params": self.entropy_params})
+        self._integer = None if self.integer_model is None else entropy_coding.IntegerTables(self.integer_model)
         self._decode = make_decoder(self.model, self.autoencoder, self.prompt_encoder,
                                     max_sequence_length=c.text.max_sequence_length, shift=c.scheduler_shift)
         side, channels = build.latent_geometry(c)
@@ -134,7 +138,8 @@ class Codec:
         stream's differ)."""
         c = self.config
         name, steps, seed = schedules.parse_spec(c.codec.schedule)
-        return Header(version=bitstream.VERSION, fingerprint=self.fingerprint, image_height=c.image_size,
+        version = bitstream.FLOAT_MODEL_VERSION if self.integer_model is None else bitstream.INTEGER_MODEL_VERSION
+        return Header(version=version, fingerprint=self.fingerprint, image_height=c.image_size,
                       image_width=c.image_size, grid_h=self.grid[0], grid_w=self.grid[1],
                       codebook_size=c.codec.codebook_size, schedule=name, schedule_steps=steps,
                       schedule_seed=seed)
@@ -142,8 +147,10 @@ class Codec:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_runs(cls, config, stage1_workdir, stage2_workdir) -> "Codec":
-        """The codec of a finished stage-1 run and the stage-2 run trained on it."""
+    def from_runs(cls, config, stage1_workdir, stage2_workdir, integer: bool = True) -> "Codec":
+        """The codec of a finished stage-1 run and the stage-2 run trained on it. integer: with the
+        integer entropy model, quantised here from the float one (integer_export.calibrate), so it
+        writes version-4 streams."""
         from perco_jax import parallel
         from perco_jax.train import stage2
         from perco_jax.train.checkpoints import restore_latest
@@ -165,7 +172,14 @@ class Codec:
         encoder, text_params = build.build_text(config, stage1_workdir)
         ae = autoencoder_params(config, build.build_autoencoder(config))
         codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))
-        return cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae))
+        out = cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae))
+        return out.with_integer_model(integer_export.calibrate(out)) if integer else out
+
+    def with_integer_model(self, qm: Optional[IntegerEntropyModel]) -> "Codec":
+        """This codec with the integer entropy model qm (None: without one) and the fingerprint
+        that covers it: it writes version-4 streams (version 3 without one)."""
+        fp = fingerprint_of(self.config, self.codec_params, self.entropy_params, self.ae_params, qm)
+        return dataclasses.replace(self, integer_model=qm, fingerprint=fp)
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write this codec as a weights folder (`perco-jax compress --checkpoint FOLDER`)."""
@@ -181,6 +195,8 @@ class Codec:
         if jax.tree_util.tree_leaves(self.ae_params):
             section = self.config.patch_autoencoder if self.config.autoencoder == "patch" else self.config.vae
             components["autoencoder"] = (section.to_dict(), self.ae_params)
+        if self.integer_model is not None:
+            components["integer_entropy_model"] = (self.integer_model.config, self.integer_model.to_tree())
         with tempfile.TemporaryDirectory() as tmp:
             dirs = {}
             for name, tok in zip(TOKENIZERS, pe.tokenizers):
@@ -217,8 +233,10 @@ class Codec:
                                             joint_attention_dim=tc["joint_attention_dim"],
                                             clip_max_length=build.clip_max_length(config))
         fp = bytes.fromhex(manifest["metadata"]["fingerprint"])
+        integer = (IntegerEntropyModel.from_tree(configs["integer_entropy_model"], params["integer_entropy_model"])
+                   if "integer_entropy_model" in params else None)
         return cls(config, params["codec"], params["entropy_model"], params.get("autoencoder", {}),
-                   params["text"], encoder, fp)
+                   params["text"], encoder, fp, integer_model=integer)
 
     # ------------------------------------------------------------------ pieces
 
@@ -263,22 +281,36 @@ class Codec:
         name, steps, seed = schedules.parse_spec(spec)
         return name, steps, seed, (None if name == schedules.UNIFORM else schedules.from_spec(spec, *self.grid))
 
+    def coding_model(self, version: Optional[int] = None):
+        """(the entropy_coding model, batch_size) that codes the payloads of bitstream `version`
+        (default: the version this codec writes): the integer tables for version >= 4 (any batch),
+        the float model in chunks of coding_batch_size before."""
+        version = self.stream_model.version if version is None else version
+        if version < bitstream.INTEGER_MODEL_VERSION:
+            return self._apply, self.batch
+        if self._integer is None:
+            raise BitstreamError(f"a version-{version} stream is coded with an integer entropy model, which "
+                                 "this codec does not have (export it again: integer_export)")
+        return self._integer, None
+
     def encode_indices(self, indices, captions: Sequence[str], schedule: Optional[str] = None) -> list[bytes]:
         """Index payloads (no container) of indices [B, g, g] under `schedule` (default: the config's)."""
         name, _, _, groups = self._groups(schedule or self.config.codec.schedule)
         k = self.config.codec.codebook_size
         if groups is None:
             return [range_coding.encode_uniform(x.ravel(), k) for x in np.asarray(indices)]
-        return entropy_coding.encode_indices(self._apply, indices, groups, self.context(captions),
-                                             batch_size=self.batch)
+        model, batch = self.coding_model()
+        return entropy_coding.encode_indices(model, indices, groups, self.context(captions), batch_size=batch)
 
-    def rate_bits(self, indices, captions: Sequence[str], schedule: str) -> np.ndarray:
-        """Model cross-entropy [B] in bits of indices [B, g, g] under `schedule` (no coding)."""
+    def rate_bits(self, indices, captions: Sequence[str], schedule: str, version: Optional[int] = None) -> np.ndarray:
+        """Model cross-entropy [B] in bits of indices [B, g, g] under `schedule` (no coding), with
+        the coding tables of bitstream `version` (default: what this codec writes)."""
         name, _, _, groups = self._groups(schedule)
         if groups is None:
             return np.full(len(indices), float(range_coding.uniform_bits(self.config.codec.codebook_size)
                                                * self.grid[0] * self.grid[1]))
-        return entropy_coding.rate_bits(self._apply, indices, groups, self.context(captions), batch_size=self.batch)
+        model, batch = self.coding_model(version)
+        return entropy_coding.rate_bits(model, indices, groups, self.context(captions), batch_size=batch)
 
     # ------------------------------------------------------------------ compress
 
@@ -325,16 +357,17 @@ class Codec:
         indices = np.zeros((len(parsed),) + self.grid, np.int32)
         by_spec: dict[tuple, list[int]] = {}
         for i, (h, _, _) in enumerate(parsed):
-            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed), []).append(i)
-        for (name, steps, seed), rows in by_spec.items():
+            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed, h.version), []).append(i)
+        for (name, steps, seed, version), rows in by_spec.items():
             if name == schedules.UNIFORM:
                 for i in rows:
                     indices[i] = range_coding.decode_uniform(parsed[i][2], self.grid[0] * self.grid[1], k).reshape(self.grid)
                 continue
             groups = schedules.get_schedule(name, *self.grid, steps or None, seed)
             captions = [parsed[i][1] for i in rows]
-            indices[rows] = entropy_coding.decode_indices(self._apply, [parsed[i][2] for i in rows], self.grid,
-                                                          groups, self.context(captions), batch_size=self.batch)
+            coder, batch = self.coding_model(version)
+            indices[rows] = entropy_coding.decode_indices(coder, [parsed[i][2] for i in rows], self.grid,
+                                                          groups, self.context(captions), batch_size=batch)
         for s, grid in zip(streams, indices):
             bitstream.check_crc(s, grid, model=model)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
