@@ -6,6 +6,11 @@ schedule through the real bitstream, checks they decode, and prints bits per ind
 ratio to uniform coding (log2 K bits per index) side by side, with the coding time per image;
 writes rate.csv and rate.png (bits per index against the number of coding steps) to --out.
 
+Float against integer entropy model (issue 14): every schedule is coded twice, with the float
+model's tables (bitstream version 3) and the integer model's (version 4; quantised here by
+integer_export.calibrate when the codec folder has none), and a second table compares their bits
+per index and coding times. The integer model's budget: at most 1% more index bits.
+
     python benchmarks/rate.py [--checkpoint demo/checkpoint] [--images 64] [--out benchmarks/out]
 """
 import argparse
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perco_jax.codec import integer_export
 from perco_jax.codec.codec import Codec
 from perco_jax.codec.report import format_rates, schedule_rates
 from perco_jax.data.pipeline import make_dataset
@@ -58,6 +64,21 @@ def plot(rows, path: Path) -> bool:
     return True
 
 
+def format_float_vs_integer(rows, int_rows) -> str:
+    """Per schedule: bits per index of the float and the integer model (coded: the streams'
+    bytes, which round to whole bytes; model: the tables' cross-entropy), the integer model's
+    extra model bits in percent, and each one's encode / decode time per image."""
+    lines = [f"\n  {'schedule':<14}{'coded float':>12}{'int':>7}{'model float':>12}{'int':>7}{'extra':>8}"
+             f"{'float enc/dec ms':>18}{'int enc/dec ms':>16}"]
+    for f, i in zip(rows, int_rows):
+        extra = 100 * (i["model_bits_per_index"] / f["model_bits_per_index"] - 1)
+        lines.append(f"  {f['schedule']:<14}{f['bits_per_index']:>12.3f}{i['bits_per_index']:>7.3f}"
+                     f"{f['model_bits_per_index']:>12.4f}{i['model_bits_per_index']:>7.4f}{extra:>+7.2f}%"
+                     f"{1e3 * f['encode_s']:>9.1f} /{1e3 * f['decode_s']:>6.1f}"
+                     f"{1e3 * i['encode_s']:>8.1f} /{1e3 * i['decode_s']:>6.1f}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="demo/checkpoint")
@@ -66,9 +87,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not Path(args.checkpoint).is_dir():
         sys.exit(f"{args.checkpoint} does not exist: run `make demo` first (it trains and exports the tiny codec)")
-    codec = Codec.load(args.checkpoint)
+    loaded = Codec.load(args.checkpoint)
+    integer = loaded if loaded.integer_model is not None else loaded.with_integer_model(integer_export.calibrate(loaded))
+    codec = loaded.with_integer_model(None)  # the float model: version 3
     images, captions = heldout(codec.config, args.images)
     rows = schedule_rates(codec, images, captions, SPECS)
+    int_rows = schedule_rates(integer, images, captions, SPECS)
     uniform = next(r for r in rows if r["schedule"] == "uniform")["bits_per_index"]
     k = codec.config.codec.codebook_size
     print(f"{len(images)} held-out images, {codec.grid[0]}x{codec.grid[1]} indices, K={k} "
@@ -77,12 +101,13 @@ def main(argv=None):
     print(f"\n  {'schedule':<14}{'coded bits / uniform bits':>27}")
     for r in rows:
         print(f"  {r['schedule']:<14}{r['bits_per_index'] / uniform:>27.3f}")
+    print(format_float_vs_integer(rows, int_rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "rate.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=["model"] + list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
+        w.writerows([{"model": "float", **r} for r in rows] + [{"model": "integer", **r} for r in int_rows])
     made = plot(rows, out / "rate.png")
     print(f"\nwrote {out / 'rate.csv'}" + (f" and {out / 'rate.png'}" if made else " (no matplotlib: no plot)"))
 

@@ -31,14 +31,29 @@ def _v3_crc(body: bytes, indices=(), key: bytes = FP) -> bytes:
 @pytest.mark.parametrize("caption", ["", "a photo of a cat on a red sofa", "猫がソファの上で寝ている 🐈‍⬛🛋️",
                                      "emoji only 😀😃😄😁", "x" * 5000, "tab\tnewline\nnul\0 é ß ∑"])
 @pytest.mark.parametrize("coding", [bs.CAPTION_DEFLATE, bs.CAPTION_UTF8])
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_pack_unpack_round_trip(caption, coding, version):
-    header = dataclasses.replace(HEADER if version == 2 else MODEL, caption_coding=coding)
+    header = dataclasses.replace(HEADER if version == 2 else MODEL, caption_coding=coding, version=version)
     payload = bytes(range(256)) * 3
     data = bs.pack(header, caption, payload, indices=GRID, model=MODEL)
-    assert data[:5] == b"PRCO\2" if version == 2 else data[0] == 0xA3
+    assert data[:5] == b"PRCO\2" if version == 2 else data[0] == 0xA0 | version
     h, c, p = bs.unpack(data, indices=GRID, model=MODEL)
     assert (h, c, p) == (header, caption, payload)
+
+
+def test_version_4_is_version_3_with_integer_tables():
+    """Same layout and CRC rule; only the first byte (and so the CRC) differ; the mismatch message
+    no longer blames the machine."""
+    v3 = bs.pack(MODEL, "a cat", b"\7" * 10, indices=GRID, model=MODEL)
+    v4 = bs.pack(dataclasses.replace(MODEL, version=bs.INTEGER_MODEL_VERSION), "a cat", b"\7" * 10, indices=GRID,
+                 model=MODEL)
+    assert (v3[0], v4[0]) == (0xA3, 0xA4) and v3[1:-4] == v4[1:-4]
+    assert v4 == _v3_crc(v4[:-4], GRID)
+    assert bs.unpack(v4, indices=GRID, model=MODEL)[0].version == 4
+    with pytest.raises(bs.BitstreamError, match="another integer entropy model"):
+        bs.check_crc(v4, GRID + 1, model=MODEL)
+    with pytest.raises(bs.BitstreamError, match="decode it where it was encoded"):
+        bs.check_crc(v3, GRID + 1, model=MODEL)
 
 
 def test_layout_and_overhead():
@@ -274,7 +289,7 @@ def test_v3_another_model_is_refused(monkeypatch):
     _raises(data, "more than one codec", indices=GRID)
 
 
-@pytest.mark.parametrize("version", [2, 3])
+@pytest.mark.parametrize("version", [2, 3, 4])
 def test_random_corruptions_never_escape(version):
     """As the codec reads: parse, decode the indices, check the CRC over them."""
     rng = np.random.default_rng(1234)

@@ -25,6 +25,9 @@ Determinism (why encoder and decoder build bit-identical coding tables):
   XLA versions); quantising to 2^-PRECISION makes that rare but not impossible, so encoder and
   decoder should run the entropy model on the same backend. A decoded mismatch shows up as
   garbage indices, not as a crash.
+  The integer entropy model (perco_jax.models.integer_entropy_model) hands over integer counts
+  directly (`encode_counts`, `Decoder.decode_counts`): step 2 alone, so its tables are the same
+  on every machine.
 
 Errors: malformed or corrupted data raises `CodingError` (a `BitstreamError`); constriction's
 own exceptions (e.g. an AssertionError on data invalid for the model) are converted. A range decoder
