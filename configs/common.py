@@ -123,7 +123,8 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
 
     # ---- which stage `train` runs: 0 = the learned autoencoder (autoencoder=patch),
     # 1 = MM-DiT + hyper-encoder + VQ (flow matching),
-    # 2 = the entropy model on the indices of the frozen stage-1 run in `stage1_workdir`
+    # 2 = the entropy model on the indices of the frozen stage-1 run in `stage1_workdir`,
+    # 3 = few-step decoding: the decoder of the stage-1 run in `stage1_workdir` fine-tuned
     config.stage = 1
     config.stage1_workdir = ""
     # stage 0's and stage 2's own optimisation settings (the other training fields are shared)
@@ -133,6 +134,19 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.stage2 = ml_collections.ConfigDict(dict(
         num_train_steps=50_000, batch_size=256, learning_rate=3e-4, warmup_steps=1000, ema_decay=0.999,
         schedules=TRAINING_SCHEDULES))
+    # stage 3, few-step decoding (train/stage3.py): the stage-1 MM-DiT of the run in stage1_workdir,
+    # given a zero-initialised step-size input, is fine-tuned to decode in `steps` sampler steps
+    # (the encoder, VQ and entropy model are untouched: the bitstream does not change).
+    # method "shortcut" (Frans et al. 2024): flow matching at d -> 0 plus self-consistency (one step
+    #   of 2d = two of d) on `bootstrap_fraction` of each batch, for d = 1, 1/2, ..., 2^-levels, the
+    #   caption's guidance (sample.guidance) folded into the finest targets; no teacher sampling.
+    # method "reflow" (Liu et al. 2023): `couplings` (noise, latent) pairs drawn once by the guided
+    #   teacher sampler (sample.steps), 2-rectified flow on their straight lines for the first
+    #   `reflow_fraction` of the steps, then distillation to each of `steps` steps.
+    config.stage3 = ml_collections.ConfigDict(dict(
+        method="shortcut", num_train_steps=20_000, batch_size=256, learning_rate=1e-5, warmup_steps=500,
+        ema_decay=0.999, steps=(1, 2, 4), levels=7, bootstrap_fraction=0.25, couplings=50_000,
+        reflow_fraction=0.5))
 
     # ---- stage-1 training (field names follow Flax's examples)
     config.num_train_steps = 100_000

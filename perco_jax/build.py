@@ -86,7 +86,8 @@ def validate(config) -> None:
          "text.cache and text.embeddings both set: choose one source of precomputed text embeddings")
     need(config.get("frozen_placement", "sharded") in ("sharded", "replicated"),
          f"frozen_placement={config.get('frozen_placement')!r}: sharded or replicated")
-    need(config.stage in (0, 1, 2), f"stage={config.stage!r}: 0 (autoencoder), 1 (codec) or 2 (entropy model)")
+    need(config.stage in (0, 1, 2, 3),
+         f"stage={config.stage!r}: 0 (autoencoder), 1 (codec), 2 (entropy model) or 3 (few-step decoder)")
     need(config.stage != 0 or config.autoencoder == "patch",
          f"stage=0 trains the learned autoencoder: set autoencoder=patch (it is {config.autoencoder!r})")
     pa = config.patch_autoencoder
@@ -99,6 +100,10 @@ def validate(config) -> None:
     need(s0.latent_noise >= 0 and s0.latent_l2 >= 0, "stage0.latent_noise and stage0.latent_l2 must be >= 0")
     need(config.stage != 2 or config.stage1_workdir,
          "stage=2 trains the entropy model on a finished stage-1 run: set stage1_workdir=DIR")
+    need(config.stage != 3 or config.stage1_workdir,
+         "stage=3 fine-tunes the decoder of a finished stage-1 run: set stage1_workdir=DIR")
+    if config.get("stage3") is not None:
+        validate_stage3(config)
     em = config.entropy_model
     need(em.width >= 1 and em.depth >= 1 and em.num_heads >= 1 and em.width % em.num_heads == 0,
          f"entropy_model: width={em.width} must be a positive multiple of num_heads={em.num_heads}, depth >= 1")
@@ -116,16 +121,39 @@ def validate(config) -> None:
     need(0 <= config.stage2.ema_decay < 1, f"stage2.ema_decay={config.stage2.ema_decay}: need 0 <= decay < 1")
 
 
+STAGE3_METHODS = ("shortcut", "reflow")
+
+
+def validate_stage3(config) -> None:
+    """ConfigError for a config.stage3 section the few-step stage cannot train."""
+    s3 = config.stage3
+    if s3.method not in STAGE3_METHODS:
+        raise ConfigError(f"stage3.method={s3.method!r}: choose one of {STAGE3_METHODS}")
+    steps = tuple(s3.steps)
+    if not steps or any(int(k) != k or k < 1 for k in steps):
+        raise ConfigError(f"stage3.steps={steps}: list the sampler step counts (integers >= 1) to train")
+    if s3.method == "shortcut" and any(k & (k - 1) or k > 2 ** s3.levels for k in steps):
+        raise ConfigError(f"stage3.steps={steps}: a shortcut model serves powers of two up to 2^levels = "
+                          f"{2 ** s3.levels}")
+    if not (s3.levels >= 0 and 0 <= s3.bootstrap_fraction <= 1 and 0 <= s3.reflow_fraction <= 1):
+        raise ConfigError("stage3: need levels >= 0 and bootstrap_fraction, reflow_fraction in [0, 1]")
+    if s3.batch_size < 1 or s3.batch_size % jax.process_count() or s3.couplings < s3.batch_size:
+        raise ConfigError(f"stage3.batch_size={s3.batch_size} must be a positive multiple of the process count "
+                          f"and at most stage3.couplings={s3.couplings}")
+    if not 0 <= s3.ema_decay < 1:
+        raise ConfigError(f"stage3.ema_decay={s3.ema_decay}: need 0 <= decay < 1")
+
+
 STAGE_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")
 
 
 def stage_config(config):
-    """The config a stage trains with: for stages 0 and 2, the top-level optimisation fields
-    replaced by config.stage0's / config.stage2's (so one optimiser / loop serves every stage)."""
+    """The config a stage trains with: for stages 0, 2 and 3, the top-level optimisation fields
+    replaced by config.stage0's / stage2's / stage3's (so one optimiser / loop serves every stage)."""
     if config.stage == 1:
         return config
     out = config.copy_and_resolve_references()
-    own = config.stage0 if config.stage == 0 else config.stage2
+    own = {0: config.stage0, 2: config.stage2, 3: config.get("stage3")}[config.stage]
     for k in STAGE_FIELDS:
         out[k] = own[k]
     return out

@@ -118,7 +118,7 @@ def _export(args) -> int:
     from perco_jax.config import load_config
 
     config = load_config(args.config, args.override)
-    out = Codec.from_runs(config, args.stage1, args.stage2).save(args.out)
+    out = Codec.from_runs(config, args.stage1, args.stage2, args.stage3).save(args.out)
     print(f"wrote {out}")
     return 0
 
@@ -198,7 +198,8 @@ def _decompress(args) -> int:
     outs = _outputs(args.inputs, args.out, ".png")
     codec = Codec.load(args.checkpoint)
     streams = [Path(p).read_bytes() for p in args.inputs]
-    images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                    sampler=args.sampler.replace("-", "_"))
     for out, image in zip(outs, images):
         save_image(image, out)
         print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")
@@ -241,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_demo)
 
     t = sub.add_parser("train", help="stage 1 (codec) or, with --config.stage=2 --config.stage1_workdir=DIR, "
-                                     "stage 2 (entropy model); resumes from the workdir's latest checkpoint")
+                                     "stage 2 (entropy model), with --config.stage=3 stage 3 (few-step decoder); "
+                                     "resumes from the workdir's latest checkpoint")
     _add_config_flags(t, "preset name or config file (configs/*.py)")
     t.add_argument("--workdir", required=True)
     _add_distributed_flags(t)
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory", help="memory of one device, e.g. 16GB (10^9 bytes) or 80GiB (2^30): "
                                             "says whether the run fits")
     pl.add_argument("--batch", type=int, help="global batch size (default: the config's, for the stage)")
-    pl.add_argument("--stage", type=int, choices=(1, 2), help="training stage (default: the config's)")
+    pl.add_argument("--stage", type=int, choices=(1, 2, 3), help="training stage (default: the config's)")
     pl.add_argument("--frozen", choices=("sharded", "replicated"), default=None,
                     help="frozen text encoders / VAE / stage-1 codec: sharded by the rules, or a full copy "
                          "on every device (default: the config's frozen_placement)")
@@ -281,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(e, "the runs' preset name or config file")
     e.add_argument("--stage1", required=True, help="stage-1 workdir")
     e.add_argument("--stage2", required=True, help="stage-2 workdir (trained on --stage1)")
+    e.add_argument("--stage3", help="stage-3 workdir (few-step decoder trained on --stage1), optional")
     e.add_argument("--out", required=True, help="codec folder to write (what --checkpoint takes)")
     e.set_defaults(fn=_export)
 
@@ -304,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--checkpoint", required=True, help="the codec folder that compressed them")
     dc.add_argument("inputs", nargs="+", help=".perco files")
     dc.add_argument("-o", "--out", required=True, help="OUT.png for one stream, or a folder")
-    dc.add_argument("--steps", type=int, help="sampler steps (default: the codec config's)")
+    dc.add_argument("--steps", type=int, help="sampler steps (default: the codec config's); a step count the "
+                                              "codec's few-step decoder serves (e.g. 1, 2, 4) uses it")
+    dc.add_argument("--sampler", choices=("auto", "teacher", "few-step"), default="auto",
+                    help="auto: the few-step decoder for the step counts it serves, else the guided sampler")
     dc.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     dc.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
     dc.set_defaults(fn=_decompress)

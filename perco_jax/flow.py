@@ -3,6 +3,13 @@
 Convention (diffusers / SD3): x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts the
 velocity v = noise - x0 at timestep t = 1000 * sigma, and sampling integrates from sigma = 1
 (noise) to sigma = 0 (data).
+
+Few-step decoding (stage 3) counts steps in the *base time* u in [0, 1] that SD3's shift maps to
+sigma = shift(u): a sampler of N equal steps d = 1/N visits u = 1, 1 - d, ..., 0 (`uniform_sigmas`),
+so a step-conditioned model's "step d" means the same span of the flow whatever the shift. Shortcut
+models (Frans et al. 2024) learn one step of 2d as two steps of d (`two_step_target`); reflow (Liu et
+al. 2023) retrains on straight lines between noise and the teacher's samples, and `straightness`
+measures how far a flow is from straight.
 """
 from __future__ import annotations
 
@@ -58,6 +65,82 @@ def euler_sample(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise
 
     x, _ = jax.lax.scan(step, noise.astype(jnp.float32), (sigmas[:-1], sigmas[1:], timesteps))
     return x
+
+
+def uniform_sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
+    """sigmas [num_steps + 1] of N equal steps in base time, u = 1, 1 - 1/N, ..., 0, shifted (float32).
+
+    The few-step samplers' grid (unlike `sigma_schedule` it ends exactly at u = 1/N before 0, with
+    none of diffusers' double-shifted lower end), so that a step of d = 1/N is one trained span.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    return shift_sigmas(np.linspace(1.0, 0.0, num_steps + 1), shift).astype(np.float32)
+
+
+def few_step_sample(velocity_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], noise: jax.Array,
+                    num_steps: int, shift: float = 1.0) -> jax.Array:
+    """N Euler steps of a step-conditioned model on `uniform_sigmas(N, shift)`, each predicting the
+    step d = 1/N: velocity_fn(x [B, ...], t [B], d [B]) -> v [B, ...] is called N times."""
+    sigmas = uniform_sigmas(num_steps, shift)
+    d = jnp.full((noise.shape[0],), 1.0 / num_steps, jnp.float32)
+    return euler_sample(lambda x, t: velocity_fn(x, t, d), noise, jnp.asarray(sigmas),
+                        jnp.asarray(sigmas[:-1] * 1000.0))
+
+
+def two_step_target(velocity_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], x: jax.Array,
+                    u: jax.Array, d: jax.Array, shift: float = 1.0) -> jax.Array:
+    """The shortcut models' self-consistency target [B, ...] for one step of 2d from base time u [B]:
+    two steps of d [B] with velocity_fn(x, t = 1000 sigma, d) -> v, averaged so that one step of 2d
+    lands where the two land:
+
+        x1 = x + (s(u - d) - s(u)) v1,  x2 = x1 + (s(u - 2d) - s(u - d)) v2,  target = (x2 - x) / (s(u - 2d) - s(u))
+
+    i.e. the mean (v1 + v2) / 2 when shift = 1, weighted by the two sigma spans when it is not.
+    """
+    def expand(a):
+        return a.reshape(a.shape + (1,) * (x.ndim - 1))
+
+    s0, s1, s2 = (shift_sigmas(u - k * d, shift) for k in (0, 1, 2))
+    v1 = velocity_fn(x, s0 * 1000.0, d).astype(jnp.float32)
+    v2 = velocity_fn(x + expand(s1 - s0) * v1, s1 * 1000.0, d).astype(jnp.float32)
+    return (expand(s1 - s0) * v1 + expand(s2 - s1) * v2) / expand(s2 - s0)
+
+
+def shortcut_steps(rng: jax.Array, batch: int, levels: int) -> tuple[jax.Array, jax.Array]:
+    """(d [B], u [B]) for self-consistency examples: step sizes d = 2^-j, j uniform in 0..levels, and
+    start times u = 1 - m d on the grid of that step (m uniform in 0..2^j - 1), as a sampler of
+    1/d steps visits them."""
+    k_level, k_start = jax.random.split(rng)
+    j = jax.random.randint(k_level, (batch,), 0, levels + 1)
+    n = jnp.left_shift(1, j)
+    m = jnp.floor(jax.random.uniform(k_start, (batch,)) * n)
+    d = 1.0 / n.astype(jnp.float32)
+    return d, 1.0 - m * d
+
+
+def straightness(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array,
+                 sigmas: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """Liu et al.'s straightness of a flow [B]: E_t ||(x_end - x_start) / (sigma_end - sigma_start) - v_t||^2
+    along the Euler path of velocity_fn from noise (the mean over the steps, weighted by their
+    sigma spans, of the squared distance of each velocity from the average one; 0 = a straight
+    path, which one step integrates exactly)."""
+    b = noise.shape[0]
+
+    def step(x, inp):
+        sigma, sigma_next, t = inp
+        v = velocity_fn(x, jnp.full((b,), t, jnp.float32)).astype(jnp.float32)
+        return x + (sigma_next - sigma) * v, v
+
+    x0 = noise.astype(jnp.float32)
+    x1, vs = jax.lax.scan(step, x0, (sigmas[:-1], sigmas[1:], timesteps))
+    span = sigmas[-1] - sigmas[0]
+    mean_v = (x1 - x0) / span
+    w = (sigmas[1:] - sigmas[:-1]) / span  # [S]
+    dev = jnp.mean(jnp.square(vs - mean_v[None]), axis=tuple(range(2, vs.ndim)))  # [S, B]
+    return jnp.sum(w[:, None] * dev, axis=0)
 
 
 def guided(velocity_fn: Callable, guidance: float) -> Callable:

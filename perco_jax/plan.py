@@ -22,7 +22,9 @@ Counted per device (exact, from shapes and shardings):
                 and the SD3 VAE, and for stage 2 the stage-1 codec (its params tree, as the loop
                 restores it), placed by `frozen`: "sharded" by the same rules (default) or
                 "replicated" on every device: config.frozen_placement unless --frozen says otherwise
-                (train/loop.py's frozen_shardings places them the same way)
+                (train/loop.py's frozen_shardings places them the same way); stage 3 keeps the
+                stage-1 codec too (its hyper-encoder and VQ code the batch; the teacher) and trains
+                the MM-DiT with its step embedder
 
 Activations are an estimate (b = per-device batch = batch / (data * fsdp), s = bytes of
 config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
@@ -43,6 +45,10 @@ tokens, T = N + M:
                  encoders (3 MLP-width tensors + attention logits per layer; none with
                  config.text.cache). They finish before the trained network starts, so the total is
                  batch + FSDP buffers + max(frozen forward passes, the training pass).
+Stage 3, the few-step decoder: stage 1's MM-DiT terms (the hyper-encoder runs forward only); the
+shortcut method's self-consistency targets are two guided forward passes of the MM-DiT on 2 x
+bootstrap_fraction x b examples before the training pass, counted among the frozen forward passes
+as one block's working set (no saved activations).
 Stage 2, the entropy model (no remat; n = g^2 grid tokens + M context tokens if conditional,
 width w, MLP ratio r): per block b [ s (6 n w + (4 + 2 r) n w / t) + ceil(H / t) n^2 (4 + s) ],
 all blocks + one for the cotangents, plus logits b g^2 K * 4 bytes * 3; the frozen forward passes
@@ -256,13 +262,13 @@ def abstract_components(config, stage: int | None = None, batch: int | None = No
 
 
 def _abstract_components(config, stage, batch) -> Components:
-    from perco_jax.train import stage2, step
+    from perco_jax.train import stage2, stage3, step
     from perco_jax.train.state import make_optimizer
 
     config = config.copy_and_resolve_references()
     if stage is not None:
         config.stage = int(stage)
-    if config.stage == 2 and not config.stage1_workdir:
+    if config.stage in (2, 3) and not config.stage1_workdir:
         config.stage1_workdir = "(plan: not read)"
     build.validate(config)
     config = build.stage_config(config)
@@ -280,8 +286,10 @@ def _abstract_components(config, stage, batch) -> Components:
     if config.stage == 1:
         state = Part(s1_state, _specs_of(s1_shardings))
     else:
-        model = build.build_entropy_model(config)
-        st, sh = stage2.init_state(config, model, tx, _UNIT_MESH, rules, abstract=True)
+        if config.stage == 2:
+            st, sh = stage2.init_state(config, build.build_entropy_model(config), tx, _UNIT_MESH, rules, abstract=True)
+        else:
+            st, sh = stage3.init_state(config, stage3.student_model(config), tx, _UNIT_MESH, rules, abstract=True)
         state = Part(st, _specs_of(sh))
         # the loop keeps the stage-1 codec's params (EMA when kept) and VQ state on device
         which = "ema_params" if s1_state.ema_params is not None else "params"
@@ -386,6 +394,13 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
                  ("MM-DiT one block's cotangents", max(blocks))]
     embed = b * (4 * tok * d * s + 4 * side * side * (ch + config.codec.code_dim) * 4)
     frozen_fwd = max(_vae_encoder_peak(config, b, s), text_peak)
+    if config.stage == 3:  # the hyper-encoder is frozen; the shortcut targets are forward passes
+        nb = 2 * int(round(b * config.stage3.bootstrap_fraction)) if config.stage3.method == "shortcut" else 0
+        targets = max(blocks) // b * nb  # one block's working set on the target passes' examples
+        frozen_fwd = max(frozen_fwd, _hyper_encoder(config, b, s, saved=False), targets)
+        return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
+                        (FROZEN_FORWARD, frozen_fwd),
+                        ("batch (images, text context)", batch)]
     return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
                     ("hyper-encoder (saved for backward)", _hyper_encoder(config, b, s, saved=True)),
                     (FROZEN_FORWARD, frozen_fwd),
@@ -470,7 +485,7 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
         raise ValueError(f"batch size {cfg.batch_size} (stage {cfg.stage}) is not divisible by data x fsdp = "
                          f"{mesh['data']} x {mesh['fsdp']} = {data_fsdp}: the batch is split over both axes")
     st = comp.state
-    trainable = cfg.trainable if cfg.stage == 1 else "all"  # stage 2 trains all the entropy model
+    trainable = cfg.trainable if cfg.stage in (1, 3) else "all"  # stage 2 trains all the entropy model
     from perco_jax.train.state import trainable_label
 
     def in_state(field, pred=lambda keys: True):

@@ -20,7 +20,8 @@ A codec folder is a perco-jax weights folder (perco_jax.checkpoint) with the com
 "codec" (config = the run's whole config; params {"params", "vq"}: the stage-1 EMA weights),
 "entropy_model", "text" (the three SD3 text encoders; config = their module fields),
 "autoencoder" (the SD3 VAE; absent for space-to-depth), the tokenizers, and the fingerprint that
-bitstreams carry.
+bitstreams carry; "few_step" when it has stage 3's few-step decoder (its MM-DiT; config = its
+method and the step counts it serves), which `decompress --steps N` uses for those N.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ class Codec:
     text_params: dict        # {"text_encoder", "text_encoder_2", "text_encoder_3"}
     prompt_encoder: object   # perco_jax.text.PromptEncoder
     fingerprint: bytes
+    few_step: Optional[dict] = None  # stage 3's decoder: {"params": its MM-DiT, "config": train.stage3.few_step_settings}
     integer_model: object = None     # the integer entropy model (integer_export; version-4 streams) or None
 
     def __post_init__(self):
@@ -127,6 +129,15 @@ class Codec:
         self._integer = None if self.integer_model is None else entropy_coding.IntegerTables(self.integer_model)
         self._decode = make_decoder(self.model, self.autoencoder, self.prompt_encoder,
                                     max_sequence_length=c.text.max_sequence_length, shift=c.scheduler_shift)
+        self._decode_few = None
+        if self.few_step is not None:
+            from perco_jax.models.perco import with_step_conditioning
+            from perco_jax.reconstruct import few_step_codec, make_few_step_decoder
+
+            self._few_step_codec = few_step_codec(self.codec_params, self.few_step["params"])
+            self._decode_few = make_few_step_decoder(with_step_conditioning(self.model), self.autoencoder,
+                                                     self.prompt_encoder, max_sequence_length=c.text.max_sequence_length,
+                                                     shift=c.scheduler_shift)
         side, channels = build.latent_geometry(c)
         self.latent_shape = (side, side, channels)
         bitstream.register(self.stream_model)  # (rate_split / unpack read this codec's streams alone)
@@ -147,10 +158,10 @@ class Codec:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_runs(cls, config, stage1_workdir, stage2_workdir, integer: bool = True) -> "Codec":
-        """The codec of a finished stage-1 run and the stage-2 run trained on it. integer: with the
-        integer entropy model, quantised here from the float one (integer_export.calibrate), so it
-        writes version-4 streams."""
+    def from_runs(cls, config, stage1_workdir, stage2_workdir, stage3_workdir=None, integer: bool = True) -> "Codec":
+        """The codec of a finished stage-1 run and the stage-2 run trained on it (and the few-step
+        decoder of a stage-3 run on it, when given). integer: with the integer entropy model,
+        quantised here from the float one (integer_export.calibrate), so it writes version-4 streams."""
         from perco_jax import parallel
         from perco_jax.train import stage2
         from perco_jax.train.checkpoints import restore_latest
@@ -172,7 +183,12 @@ class Codec:
         encoder, text_params = build.build_text(config, stage1_workdir)
         ae = autoencoder_params(config, build.build_autoencoder(config))
         codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))
-        out = cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae))
+        few = None
+        if stage3_workdir is not None:
+            from perco_jax.train.stage3 import restore_few_step
+
+            few = restore_few_step(config, stage3_workdir)
+        out = cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae), few)
         return out.with_integer_model(integer_export.calibrate(out)) if integer else out
 
     def with_integer_model(self, qm: Optional[IntegerEntropyModel]) -> "Codec":
@@ -195,6 +211,8 @@ class Codec:
         if jax.tree_util.tree_leaves(self.ae_params):
             section = self.config.patch_autoencoder if self.config.autoencoder == "patch" else self.config.vae
             components["autoencoder"] = (section.to_dict(), self.ae_params)
+        if self.few_step is not None:  # (not in the fingerprint: the bitstream does not depend on it)
+            components["few_step"] = (self.few_step["config"], self.few_step["params"])
         if self.integer_model is not None:
             components["integer_entropy_model"] = (self.integer_model.config, self.integer_model.to_tree())
         with tempfile.TemporaryDirectory() as tmp:
@@ -233,10 +251,11 @@ class Codec:
                                             joint_attention_dim=tc["joint_attention_dim"],
                                             clip_max_length=build.clip_max_length(config))
         fp = bytes.fromhex(manifest["metadata"]["fingerprint"])
+        few = {"params": params["few_step"], "config": configs["few_step"]} if "few_step" in params else None
         integer = (IntegerEntropyModel.from_tree(configs["integer_entropy_model"], params["integer_entropy_model"])
                    if "integer_entropy_model" in params else None)
         return cls(config, params["codec"], params["entropy_model"], params.get("autoencoder", {}),
-                   params["text"], encoder, fp, integer_model=integer)
+                   params["text"], encoder, fp, few, integer_model=integer)
 
     # ------------------------------------------------------------------ pieces
 
@@ -372,11 +391,24 @@ class Codec:
             bitstream.check_crc(s, grid, model=model)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
+    @property
+    def few_step_counts(self) -> tuple[int, ...]:
+        """The step counts the few-step decoder serves (none without one)."""
+        return tuple(self.few_step["config"]["steps"]) if self.few_step is not None else ()
+
     def decode_images(self, indices, captions: Sequence[str], noise_ids=None, *, steps: Optional[int] = None,
-                      guidance: Optional[float] = None, seed: int = 0) -> np.ndarray:
+                      guidance: Optional[float] = None, seed: int = 0, sampler: str = "auto") -> np.ndarray:
         """images [B, S, S, 3] in [0, 1] from indices [B, g, g] and captions (the flow sampler);
-        image j starts from the noise of (seed, noise_ids[j]) (default ids 0..B-1)."""
+        image j starts from the noise of (seed, noise_ids[j]) (default ids 0..B-1). sampler: "auto"
+        (the few-step decoder for the step counts it serves, else the guided teacher sampler),
+        "teacher" or "few_step" (whose guidance was fixed in training: `guidance` is not used)."""
         steps = int(steps or self.config.sample.steps)
+        if sampler not in ("auto", "teacher", "few_step"):
+            raise ValueError(f"sampler={sampler!r}: auto, teacher or few_step")
+        if sampler == "few_step" and self._decode_few is None:
+            raise ValueError("this codec has no few-step decoder (export it with a stage-3 run: --stage3)")
+        few = sampler == "few_step" or (sampler == "auto" and steps in self.few_step_counts)
+        decode, params = (self._decode_few, self._few_step_codec) if few else (self._decode, self.codec_params)
         guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
         from perco_jax.reconstruct import initial_noise
 
@@ -389,20 +421,20 @@ class Codec:
             tokens, idx, z = self._local_batch((
                 self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length),
                 entropy_coding._pad(np.asarray(indices[sl]), self.batch), entropy_coding._pad(noise[sl], self.batch)))
-            x = self._decode(self.codec_params, {"autoencoder": self.ae_params, "text": self.text_params},
+            x = decode(params, {"autoencoder": self.ae_params, "text": self.text_params},
                              idx, tokens, empty, z, guidance, steps=steps)
             out.append(np.asarray(x)[: sl.stop - sl.start])
         side = self.config.image_size
         return np.concatenate(out) if out else np.zeros((0, side, side, 3), np.float32)
 
     def decompress_batch(self, streams: Sequence[bytes], *, steps: Optional[int] = None,
-                         guidance: Optional[float] = None, seed: int = 0) -> list[np.ndarray]:
+                         guidance: Optional[float] = None, seed: int = 0, sampler: str = "auto") -> list[np.ndarray]:
         """Images [H, W, 3] float32 in [0, 1], each at its original size. An image's sampler noise
         comes from (seed, CRC32 of its stream): the same stream and seed give the same image in
         any batch (up to float rounding)."""
         headers, captions, indices = self.read_batch(streams)
         ids = [zlib.crc32(bytes(s)) for s in streams]
-        images = self.decode_images(indices, captions, ids, steps=steps, guidance=guidance, seed=seed)
+        images = self.decode_images(indices, captions, ids, steps=steps, guidance=guidance, seed=seed, sampler=sampler)
         out = []
         for h, im in zip(headers, images):
             if (h.image_height, h.image_width) != im.shape[:2]:

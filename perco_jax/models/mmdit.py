@@ -6,6 +6,7 @@ Layout is NHWC throughout:
   timesteps [B]            in 0..1000 (sigma * 1000, as diffusers)
   context   [B, L, joint_attention_dim]
   pooled    [B, pooled_projection_dim]
+  step_sizes [B]           (only with step_conditioning) the sampler step d each prediction is for
   output    [B, H, W, out_channels]   (the velocity prediction)
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flax import linen as nn
 from perco_jax.models.layers import RMSNorm, conv, dense, layer_norm
 
 Dtype = Any
+STEP_SCALE = 1000.0  # step sizes d in 0..1 are embedded as d * 1000, on the timesteps' scale
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -216,6 +218,9 @@ class MMDiT(nn.Module):
     patch-embed kernel columns start at zero so a pretrained model is unchanged at step 0.
     `dtype` is the compute dtype (e.g. bfloat16); params stay `param_dtype` (float32).
     `remat` rematerialises each block in the backward pass (saves activation memory).
+    `step_conditioning` adds a step-size embedding (a few-step decoder's d, `step_sizes` [B] in 0..1;
+    0 = the instantaneous velocity) to the timestep embedding; its output layer starts at zero, so
+    the model is unchanged at the start of few-step training, as it is for the z_l input.
     """
     sample_size: int = 128
     patch_size: int = 2
@@ -234,6 +239,7 @@ class MMDiT(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     attention_impl: Optional[str] = None
+    step_conditioning: bool = False
 
     @property
     def inner_dim(self) -> int:
@@ -245,8 +251,10 @@ class MMDiT(nn.Module):
                                 self.sample_size // self.patch_size)
 
     @nn.compact
-    def __call__(self, latents, timesteps, context, pooled):
+    def __call__(self, latents, timesteps, context, pooled, step_sizes=None):
         b, hh, ww, ch = latents.shape
+        if step_sizes is not None and not self.step_conditioning:
+            raise ValueError("step_sizes given to an MM-DiT without step_conditioning")
         p, d = self.patch_size, self.inner_dim
         if ch != self.in_channels + self.extra_in_channels:
             raise ValueError(f"latents have {ch} channels, model expects in_channels + extra_in_channels = "
@@ -268,6 +276,11 @@ class MMDiT(nn.Module):
 
         temb = (mlp2(timestep_embedding(timesteps).astype(dt), None, "timestep_embedder")
                 + mlp2(pooled.astype(dt), "pooled", "text_embedder"))
+        if self.step_conditioning:
+            d_emb = timestep_embedding(STEP_SCALE * (jnp.zeros((b,)) if step_sizes is None else step_sizes))
+            y = nn.silu(dense(d, (None, "mlp"), name="step_embedder_1", dtype=dt)(d_emb.astype(dt)))
+            temb = temb + dense(d, ("mlp", "embed"), name="step_embedder_2", dtype=dt,
+                                kernel_init=nn.initializers.zeros_init())(y)
         c = dense(d, ("joint", "embed"), name="context_embedder", dtype=dt)(context.astype(dt))
 
         block_cls = nn.remat(JointBlock) if self.remat else JointBlock

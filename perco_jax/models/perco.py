@@ -44,12 +44,19 @@ class PerCo(nn.Module):
         """indices [B, g, g] -> codes [B, g, g, d] (the decoder's side of z_l)."""
         return self.vq.lookup(indices)
 
-    def velocity(self, x_t, timesteps, codes, context, pooled) -> jax.Array:
-        """Velocity [B, h, w, C] of the noisy latent x_t [B, h, w, C] given codes [B, g, g, d]."""
+    def velocity(self, x_t, timesteps, codes, context, pooled, step_sizes=None) -> jax.Array:
+        """Velocity [B, h, w, C] of the noisy latent x_t [B, h, w, C] given codes [B, g, g, d]
+        (step_sizes [B]: the step each prediction is for, with a step-conditioned MM-DiT)."""
         cond = upsample_codes(codes, x_t.shape[1], x_t.shape[2]).astype(x_t.dtype)
-        return self.mmdit(jnp.concatenate([x_t, cond], axis=-1), timesteps, context, pooled)
+        return self.mmdit(jnp.concatenate([x_t, cond], axis=-1), timesteps, context, pooled, step_sizes)
 
     def __call__(self, latent, x_t, timesteps, context, pooled, train: bool = False):
         """Training forward: (velocity [B, h, w, C], vq dict)."""
         q = self.encode(latent, train=train)
         return self.velocity(x_t, timesteps, q["codes"], context, pooled), q
+
+
+def with_step_conditioning(model: PerCo) -> PerCo:
+    """The few-step decoder's model: `model` whose MM-DiT also takes the step size (its params are
+    model's plus the zero-initialised step embedder, see MMDiT.step_conditioning)."""
+    return model.clone(mmdit=model.mmdit.clone(step_conditioning=True))

@@ -2,7 +2,7 @@
 CheckpointManager (periodic + SIGTERM, keep-N, exact resume), clu metric writers and periodic
 actions, a progress bar. config.stage picks what trains: 0 = the learned autoencoder
 (`stage0.py`), 1 = the codec (`step.py`), 2 = the entropy model on the frozen stage-1 codec's
-indices (`stage2.py`).
+indices (`stage2.py`), 3 = the few-step decoder fine-tuned from the stage-1 decoder (`stage3.py`).
 
     train(config, workdir) -> final TrainState
 """
@@ -104,19 +104,19 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     from clu import metric_writers, periodic_actions  # (imports TensorFlow: only when training)
 
     from perco_jax.data.pipeline import make_dataset
-    from perco_jax.train import stage0, stage2
+    from perco_jax.train import stage0, stage2, stage3
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     build.validate(config)
-    if config.stage == 2:
+    if config.stage in (2, 3):
         config = stage2.inherit_autoencoder(config, config.stage1_workdir)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     config = build.stage_config(config)
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.sharding_rules)
-    model = build.build_perco(config)
+    model = stage3.student_model(config) if config.stage == 3 else build.build_perco(config)
     autoencoder = build.build_autoencoder(config)
     store = None
     if config.stage == 0:  # the autoencoder alone: no text
@@ -142,16 +142,23 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             state, shardings = init_state(config, model, tx, mesh, rules)
             step = make_train_step(model, autoencoder, prompt_encoder, config, tx)
             postfix = {"loss": "loss", "usage": "codebook_usage"}
-        else:
+        elif config.stage == 2:
             entropy_model = build.build_entropy_model(config)
             frozen["codec"] = stage2.codec_params(stage2.restore_stage1(config, config.stage1_workdir, mesh, rules))
             state, shardings = stage2.init_state(config, entropy_model, tx, mesh, rules)
             step = stage2.make_train_step(entropy_model, model, autoencoder, prompt_encoder, config, tx)
             postfix = {"bits/index": "bits_per_index"}
+        else:
+            frozen["codec"] = stage2.codec_params(stage2.restore_stage1(config, config.stage1_workdir, mesh, rules))
+            state, shardings = stage3.init_state(config, model, tx, mesh, rules)
+            step = stage3.make_train_step(model, autoencoder, prompt_encoder, config, tx)
+            postfix = {"loss": "loss"}
         mngr = _checkpoint_manager(workdir, config)
         state, examples_seen = _restore(mngr, state, shardings)
         if config.stage == 1 and examples_seen == 0 and config.pretrained:
             state = load_pretrained_mmdit(config, state, shardings)
+        if config.stage == 3 and examples_seen == 0:
+            state = stage3.start_from_teacher(state, frozen["codec"], shardings)
         frozen = parallel.place(frozen, frozen_shardings(config, frozen, prompt_encoder, autoencoder, mesh, rules))
         cache = store
         if store is None and config.text.get("cache", False):
@@ -166,14 +173,36 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         else:
             empty = {k: jnp.asarray(v[:1]) for k, v in
                      prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
+
+        def text_of(captions):
+            """The text inputs of a batch's captions: cached embeddings or token ids ({} without text)."""
+            if cache is not None:
+                ctx, pooled = cache(captions)
+                return {"context": ctx, "pooled": pooled}
+            if prompt_encoder is None:
+                return {}
+            tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
+            return {k: tokens[k] for k in TOKEN_KEYS if k in tokens}
+
+        keys = ("image",)
+        data = None
+        if config.stage == 3:
+            keys = stage3.BATCH_KEYS[config.stage3.method]
+        if config.stage == 3 and config.stage3.method == "reflow":
+            couplings = stage3.make_couplings(config, workdir / "couplings", build.build_perco(config), autoencoder,
+                                              prompt_encoder, frozen, text_of, progress=progress)
+            data = stage3.coupling_batches(couplings, config.batch_size, start_index=examples_seen,
+                                           process_index=jax.process_index(), process_count=jax.process_count(),
+                                           seed=config.seed)
         step_fn = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
                           out_shardings=(shardings, None), donate_argnums=(0,))
         start = int(jax.device_get(state.step))
         writer.write_hparams({"stage": config.stage, "params_trainable_and_frozen": count_params(state.params),
                               "bpp_uniform": build.bits_per_pixel(config)})
         report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)
-        data = make_dataset(config, process_index=jax.process_index(), process_count=jax.process_count(),
-                            start_index=examples_seen)
+        if data is None:
+            data = make_dataset(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                                start_index=examples_seen)
         preempt = _Preemption()
         bar = tqdm(total=config.num_train_steps, initial=start, disable=not progress or jax.process_index() > 0,
                    desc=f"train stage {config.stage}", unit="step", dynamic_ncols=True)
@@ -183,15 +212,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             for i in range(start, config.num_train_steps):
                 local = next(data)
                 captions = [c.decode() if isinstance(c, bytes) else str(c) for c in local["caption"]]
-                if cache is not None:
-                    ctx, pooled = cache(captions)
-                    text = {"context": ctx, "pooled": pooled}
-                elif prompt_encoder is None:
-                    text = {}
-                else:
-                    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
-                    text = {k: tokens[k] for k in TOKEN_KEYS if k in tokens}
-                batch = parallel.global_batch({"image": local["image"], **text}, mesh)
+                batch = parallel.global_batch({**{k: local[k] for k in keys}, **text_of(captions)}, mesh)
                 state, metrics = step_fn(state, batch, frozen, empty)
                 examples_seen += config.batch_size
                 done = i + 1

@@ -32,8 +32,8 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 def trainable_label(path: tuple[str, ...], trainable: str) -> str:
     """"train" or "freeze" for a parameter path; the codec's own networks always train, as do the
-    MM-DiT's patch embedding (it holds the new z_l input columns)."""
-    if path[0] != "mmdit" or trainable == "all" or path[1] == "pos_embed":
+    MM-DiT's patch embedding (it holds the new z_l input columns) and stage 3's new step embedder."""
+    if path[0] != "mmdit" or trainable == "all" or path[1] in ("pos_embed", "step_embedder_1", "step_embedder_2"):
         return "train"
     if trainable == "attention_mlp":
         return "train" if any(p.startswith(("attn", "ff")) for p in path[1:]) else "freeze"

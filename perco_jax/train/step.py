@@ -65,17 +65,20 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
     return train_step
 
 
+def init_variables(config, model, rng) -> dict:
+    """Fresh variables {"params", "vq"} of a PerCo `model` (stage 1's, or stage 3's student)."""
+    side, channels = build.latent_geometry(config)
+    x = jnp.zeros((1, side, side, channels))
+    return model.init({"params": rng, "vq": rng}, x, x, jnp.zeros((1,)),
+                      jnp.zeros((1, 8, config.mmdit.joint_attention_dim)), jnp.zeros((1, config.mmdit.pooled_projection_dim)))
+
+
 def init_state(config, model, tx, mesh, rules, abstract: bool = False):
     """(state, shardings): a fresh sharded stage-1 TrainState built by a jit with out_shardings
     (abstract=True: its ShapeDtypeStructs, nothing allocated)."""
-    side, channels = build.latent_geometry(config)
-
     def make(rng):
         k_init, k_state = jax.random.split(rng)
-        x = jnp.zeros((1, side, side, channels))
-        variables = model.init({"params": k_init, "vq": k_init}, x, x, jnp.zeros((1,)),
-                               jnp.zeros((1, 8, config.mmdit.joint_attention_dim)),
-                               jnp.zeros((1, config.mmdit.pooled_projection_dim)))
+        variables = init_variables(config, model, k_init)
         return fresh_state(variables["params"], tx, config, variables["vq"], k_state)
 
     return sharded_init(make, jax.random.PRNGKey(config.seed), mesh, rules, abstract)

@@ -1,0 +1,86 @@
+"""The few-step decoder against the teacher: quality and decode time per number of steps.
+
+    rows = compare_decoders(codec, seed, n=48, steps=(1, 2, 4))
+    print(format_decoder_table(rows))
+
+Each row is one decoder at one step count, on held-out synthetic scenes of `seed` (use evaluate's,
+which no training run draws) coded by the codec (the same indices and captions for every row):
+
+  teacher   the guided sampler at the codec's default steps (two MM-DiT passes per step)
+  plain     the same guided sampler at N steps (a 1-step Euler step is the blurry conditional mean)
+  student   the stage-3 few-step decoder at N steps (one pass per step)
+
+with PSNR against the originals, the mean squared error against the teacher's images (same noise),
+the scene metrics (eval/scenes.py) and the decode time per image (indices + caption -> image, after
+compilation, best of `repeats`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+
+from perco_jax.eval.scenes import SCENE_METRICS, scene_metrics
+from perco_jax.reconstruct import psnr
+
+
+def heldout_scenes(n: int, size: int, seed: int):
+    """(scenes, images [n, size, size, 3] in [0, 1], captions) of the synthetic scenes 0..n-1 of `seed`."""
+    from perco_jax.data.synthetic import render_scene, synthetic_scene
+
+    scenes = [synthetic_scene(i, seed) for i in range(n)]
+    return scenes, np.stack([render_scene(sc, size) for sc in scenes]), [sc.caption for sc in scenes]
+
+
+def _timed(fn, repeats: int):
+    out = fn()  # (compiles)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2, 4), *, repeats: int = 1,
+                     plain: bool = True) -> list[dict]:
+    """Rows {"decoder", "steps", "psnr", "mse_to_teacher", scene metrics..., "seconds_per_image"}
+    for the teacher, and per step count the plain sampler (plain=True) and the codec's few-step
+    decoder (when it has one); see the module docstring."""
+    scenes, images, captions = heldout_scenes(n, codec.config.image_size, seed)
+    indices = codec.encode_images(images * 2 - 1)
+
+    def row(name, k, sampler):
+        out, seconds = _timed(lambda: codec.decode_images(indices, captions, steps=k, sampler=sampler), repeats)
+        ms = [scene_metrics(x, sc) for x, sc in zip(out, scenes)]
+        r = {"decoder": name, "steps": int(k), "psnr": float(np.mean([psnr(o, x) for o, x in zip(images, out)]))}
+        r.update({m: float(np.mean([d[m] for d in ms])) for m in SCENE_METRICS})
+        r["seconds_per_image"] = seconds / n
+        return r, out
+
+    default = int(codec.config.sample.steps)
+    teacher_row, teacher = row("teacher", default, "teacher")
+    rows = [teacher_row]
+    method = codec.few_step["config"]["method"] if codec.few_step is not None else None
+    for k in steps:
+        kinds = ([("plain", "teacher")] if plain else []) + ([(f"student ({method})", "few_step")] if method else [])
+        for name, sampler in kinds:
+            r, out = row(name, k, sampler)
+            r["mse_to_teacher"] = float(np.mean((out - teacher) ** 2))
+            rows.append(r)
+    teacher_row["mse_to_teacher"] = 0.0
+    return rows
+
+
+def format_decoder_table(rows: list[dict]) -> str:
+    """The rows as a text table, with each decoder's speed-up over the teacher."""
+    base = rows[0]["seconds_per_image"]
+    head = (f"  {'decoder':<22}{'steps':>6}{'PSNR':>8}{'MSE to teacher':>16}"
+            + "".join(f"{m.replace('_', ' '):>18}" for m in SCENE_METRICS) + f"{'ms / image':>12}{'speed-up':>10}")
+    lines = [head]
+    for r in rows:
+        lines.append(f"  {r['decoder']:<22}{r['steps']:>6}{r['psnr']:>8.2f}{r['mse_to_teacher']:>16.5f}"
+                     + "".join(f"{r[m]:>18.3f}" for m in SCENE_METRICS)
+                     + f"{1000 * r['seconds_per_image']:>12.2f}{base / r['seconds_per_image']:>9.1f}x")
+    return "\n".join(lines)
