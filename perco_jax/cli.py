@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
     dc.set_defaults(fn=_decompress)
 
-    from perco_jax.eval.evaluate import add_parser as add_evaluate
+    from perco_jax.eval.command import add_parser as add_evaluate
     add_evaluate(sub)
 
     i = sub.add_parser("info", help="print a config and its model sizes")

@@ -73,7 +73,8 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     from perco_jax.codec.report import format_rates, schedule_rates
     from perco_jax.config import load_config
     from perco_jax.data.synthetic import render_scene, synthetic_scene
-    from perco_jax.eval.evaluate import SYNTHETIC_SEED as HELDOUT_SEED, evaluate, format_scene_summary
+    from perco_jax.eval.datasets import SYNTHETIC_SEED as HELDOUT_SEED
+    from perco_jax.eval.evaluate import evaluate, format_scene_summary
     from perco_jax.eval.scenes import thumbnail_baseline
     from perco_jax.images import load_image, save_image
     from perco_jax.train.loop import train

@@ -1,4 +1,5 @@
-"""The evaluation driver (perco_jax/eval/evaluate.py) end to end on a handful of small images with a
+"""The evaluation driver (perco_jax/eval/evaluate.py and the eval/ modules it drives: datasets,
+networks, results, published, plots, sweep, command) end to end on a handful of small images with a
 tiny codec and tiny random metric networks: files, CSV columns, bpp = 8 * stream bytes / pixels,
 resuming, skipped metrics and their reasons, sweeps, the data specs and the `evaluate` subcommand.
 
@@ -16,6 +17,7 @@ import pytest
 from perco_jax import build, parallel
 from perco_jax.codec.codec import Codec, _as_stage2, fingerprint_of
 from perco_jax.config import load_config
+from perco_jax.eval import command, datasets, plots, published, results
 from perco_jax.eval import evaluate as ev
 from perco_jax.images import load_image, save_image
 from perco_jax.models.lpips import TRUNKS, Conv
@@ -114,7 +116,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
     for f in ("per_image.csv", "summary.json", "rd.png", "run.json", "setting.json"):
         assert (out / f).is_file(), f
     columns, rows = read_csv(out / "per_image.csv")
-    assert tuple(columns) == ev.CSV_COLUMNS
+    assert tuple(columns) == results.CSV_COLUMNS
     assert [r["name"] for r in rows] == sorted(SIZES)
     for r in rows:
         h, w = SIZES[r["name"]]
@@ -132,7 +134,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
         assert np.isfinite(float(r["psnr"]))
         assert (r["ms_ssim"] != "") == (min(h, w) > 160)
         assert (r["lpips"] != "") == (r["name"] != "d")  # 24x20 is too small for AlexNet's taps
-        assert all(r[m] == "" for m in ev.SCENE_COLUMNS)  # scene metrics: synthetic data only
+        assert all(r[m] == "" for m in results.SCENE_COLUMNS)  # scene metrics: synthetic data only
     assert float(rows[0]["bpp_caption"]) > float(rows[2]["bpp_caption"])  # "a" has a caption, "c" none
 
     saved = json.loads((out / "summary.json").read_text())
@@ -199,18 +201,18 @@ def test_cli_sweep_with_published_points(codec, folder, tmp_path, monkeypatch, c
     kodak.mkdir()
     for name in ("a", "b", "c"):
         (kodak / f"{name}.png").write_bytes((folder / f"{name}.png").read_bytes())
-    published = tmp_path / "published.csv"  # made-up points (only the overlay is under test)
-    published.write_text("# test rows\nmethod,dataset,resolution,protocol,bpp,psnr,exactness,source\n"
-                         "X,kodak,full,kodak-full,0.01,20,table,test\nX,kodak,full,kodak-full,0.05,22,figure,test\n"
-                         "Y,coco30k,512x512,coco30k-512,0.02,30,table,test\n")
+    published_csv = tmp_path / "published.csv"  # made-up points (only the overlay is under test)
+    published_csv.write_text("# test rows\nmethod,dataset,resolution,protocol,bpp,psnr,exactness,source\n"
+                             "X,kodak,full,kodak-full,0.01,20,table,test\nX,kodak,full,kodak-full,0.05,22,figure,test\n"
+                             "Y,coco30k,512x512,coco30k-512,0.02,30,table,test\n")
     monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))  # the fixture's (compiled) codec
     calls = Calls(c, monkeypatch)
     parser = argparse.ArgumentParser(prog="perco-jax")
-    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "sweep"
     args = parser.parse_args(["evaluate", "--checkpoint", str(path), "--data", f"kodak:{kodak}", "--out", str(out),
-                              "--guidance", "1", "2.5", "--steps", "2", "--quiet", "--published", str(published)])
-    assert args.fn is ev._run and args.guidance == [1.0, 2.5] and args.lpips_net == "alex"
+                              "--guidance", "1", "2.5", "--steps", "2", "--quiet", "--published", str(published_csv)])
+    assert args.fn is command.run and args.guidance == [1.0, 2.5] and args.lpips_net == "alex"
     assert args.fn(args) == 0
     assert "bpp=" in capsys.readouterr().out
     assert calls.compressed == 3 and calls.decompressed == 6  # streams shared by the settings
@@ -236,25 +238,25 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     summary = ev.evaluate(c, "synthetic:6", out, progress=False, batch_size=4)
     assert calls.compressed == calls.decompressed == 6
     columns, rows = read_csv(out / "per_image.csv")
-    assert tuple(columns) == ev.CSV_COLUMNS and set(ev.SCENE_COLUMNS) <= set(columns)
+    assert tuple(columns) == results.CSV_COLUMNS and set(results.SCENE_COLUMNS) <= set(columns)
     size, g, k = c.config.image_size, c.grid[0], c.config.codec.codebook_size
     for i, r in enumerate(rows):
-        scene = synthetic_scene(i, ev.SYNTHETIC_SEED)
+        scene = synthetic_scene(i, datasets.SYNTHETIC_SEED)
         assert r["name"] == f"scene_{i:05d}" and r["caption"] == scene.caption
         assert (int(r["height"]), int(r["width"])) == (size, size)
         recon = load_image(out / "recon" / f"{r['name']}.png")
         for m, v in scenes.scene_metrics(recon, scene).items():
             assert float(r[m]) == pytest.approx(v)
         original = render_scene(scene, size)
-        thumb = ev._quantise(scenes.thumbnail_baseline(original, g, k))
+        thumb = ev.quantise(scenes.thumbnail_baseline(original, g, k))
         for m, v in scenes.scene_metrics(thumb, scene).items():
             assert float(r[f"thumb_{m}"]) == pytest.approx(v)
         mse = np.mean((original.astype(np.float64) - thumb) ** 2)
         assert float(r["thumb_psnr"]) == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
         assert float(r["thumb_psnr"]) < 40
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["data"] == f"synthetic:6:{ev.SYNTHETIC_SEED}" and saved["protocol"]["size"] == size
-    for m in ev.SCENE_COLUMNS:
+    assert saved["data"] == f"synthetic:6:{datasets.SYNTHETIC_SEED}" and saved["protocol"]["size"] == size
+    for m in results.SCENE_COLUMNS:
         assert saved["mean"][m] == pytest.approx(np.mean([float(r[m]) for r in rows])) and saved["count"][m] == 6
     assert saved["psnr_gain_over_thumbnail"] == pytest.approx(saved["mean"]["psnr"] - saved["mean"]["thumb_psnr"])
     assert saved["scene"]["thumbnail"] == {"grid_side": g, "levels_per_channel": scenes.thumbnail_levels(k),
@@ -268,7 +270,7 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     # the CLI prints the table; resuming into the same folder codes nothing again
     monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))
     parser = argparse.ArgumentParser(prog="perco-jax")
-    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["evaluate", "--checkpoint", str(path), "--data", "synthetic:6", "--out", str(out),
                               "--quiet"])
     capsys.readouterr()
@@ -289,20 +291,20 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
 def test_synthetic_data_spec():
     from perco_jax.data.synthetic import render_scene, synthetic_scene
 
-    ds = ev.parse_data("synthetic:3:7")
+    ds = datasets.parse_data("synthetic:3:7")
     assert ds.kind == "synthetic" and ds.spec == "synthetic:3:7" and ds.size is None
     assert [it.caption for it in ds.items] == [synthetic_scene(i, 7).caption for i in range(3)]
     assert all(it.path is None for it in ds.items)
     with pytest.raises(ValueError, match="size"):  # evaluate fills in the codec's size
         ds.load(ds.items[0])
-    at = ev.parse_data("synthetic:12", size=16)
-    assert at.spec == f"synthetic:12:{ev.SYNTHETIC_SEED}" and at.items[11].name == "scene_00011"
-    np.testing.assert_array_equal(at.load(at.items[2]), render_scene(synthetic_scene(2, ev.SYNTHETIC_SEED), 16))
+    at = datasets.parse_data("synthetic:12", size=16)
+    assert at.spec == f"synthetic:12:{datasets.SYNTHETIC_SEED}" and at.items[11].name == "scene_00011"
+    np.testing.assert_array_equal(at.load(at.items[2]), render_scene(synthetic_scene(2, datasets.SYNTHETIC_SEED), 16))
     for bad in ("synthetic:0", "synthetic:x", "synthetic:3:-1", "synthetic:2:1.5"):
         with pytest.raises(ValueError, match="synthetic:N"):
-            ev.parse_data(bad)
+            datasets.parse_data(bad)
     with pytest.raises(ValueError, match="8 pixels"):
-        ev.parse_data("synthetic:2", size=4)
+        datasets.parse_data("synthetic:2", size=4)
 
 
 def test_data_specs_and_protocols(tmp_path):
@@ -313,36 +315,36 @@ def test_data_specs_and_protocols(tmp_path):
     (tmp_path / "coco" / "captions.jsonl").write_text(json.dumps({"file": "train2017/x2.png", "caption": "grey"}) + "\n")
     filelist = tmp_path / "coco" / "list.txt"
     filelist.write_text("# COCO-30k\ntrain2017/x1.jpg\n\ntrain2017/x2.png\n")
-    ds = ev.parse_data(f"coco30k:{filelist}")
+    ds = datasets.parse_data(f"coco30k:{filelist}")
     assert [it.name for it in ds.items] == ["x1", "x2"] and [it.caption for it in ds.items] == ["", "grey"]
     assert ds.size == 512 and ds.load(ds.items[0]).shape == (512, 512, 3)
-    cropped = ev.parse_data(f"coco30k:{filelist}", size=16, center_crop=True)
+    cropped = datasets.parse_data(f"coco30k:{filelist}", size=16, center_crop=True)
     assert cropped.load(cropped.items[1]).shape == (16, 16, 3)
-    kodak = ev.parse_data(f"kodak:{imgs}")
+    kodak = datasets.parse_data(f"kodak:{imgs}")
     assert kodak.size is None and kodak.load(kodak.items[0]).shape == (30, 50, 3)
     x = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
-    np.testing.assert_array_equal(ev.preprocess(x, center_crop=True), x[:, 1:5].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(datasets.preprocess(x, center_crop=True), x[:, 1:5].astype(np.float32) / 255.0)
     for bad in ("imagenet:x", "folder:", "kodak"):
         with pytest.raises(ValueError, match="data spec"):
-            ev.parse_data(bad)
+            datasets.parse_data(bad)
     with pytest.raises(FileNotFoundError):
-        ev.parse_data(f"folder:{tmp_path / 'nope'}")
+        datasets.parse_data(f"folder:{tmp_path / 'nope'}")
     filelist.write_text("train2017/missing.png\n")
     with pytest.raises(FileNotFoundError, match="missing.png"):
-        ev.parse_data(f"coco30k:{filelist}")
+        datasets.parse_data(f"coco30k:{filelist}")
 
 
 def test_published_csv_holds_the_issue_17_points_with_sources_and_exactness():
-    rows = ev.load_published()
-    header = next(ln for ln in ev.PUBLISHED_CSV.read_text().splitlines() if not ln.startswith("#"))
-    assert tuple(header.split(",")) == ev.PUBLISHED_COLUMNS
+    rows = published.load_published()
+    header = next(ln for ln in published.PUBLISHED_CSV.read_text().splitlines() if not ln.startswith("#"))
+    assert tuple(header.split(",")) == published.PUBLISHED_COLUMNS
     assert len(rows) == 31
     assert {r["method"] for r in rows} == {"PerCo", "PerCo (SD)", "PerCoV2", "MS-ILLM", "SD v2.1 autoencoder"}
     protocols = {"coco30k-512": ("coco30k", "512x512"), "kodak-full": ("kodak", "full"),
                  "clic2020-full:diffeic": ("clic2020", "full"), "clic2020-full:ms-illm": ("clic2020", "full")}
     for r in rows:
         assert (r["dataset"], r["resolution"]) == protocols[r["protocol"]]
-        assert r["exactness"] in ev.EXACTNESS and r["source"]
+        assert r["exactness"] in published.EXACTNESS and r["source"]
         if r["exactness"] == "figure":  # read off a plot: the uncertainty is given
             assert "±" in r["source"] and r["protocol"] == "coco30k-512"
         assert (r["bpp"] is None) == (r["method"] == "SD v2.1 autoencoder")
@@ -378,39 +380,39 @@ def test_published_csv_validation(tmp_path):
     bad = tmp_path / "p.csv"
     bad.write_text("method,dataset,resolution,bpp,source\nX,kodak,full,0.1,s\n")
     with pytest.raises(ValueError, match="lacks the columns"):
-        ev.load_published(bad)
+        published.load_published(bad)
     bad.write_text("method,dataset,protocol,bpp,exactness,source\nX,kodak,kodak-full,0.1,guess,s\n")
     with pytest.raises(ValueError, match="exactness"):
-        ev.load_published(bad)
+        published.load_published(bad)
     bad.write_text("method,dataset,protocol,bpp,exactness,source\nX,kodak,kodak-full,lots,table,s\n")
     with pytest.raises(ValueError, match="not a number"):
-        ev.load_published(bad)
+        published.load_published(bad)
 
 
 def _plotted(monkeypatch):
-    """The figures plot_rd draws (captured from _panels)."""
-    figs, panels = [], ev._panels
+    """The figures plot_rd draws (captured from plots.panels)."""
+    figs, panels = [], plots.panels
 
     def capture(mpl, n):
         fig, axes = panels(mpl, n)
         figs.append(fig)
         return fig, axes
 
-    monkeypatch.setattr(ev, "_panels", capture)
+    monkeypatch.setattr(plots, "panels", capture)
     return figs
 
 
 def test_rd_plot_shows_one_protocol_names_sources_and_hollows_figure_points(tmp_path, monkeypatch):
     figs = _plotted(monkeypatch)
-    rows = ev.load_published()
+    rows = published.load_published()
     ours = {"psnr": 20.0, "ms_ssim": 0.5, "lpips": 0.4, "fid": 5.0, "kid": 0.001}
     series = [{"label": "ours", "points": [(0.01, ours)]}]
     for protocol in ("coco30k-512", "kodak-full", "clic2020-full:ms-illm", "clic2020-full:diffeic"):
-        assert ev.plot_rd(tmp_path / "rd.png", series, rows, protocol) is None
+        assert plots.plot_rd(tmp_path / "rd.png", series, rows, protocol) is None
         fig = figs[-1]
         legend = fig.legends[0]
         labels = [t.get_text() for t in legend.get_texts()]
-        want = {ev._published_label(r) + (", no bpp" if r["bpp"] is None else "")
+        want = {published.published_label(r) + (", no bpp" if r["bpp"] is None else "")
                 for r in rows if r["protocol"] == protocol and not r["image"]}
         assert labels[0] == "ours" and set(labels[1:]) == want
         for label, handle in list(zip(labels, legend.legend_handles))[1:]:
@@ -423,9 +425,9 @@ def test_rd_plot_shows_one_protocol_names_sources_and_hollows_figure_points(tmp_
                 assert xs <= allowed or xs <= {0, 1}, (protocol, xs)  # (axhline spans x in axes units)
     assert "PerCo (Nikolai10/PerCo, read from a figure)" in [t.get_text() for t in figs[0].legends[0].get_texts()]
     assert "MS-ILLM (facebookresearch/NeuralCompression, table)" in [t.get_text() for t in figs[1].legends[0].get_texts()]
-    assert ev.data_protocol(ev.Dataset("kodak:x", "kodak", [])) == "kodak-full"
-    assert ev.data_protocol(ev.Dataset("coco30k:x", "coco30k", [], size=512)) == "coco30k-512"
-    assert ev.data_protocol(ev.Dataset("coco30k:x", "coco30k", [], size=512, center_crop=True)) == "coco30k-512-crop"
+    assert datasets.data_protocol(datasets.Dataset("kodak:x", "kodak", [])) == "kodak-full"
+    assert datasets.data_protocol(datasets.Dataset("coco30k:x", "coco30k", [], size=512)) == "coco30k-512"
+    assert datasets.data_protocol(datasets.Dataset("coco30k:x", "coco30k", [], size=512, center_crop=True)) == "coco30k-512-crop"
 
 
 def test_text_modes_split_the_rate_between_caption_and_indices(codec, folder, tmp_path):
@@ -481,7 +483,7 @@ def test_miou_between_segmentations_of_originals_and_reconstructions(codec, fold
 
 def _cli(args):
     parser = argparse.ArgumentParser(prog="perco-jax")
-    ev.add_parser(parser.add_subparsers(dest="command", required=True))
+    command.add_parser(parser.add_subparsers(dest="command", required=True))
     parsed = parser.parse_args(["evaluate", *map(str, args)])
     return parsed.fn(parsed)
 
@@ -510,7 +512,7 @@ def test_kodak_per_image_rates_next_to_perco_v2(codec, folder, tmp_path, monkeyp
     assert table["kodim10"] == {"image": "kodim10", "ours": pytest.approx(bpp["kodim10"]), "PerCoV2": 0.00308,
                                 "PerCo (SD)": 0.00339}
     assert table["kodim07"]["ours"] == pytest.approx(bpp["kodim07"]) and table["kodim13"]["ours"] is None
-    text = ev.format_kodak_per_image(summary["kodak_per_image"])
+    text = published.format_kodak_per_image(summary["kodak_per_image"])
     assert text in printed.out and "PerCoV2" in text and f"{bpp['kodim10']:.5f}" in text
     assert summary["published_protocol"] == "kodak-full" and summary["published_points"] == 4
     # --captions none: the captions file is not read; the cache gives kodim10's caption
@@ -557,10 +559,10 @@ def test_captions_from_files_and_a_cache_and_one_line_for_the_rest(codec, folder
     assert none["captions"]["sources"] == {"none": 3}
     assert capsys.readouterr().err.splitlines()[-1] == "all 3 images were coded without a caption (--text-mode none)"
     with pytest.raises(FileNotFoundError, match="captions file"):
-        ev.parse_data(f"folder:{small}", captions=tmp_path / "missing.jsonl")
+        datasets.parse_data(f"folder:{small}", captions=tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="own captions"):
-        ev.parse_data("synthetic:2", captions=mine)
-    assert [it.caption_source for it in ev.parse_data("synthetic:2", captions="none").items] == ["", ""]
+        datasets.parse_data("synthetic:2", captions=mine)
+    assert [it.caption_source for it in datasets.parse_data("synthetic:2", captions="none").items] == ["", ""]
 
 
 def test_captions_from_a_captioner_are_cached_and_not_made_again(codec, folder, blip2_folder, tmp_path, monkeypatch):

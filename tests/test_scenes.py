@@ -6,7 +6,7 @@ import pytest
 
 from perco_jax.data.synthetic import BACKGROUNDS, COLOURS, render_scene, synthetic_scene
 from perco_jax.eval import metrics, scenes
-from perco_jax.eval.evaluate import SYNTHETIC_SEED
+from perco_jax.eval.datasets import SYNTHETIC_SEED
 
 SCENES = [synthetic_scene(i, SYNTHETIC_SEED) for i in range(20)]
 
