@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from perco_jax.images import to_rgb8
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 32   # PerCo's caption budget
@@ -39,33 +41,7 @@ class CaptionError(ValueError):
     """No caption can be had (no caption, cache entry or captioner), or a captioner that cannot be used."""
 
 
-# ----------------------------------------------------------------------------- images and keys
-
-def to_rgb8(image) -> np.ndarray:
-    """An image as HWC uint8 RGB: a file path, a PIL image, or an array (HW, HWC with 1, 3 or 4
-    channels; uint8, or floats in [0, 1] rounded to 8 bits)."""
-    if isinstance(image, (str, os.PathLike)):
-        from perco_jax.images import load_image
-
-        image = load_image(image)  # float32 k / 255: rounds back to k exactly
-    elif not isinstance(image, np.ndarray) and hasattr(image, "convert"):  # PIL
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"expected an HWC image with 1, 3 or 4 channels, got shape {arr.shape}")
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    arr = arr[..., :3]
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr)
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all():
-            raise ValueError("image has non-finite values")
-        return np.round(np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise ValueError(f"expected uint8 or float pixels in [0, 1], got {arr.dtype}")
-
+# ----------------------------------------------------------------------------- keys
 
 def image_key(image) -> str:
     """SHA-256 (hex) of an image's 8-bit RGB pixels and size: the caption cache's key."""

@@ -41,6 +41,7 @@ import numpy as np
 from perco_jax import build, entropy_coding, schedules
 from perco_jax.codec import bitstream, integer_export, range_coding
 from perco_jax.codec.bitstream import BitstreamError, Header
+from perco_jax.images import resize, to_rgb_float
 from perco_jax.models.integer_entropy_model import IntegerEntropyModel
 
 _TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -48,27 +49,14 @@ MAX_SIDE = 0xFFFF  # the header stores the original size as uint16
 
 
 def prepare_image(image, size: int) -> np.ndarray:
-    """An image [H, W, 3] / [H, W, 1] / [H, W] (float in [0, 1] or uint8) -> [size, size, 3]
-    float32 in [-1, 1] (the RESIZE policy). ValueError for anything else."""
-    x = np.asarray(image)
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    elif not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"image must be uint8 or float in [0, 1], got dtype {x.dtype}")
-    if x.ndim == 2:
-        x = x[..., None]
-    if x.ndim != 3 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"image must be [H, W, 3] RGB or [H, W] / [H, W, 1] grey, got shape {x.shape}"
-                         + (" (drop the alpha channel first)" if x.ndim == 3 and x.shape[-1] == 4 else ""))
+    """An image (as `perco_jax.images` takes them: [H, W, 3] / [H, W, 1] / [H, W], float in [0, 1]
+    or uint8, or a file; RGBA refused) -> [size, size, 3] float32 in [-1, 1] (the RESIZE policy).
+    ValueError for anything else."""
+    x = to_rgb_float(image)
     h, w = x.shape[:2]
     if not (1 <= h <= MAX_SIDE and 1 <= w <= MAX_SIDE):
         raise ValueError(f"image size {h}x{w} is outside 1..{MAX_SIDE} pixels per side")
-    if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
-        raise ValueError("float images must have values in [0, 1]")
-    x = np.broadcast_to(x, (h, w, 3)).astype(np.float32)
-    if (h, w) != (size, size):
-        x = np.asarray(jax.image.resize(x, (size, size, 3), "bicubic", antialias=True))
-    return np.clip(x, 0.0, 1.0) * 2.0 - 1.0
+    return resize(x, size, size) * 2.0 - 1.0
 
 
 def _digest(tree) -> str:
@@ -438,8 +426,7 @@ class Codec:
         out = []
         for h, im in zip(headers, images):
             if (h.image_height, h.image_width) != im.shape[:2]:
-                im = np.clip(np.asarray(jax.image.resize(im, (h.image_height, h.image_width, 3), "bicubic",
-                                                         antialias=True)), 0.0, 1.0)
+                im = resize(im, h.image_height, h.image_width)
             out.append(im)
         return out
 
@@ -461,4 +448,3 @@ def rate_split(stream: bytes, model: Optional[Header] = None) -> dict:
     cap = len(bitstream.encode_caption(caption, header.caption_coding))
     return {"total": len(stream), "caption": cap, "indices": len(payload),
             "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width}
-

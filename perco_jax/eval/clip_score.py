@@ -21,32 +21,22 @@ import numpy as np
 from perco_jax.convert.clip_vision import vision_config_from_hf, vision_from_source
 from perco_jax.convert.common import ConversionError, SafetensorsSource, diffusers_weight_files
 from perco_jax.convert.text_encoders import clip_config_from_hf, clip_from_source
+from perco_jax.images import resize_rgb8, to_rgb8
 from perco_jax.models.clip import CLIPTextEncoder, CLIPVisionEncoder
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _to_uint8(image) -> np.ndarray:
-    x = np.asarray(image)
-    if x.dtype != np.uint8:
-        x = np.round(np.clip(x.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-    if x.ndim != 3 or x.shape[-1] != 3:
-        raise ValueError(f"expected an RGB image [H, W, 3], got shape {x.shape}")
-    return x
-
-
 def prepare(image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
     """An image -> [size, size, 3] float32 pixel values as CLIPImageProcessor makes them."""
-    from PIL import Image
-
-    x = _to_uint8(image)
+    x = to_rgb8(image)
     h, w = x.shape[:2]
     s = size / min(h, w)
     nh, nw = max(size, int(h * s)), max(size, int(w * s))  # the processor floors the long side
-    im = Image.fromarray(x).resize((nw, nh), Image.BICUBIC)
+    x = resize_rgb8(x, nh, nw)
     top, left = (nh - size) // 2, (nw - size) // 2
-    x = np.asarray(im, np.float32)[top:top + size, left:left + size] / 255.0
+    x = x[top:top + size, left:left + size].astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

@@ -43,6 +43,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from perco_jax.data.folder import DEFAULT_CAPTION_FILES, IMAGE_SUFFIXES
+from perco_jax.images import read_rgb8, resize_rgb8
 
 DATA_KINDS = ("kodak", "folder", "coco30k", "synthetic")
 # synthetic:N without a seed: scenes no training run or test draws (the training pipeline's synthetic
@@ -81,35 +82,23 @@ class Dataset:
             if self.size is None:
                 raise ValueError("a synthetic scene needs a size to be drawn at (evaluate uses the codec's image size)")
             return render_scene(item.scene, self.size)
-        return preprocess(_read_rgb8(item.path), self.size, self.center_crop)
+        return preprocess(read_rgb8(item.path), self.size, self.center_crop)
 
     def protocol(self) -> dict:
         return {"size": self.size, "center_crop": self.center_crop}
 
 
-def _read_rgb8(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image: {e}") from e
-
-
 def preprocess(image: np.ndarray, size: Optional[int] = None, center_crop: bool = False) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [H', W', 3] in [0, 1]: optional centre square crop, then an optional
     PIL bicubic resize to size x size (the clean-fid / PerCo (SD) resize), kept at 8-bit values."""
-    from PIL import Image
-
     x = np.asarray(image, np.uint8)
     if center_crop:
         h, w = x.shape[:2]
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         x = x[top:top + s, left:left + s]
-    if size is not None and x.shape[:2] != (size, size):
-        x = np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC), np.uint8)
+    if size is not None:
+        x = resize_rgb8(x, size, size)
     return x.astype(np.float32) / 255.0
 
 

@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from perco_jax.data.synthetic import BACKGROUNDS, COLOURS, Scene
+from perco_jax.images import resize
 
 TOLERANCE = 40 / 255
 MIN_PIXELS_AT_32 = 6
@@ -73,8 +74,6 @@ def thumbnail_baseline(image: np.ndarray, grid_side: int, codebook_size: int) ->
 
     H and W must be multiples of grid_side.
     """
-    import jax
-
     image = np.asarray(image, np.float32)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"the thumbnail takes an [H, W, 3] image, got shape {image.shape}")
@@ -86,4 +85,4 @@ def thumbnail_baseline(image: np.ndarray, grid_side: int, codebook_size: int) ->
     thumb = image.reshape(grid_side, h // grid_side, grid_side, w // grid_side, 3).mean(axis=(1, 3))
     levels = thumbnail_levels(codebook_size) - 1
     thumb = np.round(thumb * levels) / levels
-    return np.clip(np.asarray(jax.image.resize(thumb, (h, w, 3), "bicubic")), 0.0, 1.0)
+    return resize(thumb, h, w)

@@ -56,6 +56,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from perco_jax.images import to_rgb8
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 8
@@ -200,17 +202,12 @@ def miou_per_image(pairs: Iterable, num_classes: int, ignore_index: Optional[int
 # ----------------------------------------------------------------------------- images
 
 def _rgb8(image, what: str = "image") -> np.ndarray:
-    """One image [H, W, 3] (uint8, or floats in [0, 1] rounded to 8 bits) as uint8."""
-    x = np.asarray(image)
-    if x.ndim != 3 or x.shape[-1] != 3 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise SegmentationError(f"{what}: expected an RGB image [H, W, 3], got shape {x.shape}")
-    if x.dtype == np.uint8:
-        return np.ascontiguousarray(x)
-    if np.issubdtype(x.dtype, np.floating):
-        if not np.isfinite(x).all():
-            raise SegmentationError(f"{what} has non-finite pixel values")
-        return np.round(np.clip(x.astype(np.float64), 0.0, 1.0) * 255.0).astype(np.uint8)
-    raise SegmentationError(f"{what}: expected uint8 or float pixels in [0, 1], got {x.dtype}")
+    """One image (any `perco_jax.images` accepts: [H, W, 3] uint8, or floats in [0, 1] rounded to
+    8 bits) as [H, W, 3] uint8; SegmentationError naming `what` otherwise."""
+    try:
+        return to_rgb8(image)
+    except ValueError as e:
+        raise SegmentationError(f"{what}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- the segmenter
