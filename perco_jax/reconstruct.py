@@ -143,11 +143,3 @@ def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
     recon = decode(codec, frozen, indices, tokens, empty, noise, jnp.float32(config.sample.guidance),
                    steps=config.sample.steps)
     return np.asarray(images) / 2 + 0.5, np.asarray(recon), captions
-
-
-def psnr(a, b) -> float:
-    """PSNR in dB of images in [0, 1]."""
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(1.0 / mse))

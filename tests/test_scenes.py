@@ -11,10 +11,6 @@ from perco_jax.eval.datasets import SYNTHETIC_SEED
 SCENES = [synthetic_scene(i, SYNTHETIC_SEED) for i in range(20)]
 
 
-def _psnr(a, b):
-    return float(np.asarray(metrics.psnr(a[None], b[None]))[0])
-
-
 @pytest.mark.parametrize("size", [32, 64])
 def test_originals_score_high(size):
     got = [scenes.scene_metrics(render_scene(s, size), s) for s in SCENES]
@@ -84,11 +80,11 @@ def test_thumbnail_baseline_is_a_quantised_upsampled_thumbnail():
         thumb = scenes.thumbnail_baseline(image, 4, 64)
         assert thumb.shape == image.shape and thumb.dtype == np.float32
         assert 0.0 <= thumb.min() and thumb.max() <= 1.0
-        p = _psnr(image, thumb)
+        p = metrics.image_psnr(image, thumb)
         assert np.isfinite(p) and 8.0 < p < 40.0
-        assert _psnr(image, image) > p  # (identical images: PSNR is capped, far above)
+        assert metrics.image_psnr(image, image) > p  # (identical images: PSNR is capped, far above)
         finer = scenes.thumbnail_baseline(image, 8, 4096)  # more bits: closer to the original
-        assert _psnr(image, finer) > p
+        assert metrics.image_psnr(image, finer) > p
     # a flat image on the quantisation grid comes back unchanged
     flat = np.full((32, 32, 3), 1 / 3, np.float32)
     np.testing.assert_allclose(scenes.thumbnail_baseline(flat, 4, 64), flat, atol=1e-6)

@@ -9,8 +9,8 @@ import pytest
 from perco_jax import build
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example, synthetic_scene
+from perco_jax.eval.metrics import image_psnr
 from perco_jax.eval.scenes import SCENE_METRICS, scene_metrics, thumbnail_baseline
-from perco_jax.reconstruct import psnr
 from perco_jax.train.loop import train
 
 # One layer per network: what these tests check does not depend on the depth; compiling does.
@@ -29,7 +29,7 @@ HELDOUT_SEED = 4242  # synthetic scenes that no training run draws (see data/pip
 def _scene_scores(outputs, originals, scenes) -> dict:
     ms = [scene_metrics(x, sc) for x, sc in zip(outputs, scenes)]
     out = {k: float(np.mean([m[k] for m in ms])) for k in SCENE_METRICS}
-    out["psnr"] = float(np.mean([psnr(o, x) for o, x in zip(originals, outputs)]))
+    out["psnr"] = float(np.mean([image_psnr(o, x) for o, x in zip(originals, outputs)]))
     return out
 
 

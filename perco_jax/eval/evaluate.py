@@ -98,7 +98,7 @@ def quantise(image: np.ndarray) -> np.ndarray:
 
 def _image_metrics(original: np.ndarray, recon: np.ndarray, nets: Networks, caption: str = "") -> dict:
     a, b = original[None], recon[None]
-    out = {"psnr": float(np.asarray(metrics.psnr(a, b))[0]), "ms_ssim": None, "lpips": None, "clip_score": None}
+    out = {"psnr": metrics.image_psnr(original, recon), "ms_ssim": None, "lpips": None, "clip_score": None}
     if nets.clip is not None and caption:
         out["clip_score"] = float(nets.clip([recon], [caption])[0])
     if min(original.shape[:2]) > MS_SSIM_MIN_SIDE:
@@ -115,7 +115,7 @@ def _scene_metrics(original: np.ndarray, recon: np.ndarray, scene, grid_side: in
 
     thumb = quantise(scenes.thumbnail_baseline(original, grid_side, codebook_size))
     out = scenes.scene_metrics(recon, scene)
-    out["thumb_psnr"] = float(np.asarray(metrics.psnr(original[None], thumb[None]))[0])
+    out["thumb_psnr"] = metrics.image_psnr(original, thumb)
     out.update({f"thumb_{k}": v for k, v in scenes.scene_metrics(thumb, scene).items()})
     return out
 

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from perco_jax.eval.metrics import image_psnr
 from perco_jax.eval.scenes import SCENE_METRICS, scene_metrics
-from perco_jax.reconstruct import psnr
 
 
 def heldout_scenes(n: int, size: int, seed: int):
@@ -54,7 +54,7 @@ def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2
     def row(name, k, sampler):
         out, seconds = _timed(lambda: codec.decode_images(indices, captions, steps=k, sampler=sampler), repeats)
         ms = [scene_metrics(x, sc) for x, sc in zip(out, scenes)]
-        r = {"decoder": name, "steps": int(k), "psnr": float(np.mean([psnr(o, x) for o, x in zip(images, out)]))}
+        r = {"decoder": name, "steps": int(k), "psnr": float(np.mean([image_psnr(o, x) for o, x in zip(images, out)]))}
         r.update({m: float(np.mean([d[m] for d in ms])) for m in SCENE_METRICS})
         r["seconds_per_image"] = seconds / n
         return r, out

@@ -3,6 +3,7 @@
 Pixel metrics (JAX, jit-able; shapes are static so size checks happen at trace time):
 
   psnr(a, b)          [B, H, W, C] x2 in [0, max_value]  -> [B] dB (inf for identical images)
+  image_psnr(a, b)    [H, W, C] x2                       -> dB (float): psnr of one pair
   ms_ssim(a, b)       [B, H, W, C] x2 in [0, data_range] -> [B]; the 5-scale MS-SSIM of Wang et al.
                       (2003) with the conventions of `pytorch_msssim.ms_ssim` (see `ms_ssim`)
 
@@ -52,6 +53,11 @@ def psnr(a: jax.Array, b: jax.Array, max_value: float = 1.0) -> jax.Array:
     a, b = _float(a), _float(b)
     mse = jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
     return 10.0 * jnp.log10(max_value ** 2 / mse)
+
+
+def image_psnr(a, b, max_value: float = 1.0) -> float:
+    """PSNR in dB of one pair of images [H, W, C] in [0, max_value] (`psnr` of a batch of one)."""
+    return float(psnr(jnp.asarray(a)[None], jnp.asarray(b)[None], max_value)[0])
 
 
 # ----------------------------------------------------------------------------- MS-SSIM
