@@ -128,7 +128,7 @@ def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
     batch = next(make_dataset(config, split="validation"))
     images = jnp.asarray(batch["image"][:n])
     captions = [str(c) for c in batch["caption"][:n]]
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = state.inference_params
     frozen = {"autoencoder": {}, "text": text_params}
     if config.autoencoder != "space_to_depth":
         from perco_jax.train.stage0 import autoencoder_params

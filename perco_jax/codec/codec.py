@@ -167,7 +167,7 @@ class Codec:
         s2 = restore_latest(Path(stage2_workdir), abstract, shardings)
         if s2 is None:
             raise build.ConfigError(f"{stage2_workdir} has no stage-2 checkpoint: train stage 2 first")
-        entropy = s2.ema_params if s2.ema_params is not None else s2.params
+        entropy = s2.inference_params
         encoder, text_params = build.build_text(config, stage1_workdir)
         ae = autoencoder_params(config, build.build_autoencoder(config))
         codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))

@@ -121,4 +121,4 @@ def _restore_stage0(config, autoencoder) -> dict:
     if state is None:
         raise build.ConfigError(f"autoencoder_workdir={workdir} has no stage-0 checkpoint: train stage 0 first "
                                 "(perco-jax train --config.stage=0)")
-    return jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+    return jax.device_get(state.inference_params)

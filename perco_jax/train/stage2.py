@@ -89,8 +89,7 @@ def restore_stage1(config, stage1_workdir: str | Path, mesh, rules) -> TrainStat
 
 def codec_params(state: TrainState) -> dict:
     """{"params", "vq"} of a stage-1 state as the codec uses them (the EMA params when kept)."""
-    return {"params": state.ema_params if state.ema_params is not None else state.params,
-            "vq": state.vq_state}
+    return {"params": state.inference_params, "vq": state.vq_state}
 
 
 def init_state(config, model, tx, mesh, rules, abstract: bool = False):

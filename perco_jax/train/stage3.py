@@ -337,5 +337,5 @@ def restore_few_step(config, stage3_workdir: str | Path) -> dict:
     state = restore_latest(stage3_workdir, abstract, shardings)
     if state is None:
         raise build.ConfigError(f"{stage3_workdir} has no stage-3 checkpoint: train stage 3 first")
-    params = state.ema_params if state.ema_params is not None else state.params
+    params = state.inference_params
     return {"params": jax.device_get(params["mmdit"]), "config": few_step_settings(c3)}

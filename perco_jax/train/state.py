@@ -19,6 +19,11 @@ class TrainState:
     vq_state: Any            # the VQ's EMA codebook statistics (collection "vq")
     rng: jax.Array           # base key; step s uses fold_in(rng, s), so resuming is exact
 
+    @property
+    def inference_params(self):
+        """The params to run, evaluate or export: the EMA when the run keeps one (ema_decay > 0), else params."""
+        return self.ema_params if self.ema_params is not None else self.params
+
 
 def learning_rate_schedule(config) -> optax.Schedule:
     warmup = max(1, int(config.warmup_steps))
