@@ -13,6 +13,7 @@ import numpy as np
 from flax import linen as nn
 
 from perco_jax import schedules
+from perco_jax.config import setting
 from perco_jax.models.entropy_model import EntropyModel
 from perco_jax.models.hyper_encoder import HyperEncoder, num_stages
 from perco_jax.models.mmdit import mmdit_from_config
@@ -24,6 +25,7 @@ from perco_jax.text import CLIP_MAX_LENGTH
 
 AUTOENCODERS = ("sd3_vae", "space_to_depth", "patch")
 TRAINABLE = ("all", "attention_mlp", "frozen")
+FROZEN_PLACEMENTS = ("sharded", "replicated")  # config.frozen_placement: frozen networks split like the model, or whole
 
 
 class ConfigError(ValueError):
@@ -82,10 +84,10 @@ def validate(config) -> None:
     n_clip = clip_max_length(config)
     need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),
          f"text.clip_max_length={n_clip}: need 2 <= length <= the CLIP encoders' max_position_embeddings")
-    need(not (config.text.get("cache", False) and config.text.get("embeddings", "")),
+    need(not (setting(config, "text.cache") and setting(config, "text.embeddings")),
          "text.cache and text.embeddings both set: choose one source of precomputed text embeddings")
-    need(config.get("frozen_placement", "sharded") in ("sharded", "replicated"),
-         f"frozen_placement={config.get('frozen_placement')!r}: sharded or replicated")
+    need(setting(config, "frozen_placement") in FROZEN_PLACEMENTS,
+         f"frozen_placement={setting(config, 'frozen_placement')!r}: one of {FROZEN_PLACEMENTS}")
     need(config.stage in (0, 1, 2, 3),
          f"stage={config.stage!r}: 0 (autoencoder), 1 (codec), 2 (entropy model) or 3 (few-step decoder)")
     need(config.stage != 0 or config.autoencoder == "patch",
@@ -241,13 +243,13 @@ def build_text(config, workdir: str | Path):
 def text_encoders_built(config) -> bool:
     """Whether a training run builds the frozen text encoders: not when it reads embeddings that
     `perco-jax embed-text` precomputed (config.text.embeddings)."""
-    return not config.text.get("embeddings", "")
+    return not setting(config, "text.embeddings")
 
 
 def text_encoders_in_step(config) -> bool:
     """Whether the frozen text encoders run inside the training step: not with precomputed
     embeddings, whether cached in the loop (config.text.cache) or read from a store."""
-    return text_encoders_built(config) and not config.text.get("cache", False)
+    return text_encoders_built(config) and not setting(config, "text.cache")
 
 
 def clip_max_length(config) -> int:

@@ -9,6 +9,10 @@ import os
 import ml_collections
 
 PRESETS = ("tiny", "sd3_medium", "sd35_medium", "sd35_large")
+# Fields added after configs were first written into codec folders: a config read back from an
+# older folder lacks them and means what the code did before each existed (the one home of these
+# defaults; read them with `setting`).
+LATER_FIELDS = {"text.cache": False, "text.embeddings": "", "frozen_placement": "sharded"}
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
@@ -45,3 +49,16 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     if parts[-1] not in node:
         raise ValueError(f"override {item!r}: no config field {key!r}")
     node[parts[-1]] = value
+
+
+def setting(config: ml_collections.ConfigDict, key: str):
+    """config's dotted field `key` (e.g. "text.cache"), or its LATER_FIELDS default when the config
+    predates the field."""
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            if key in LATER_FIELDS:
+                return LATER_FIELDS[key]
+            raise KeyError(f"config has no field {key!r}")
+        node = node[part]
+    return node

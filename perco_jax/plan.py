@@ -76,8 +76,8 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from perco_jax import build, parallel
+from perco_jax.config import setting
 
-FROZEN_PLACEMENTS = ("sharded", "replicated")
 CLIP_LENGTH = 77  # SD3's CLIP token length (text.CLIP_MAX_LENGTH)
 
 
@@ -468,9 +468,9 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
     eval_shape when planning several meshes. frozen=None: config.frozen_placement."""
     if frozen is None:
-        frozen = config.get("frozen_placement", "sharded")
-    if frozen not in FROZEN_PLACEMENTS:
-        raise ValueError(f"frozen={frozen!r}: choose one of {FROZEN_PLACEMENTS}")
+        frozen = setting(config, "frozen_placement")
+    if frozen not in build.FROZEN_PLACEMENTS:
+        raise ValueError(f"frozen={frozen!r}: choose one of {build.FROZEN_PLACEMENTS}")
     unknown = set(mesh) - set(parallel.MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {parallel.MESH_AXES}")

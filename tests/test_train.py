@@ -160,6 +160,7 @@ def test_bitrate_presets():
     ("trainable=some", "trainable"),
     ("autoencoder=jpeg", "autoencoder"),
     ("mmdit.in_channels=4", "in_channels"),
+    ("frozen_placement=everywhere", r"frozen_placement='everywhere': one of \('sharded', 'replicated'\)"),
 ])
 def test_bad_config_values_fail_at_start(override, match):
     with pytest.raises(build.ConfigError, match=match):
@@ -171,6 +172,24 @@ def test_unknown_preset_and_field():
         load_config("sd4_ultra")
     with pytest.raises(ValueError, match="no config field"):
         load_config("tiny", ["codec.gridside=4"])
+
+
+def test_fields_newer_than_a_saved_config_read_as_their_defaults():
+    """config.setting: a field when the config has it, else (a config from an older codec folder)
+    its LATER_FIELDS default; the training and plan code read these fields only through it."""
+    from perco_jax.config import LATER_FIELDS, setting
+
+    config = load_config("tiny", ["text.cache=True", "frozen_placement=replicated"])
+    assert setting(config, "text.cache") is True and setting(config, "frozen_placement") == "replicated"
+    for key in LATER_FIELDS:
+        section, _, name = key.rpartition(".")
+        del (config[section] if section else config)[name]
+    assert {k: setting(config, k) for k in LATER_FIELDS} == {"text.cache": False, "text.embeddings": "",
+                                                              "frozen_placement": "sharded"}
+    assert build.text_encoders_built(config) and build.text_encoders_in_step(config)
+    build.validate(config)
+    with pytest.raises(KeyError, match="text.cachee"):
+        setting(config, "text.cachee")
 
 
 @pytest.mark.slow
