@@ -4,6 +4,7 @@ Every config error is caught here, at start, with a message naming the field.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -147,6 +148,23 @@ def validate_stage3(config) -> None:
 
 
 STAGE_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")
+
+
+# Sections that define a codec's indices: stage 2 must train on a stage-1 run with the same ones,
+# and the bitstream's fingerprint covers them.
+CODEC_SECTIONS = ("image_size", "autoencoder", "space_to_depth_factor", "vae", "patch_autoencoder",
+                  "autoencoder_workdir", "mmdit", "codec",
+                  "hyper_encoder", "vq", "clip_l", "clip_g", "t5", "text", "pretrained", "dtype", "seed")
+_SCHEDULE_ONLY = ("schedule", "coding_batch_size")  # codec fields stage 1 does not depend on
+
+
+def codec_identity(config: dict) -> dict:
+    """The CODEC_SECTIONS of a config dict (codec without its schedule-only fields), JSON-normalised so
+    that tuples and lists compare equal."""
+    out = {k: config.get(k) for k in CODEC_SECTIONS}
+    if isinstance(out["codec"], dict):
+        out["codec"] = {k: v for k, v in out["codec"].items() if k not in _SCHEDULE_ONLY}
+    return json.loads(json.dumps(out, default=list))
 
 
 def stage_config(config):

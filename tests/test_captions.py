@@ -48,11 +48,11 @@ def _deflate(text: str) -> int:
 
 def test_data_and_corpus():
     assert len(CAPTIONS) == 200 and len(set(CAPTIONS)) == 200 and all(c.strip() == c and c for c in CAPTIONS)
-    corpus = cc.corpus_lines(cc._read_corpus())
+    corpus = cc.corpus_lines(cc.read_corpus())
     assert len(corpus) >= 500
     # the model is not built from the test set
     assert not set(CAPTIONS) & {line.decode() for line in corpus}
-    assert hashlib.sha256(cc._read_corpus()).hexdigest() == cc.CORPUS_SHA256
+    assert hashlib.sha256(cc.read_corpus()).hexdigest() == cc.CORPUS_SHA256
 
 
 def test_coding_is_pinned():
@@ -195,7 +195,7 @@ def test_decoding_is_bounded_and_strict():
     assert cc.max_symbols(0) < 3000 and cc.max_symbols(10 ** 6) == cc.MAX_CAPTION_BYTES + 1
     # the bound holds for the densest real codings: a long greedy (most probable) continuation
     m = cc.model()
-    hist, out = (cc._BOS,) * cc.ORDER, []
+    hist, out = (cc.BOS,) * cc.ORDER, []
     for _ in range(6000):
         p = m.probabilities(hist)
         p[cc.END] = 0

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from perco_jax import build, parallel
-from perco_jax.codec.codec import Codec, _as_stage2, fingerprint_of
+from perco_jax.codec.codec import Codec, fingerprint_of
 from perco_jax.config import load_config
 from perco_jax.eval import command, datasets, plots, published, results
 from perco_jax.eval import evaluate as ev

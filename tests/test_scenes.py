@@ -24,7 +24,7 @@ def test_originals_score_high(size):
 
 def test_flat_and_noise_images_score_low():
     off_palette = np.full((32, 32, 3), (0.3, 0.6, 0.9), np.float32)  # no palette colour within 40/255
-    assert scenes._distance(off_palette[:1, :1], scenes.PALETTE).min() > scenes.TOLERANCE
+    assert scenes.colour_distance(off_palette[:1, :1], scenes.PALETTE).min() > scenes.TOLERANCE
     grey = np.full((32, 32, 3), 128 / 255, np.float32)  # the grey background, nothing drawn on it
     noise = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
     for s in SCENES:

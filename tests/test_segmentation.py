@@ -88,7 +88,7 @@ def test_labels_equal_transformers_model_and_processor(segformer):
         by_hand = torch.nn.functional.interpolate(logits, size=SIZE, mode="bilinear", align_corners=False).argmax(1)
     np.testing.assert_array_equal(np.stack(want), by_hand.numpy())
     # a processor without post_process_semantic_segmentation: done on the logits here, same labels
-    seg._post = object()
+    seg.post_processor = object()
     np.testing.assert_array_equal(seg.segment(images), np.stack(want))
     seg = Segmenter.load(folder, device="cpu")
     # images of different sizes: each map at its own size, as transformers gives it

@@ -57,7 +57,7 @@ BETA = 1.0                 # extra escape mass of every seen context
 P_MAX = 1.0 - 2.0 ** -4    # cap on any one symbol's probability (exact in binary)
 END = 256                  # end-of-caption symbol
 K = 257                    # alphabet: bytes 0..255 and END
-_BOS = 256                 # context padding before the first byte (END never is a context)
+BOS = 256                  # context padding before the first byte (END never is a context)
 
 # Every symbol costs >= -log2(P_MAX + 257 / 2^20) > 0.0926 bits after quantisation, i.e. fewer
 # than 8 / 0.0926 = 86.4 symbols per byte. A sealed constriction queue holds at most 64 bits more
@@ -85,7 +85,7 @@ class EnglishModel:
     def __init__(self, lines: list[bytes]):
         top: dict[tuple, dict[int, int]] = {}
         for line in lines:
-            hist = (_BOS,) * ORDER
+            hist = (BOS,) * ORDER
             for s in list(line) + [END]:
                 counts = top.setdefault(hist, {})
                 counts[s] = counts.get(s, 0) + 1
@@ -166,7 +166,7 @@ class _Plan:
         self._ids: dict[tuple, int] = {}
         self._rows: list[np.ndarray] = []
         self._index: list[int] = []
-        self.context = (_BOS,) * ORDER
+        self.context = (BOS,) * ORDER
 
     def current(self) -> np.ndarray:
         """The row of the next symbol (after the symbols pushed so far)."""
@@ -187,7 +187,8 @@ class _Plan:
         return np.stack(picked).astype(np.float64) if picked else np.zeros((0, K))
 
 
-def _read_corpus() -> bytes:
+def read_corpus() -> bytes:
+    """The packaged corpus, checked against CORPUS_SHA256 (RuntimeError if it differs)."""
     data = resources.files("perco_jax.codec").joinpath(CORPUS_FILE).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != CORPUS_SHA256:
@@ -205,7 +206,7 @@ def corpus_lines(data: bytes) -> list[bytes]:
 @functools.lru_cache(maxsize=1)
 def model() -> EnglishModel:
     """The packaged model (built once per process from the corpus, about 0.5 s)."""
-    return EnglishModel(corpus_lines(_read_corpus()))
+    return EnglishModel(corpus_lines(read_corpus()))
 
 
 # ----------------------------------------------------------------------------- coding

@@ -72,10 +72,8 @@ def _digest(tree) -> str:
 def fingerprint_of(config, codec_params, entropy_params, ae_params=None, integer_model=None) -> bytes:
     """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights
     (with the autoencoder's when it has learned ones, e.g. a stage-0 patch autoencoder)."""
-    from perco_jax.train.stage2 import _comparable
-
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return bitstream.fingerprint({"config": _comparable(cfg), "entropy_model": cfg["entropy_model"],
+    return bitstream.fingerprint({"config": build.codec_identity(cfg), "entropy_model": cfg["entropy_model"],
                                   "codec": cfg["codec"],
                                   "weights": _digest([codec_params, entropy_params] + ([ae_params] if ae_params else []))}
                                  | ({"integer_entropy_model": integer_model.digest()} if integer_model is not None else {}))

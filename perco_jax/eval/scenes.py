@@ -31,7 +31,7 @@ SCENE_METRICS = ("colours_present", "realism", "background_right")
 PALETTE = np.unique(np.array(list(COLOURS.values()) + list(BACKGROUNDS.values()), np.float32) / 255.0, axis=0)
 
 
-def _distance(image: np.ndarray, colours: np.ndarray) -> np.ndarray:
+def colour_distance(image: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Max-over-channels distance [H, W, N] of image [H, W, 3] to colours [N, 3]."""
     return np.abs(image[:, :, None, :] - colours[None, None]).max(axis=-1)
 
@@ -45,8 +45,8 @@ def scene_metrics(image: np.ndarray, scene: Scene) -> dict:
     min_pixels = MIN_PIXELS_AT_32 * h * w / 32 ** 2
     named = sorted({s.colour for s in scene.shapes})
     targets = np.array([COLOURS[c] for c in named], np.float32) / 255.0
-    hits = (_distance(image, targets) <= TOLERANCE).sum(axis=(0, 1))
-    d = _distance(image, PALETTE)
+    hits = (colour_distance(image, targets) <= TOLERANCE).sum(axis=(0, 1))
+    d = colour_distance(image, PALETTE)
     near = d.min(axis=-1) <= TOLERANCE
     counts = np.bincount(d.argmin(axis=-1)[near], minlength=len(PALETTE))
     background = np.array(BACKGROUNDS[scene.background], np.float32) / 255.0

@@ -250,7 +250,7 @@ class Segmenter:
         self.model, self.processor, self.kind, self.name = model, processor, kind, name
         self.batch_size = int(batch_size)
         # OneFormer's AutoProcessor wraps the image processor (which does the post-processing).
-        self._post = getattr(processor, "image_processor", processor)
+        self.post_processor = getattr(processor, "image_processor", processor)
 
     @classmethod
     def load(cls, path, device: Optional[str] = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -357,7 +357,7 @@ class Segmenter:
         sizes = [tuple(int(s) for s in im.shape[:2]) for im in images]
         with torch.no_grad():
             outputs = self.model(**inputs)
-            post = getattr(self._post, "post_process_semantic_segmentation", None)
+            post = getattr(self.post_processor, "post_process_semantic_segmentation", None)
             if post is not None:
                 maps = post(outputs, target_sizes=sizes)
             else:

@@ -24,29 +24,16 @@ from perco_jax.reconstruct import encode_images
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 from perco_jax.train.step import TOKEN_KEYS
 
-# Sections that must equal the stage-1 run's: they define the indices stage 2 learns to code.
-CODEC_SECTIONS = ("image_size", "autoencoder", "space_to_depth_factor", "vae", "patch_autoencoder",
-                  "autoencoder_workdir", "mmdit", "codec",
-                  "hyper_encoder", "vq", "clip_l", "clip_g", "t5", "text", "pretrained", "dtype", "seed")
 STAGE1_STATE_FIELDS = ("ema_decay", "trainable", "grad_accum_steps", "grad_clip", "num_train_steps",
                        "learning_rate", "warmup_steps", "lr_schedule", "weight_decay", "batch_size")
-_SCHEDULE_ONLY = ("schedule", "coding_batch_size")  # codec fields stage 1 does not depend on
-
-
-def _comparable(config: dict) -> dict:
-    out = {k: config.get(k) for k in CODEC_SECTIONS}
-    if isinstance(out["codec"], dict):
-        out["codec"] = {k: v for k, v in out["codec"].items() if k not in _SCHEDULE_ONLY}
-    return json.loads(json.dumps(out, default=list))  # tuples and lists compare equal
-
 
 def check_stage1_config(config, stage1_workdir: Path) -> None:
     """ConfigError naming the fields where `config` differs from the stage-1 run's config.json."""
     path = Path(stage1_workdir) / "config.json"
     if not path.exists():
         raise build.ConfigError(f"stage1_workdir={stage1_workdir} holds no stage-1 run (no config.json)")
-    ours, theirs = _comparable(config.to_dict()), _comparable(json.loads(path.read_text()))
-    diff = sorted(k for k in CODEC_SECTIONS if ours[k] != theirs[k])
+    ours, theirs = build.codec_identity(config.to_dict()), build.codec_identity(json.loads(path.read_text()))
+    diff = sorted(k for k in build.CODEC_SECTIONS if ours[k] != theirs[k])
     if diff:
         raise build.ConfigError(f"the config differs from the stage-1 run in {stage1_workdir} in {diff}: "
                                 "stage 2 must use the codec it codes")
