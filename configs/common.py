@@ -116,10 +116,13 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.text = ml_collections.ConfigDict(dict(max_sequence_length=256, clip_max_length=77, caption_dropout=0.1,
                                                  cache=False, embeddings=""))
 
-    # ---- the entropy model of the indices (MaskGIT-like; conditional = sees the caption's
-    # SD3 text embeddings, which the decoder has before it decodes the indices)
+    # ---- the entropy model of the indices (MaskGIT-like; conditional = sees the caption, which the
+    # decoder has before it decodes the indices). caption_input: "tokens" = the caption's T5 token
+    # ids through the entropy model's own embedding (trained in stage 2; integers end to end, so
+    # streams decode bit-exactly on any machine) or "context" = SD3's float text context (exact
+    # only where the float text encoders agree to the last bit). See docs/bitstream.md.
     config.entropy_model = ml_collections.ConfigDict(dict(width=512, depth=8, num_heads=8, mlp_ratio=4,
-                                                          conditional=True))
+                                                          conditional=True, caption_input="tokens"))
 
     # ---- which stage `train` runs: 0 = the learned autoencoder (autoencoder=patch),
     # 1 = MM-DiT + hyper-encoder + VQ (flow matching),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,11 @@ def validate(config) -> None:
     em = config.entropy_model
     need(em.width >= 1 and em.depth >= 1 and em.num_heads >= 1 and em.width % em.num_heads == 0,
          f"entropy_model: width={em.width} must be a positive multiple of num_heads={em.num_heads}, depth >= 1")
+    need(not em.conditional or caption_input(config) in CAPTION_INPUTS,
+         f"entropy_model.caption_input={caption_input(config)!r}: one of {CAPTION_INPUTS}")
+    need(config.stage != 2 or caption_input(config) != "tokens" or text_encoders_in_step(config),
+         "stage 2 with entropy_model.caption_input='tokens' trains on the captions' token ids: set "
+         "text.cache=False and text.embeddings='' (precomputed embeddings hold no token ids)")
     need(int(config.codec.coding_batch_size) == config.codec.coding_batch_size and config.codec.coding_batch_size >= 1,
          f"codec.coding_batch_size={config.codec.coding_batch_size!r}: need an integer >= 1")
     for spec in (config.codec.schedule, *config.stage2.schedules):
@@ -179,13 +185,31 @@ def stage_config(config):
     return out
 
 
+CAPTION_INPUTS = ("tokens", "context")  # config.entropy_model.caption_input
+
+
+def caption_input(config) -> Optional[str]:
+    """What the entropy model reads of the caption: "tokens" (the T5 tokenizer's ids [B, L] through
+    its own learned embedding: integers end to end, so bit-exact tables on any machine), "context"
+    (SD3's float text context [B, L, D]: exact only where the float text encoders agree), or None
+    (entropy_model.conditional False)."""
+    if not config.entropy_model.conditional:
+        return None
+    return setting(config, "entropy_model.caption_input")
+
+
 def build_entropy_model(config) -> EntropyModel:
-    """The MIM entropy model over the codec's grid; conditioned on the SD3 text context
-    [B, L, mmdit.joint_attention_dim] when entropy_model.conditional."""
+    """The MIM entropy model over the codec's grid, reading the caption as `caption_input` says:
+    T5 token ids [B, text.max_sequence_length] in [0, t5.vocab_size), the SD3 text context
+    [B, L, mmdit.joint_attention_dim], or nothing."""
     em = config.entropy_model
+    caption = caption_input(config)
+    tokens = caption == "tokens"
     return EntropyModel(codebook_size=config.codec.codebook_size, width=em.width, depth=em.depth,
                         num_heads=em.num_heads, mlp_ratio=em.mlp_ratio, max_grid=config.codec.grid_side,
-                        context_dim=config.mmdit.joint_attention_dim if em.conditional else 0,
+                        context_dim=config.mmdit.joint_attention_dim if caption == "context" else 0,
+                        caption_vocab=config.t5.vocab_size if tokens else 0,
+                        max_caption=config.text.max_sequence_length if tokens else 0,
                         dtype=jnp.dtype(config.dtype))
 
 

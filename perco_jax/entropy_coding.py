@@ -7,13 +7,15 @@ before predicting the next. Within a group, positions are taken in row-major ord
 
 The coding tables come from one of two models, passed as `model` to every function here:
   - the float `EntropyModel`, as `apply_fn(indices [B, H, W] int32, mask [B, H, W] bool,
-    context [B, L, C] | None) -> logits [B, H, W, K] float32`, the caller's jitted model function
-    (see `make_apply_fn`); its probabilities are quantised by `range_coding.quantize_counts`.
+    context: the caption input [B, L, C] / [B, L] | None) -> logits [B, H, W, K] float32`, the
+    caller's jitted model function (see `make_apply_fn`); its probabilities are quantised by
+    `range_coding.quantize_counts`.
     Bitstream versions <= 3. Subject to the determinism rule below.
   - the integer entropy model (`perco_jax.models.integer_entropy_model`), as `IntegerTables`:
-    integer arithmetic from the (int8) inputs to the tables, so the tables are bit-identical on
-    any machine, XLA flag, batch size or device layout; the determinism rule and batch_size do
-    not apply (batch_size=None is fine on both sides). Bitstream version 4.
+    integer arithmetic from the integer inputs (caption token ids, or an int8 context) to the
+    tables, so the tables are bit-identical on any machine, XLA flag, batch size or device
+    layout; the determinism rule and batch_size do not apply (batch_size=None is fine on both
+    sides). Bitstream version 4.
 
 DETERMINISM RULE (float model only).
 The range decoder only works if it builds bit-identical coding tables to the
@@ -56,8 +58,9 @@ ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 class IntegerTables:
     """The integer entropy model `qm` as a source of coding tables:
     tables(indices [B, H, W], mask [B, H, W], context) -> counts [B, H, W, K] int64 (each row
-    sums to 2^range_coding.PRECISION). context: [B, L, C] int8 values (`iem.quantize_context`),
-    or the float context, which is quantised here; None for an unconditional model.
+    sums to 2^range_coding.PRECISION). context: caption token ids [B, L] int for a model that
+    reads them (exact end to end), or [B, L, C] int8 values (`iem.quantize_context`) or the float
+    context, which is quantised here, for a context model; None for an unconditional model.
     reference=True runs the NumPy int64 reference instead of the jitted JAX path (same tables)."""
 
     def __init__(self, qm: iem.IntegerEntropyModel, reference: bool = False):
@@ -68,7 +71,8 @@ class IntegerTables:
         self._counts = (lambda x, m, c: iem.reference_counts(qm, x, m, c)) if reference else iem.make_jax_counts(qm)
 
     def __call__(self, indices, mask, context=None) -> np.ndarray:
-        if context is not None and not np.issubdtype(np.asarray(context).dtype, np.integer):
+        if context is not None and self.model.config["context_dim"] \
+                and not np.issubdtype(np.asarray(context).dtype, np.integer):
             context = iem.quantize_context(context, self.model)
         return np.asarray(self._counts(indices, mask, context), np.int64)
 

@@ -245,3 +245,42 @@ def test_training_mask_over_several_schedules_matches_one_schedule_step_each():
         seen.update(hits)
     # every (schedule, step) pair is drawn (600 draws over 2 + 8 + 3 pairs)
     assert len(seen) == sum(int(g.max()) + 1 for g in stack)
+
+
+def test_caption_tokens_input():
+    """caption_vocab: token ids [B, L] through the model's own tables (any L <= max_caption); they
+    change the prediction, round-trip through the coder, and the config builds it from the T5
+    tokenizer's vocabulary (entropy_model.caption_input="tokens")."""
+    from perco_jax import build
+    from perco_jax.config import load_config
+
+    model = _model(caption_vocab=10, max_caption=5)
+    x = _grids(np.random.default_rng(2), 2, 4, 4)
+    tokens = jnp.asarray([[1, 2, 3], [4, 0, 0]], jnp.int32)
+    variables = jax.jit(model.init)(jax.random.key(4), x, jnp.ones(x.shape, bool), tokens)
+    params = variables["params"]
+    assert params["caption_embed"]["embedding"].value.shape == (10, 32)
+    assert params["caption_pos"]["embedding"].value.shape == (5, 32)
+    logits = jax.jit(model.apply)(variables, x, jnp.ones(x.shape, bool), tokens)
+    assert not np.allclose(logits, model.apply(variables, x, jnp.ones(x.shape, bool), tokens[::-1]))
+    f = ec.make_apply_fn(model, variables)
+    groups = get_schedule("quincunx", 4, 4)
+    payloads = ec.encode_indices(f, x, groups, tokens)
+    np.testing.assert_array_equal(ec.decode_indices(f, payloads, (4, 4), groups, tokens), x)
+    with pytest.raises(ValueError, match="caption token ids"):
+        model.apply(variables, x, jnp.ones(x.shape, bool), jnp.zeros((2, 6), jnp.int32))  # longer than max_caption
+
+    config = load_config("tiny", ["entropy_model.caption_input=tokens"])
+    em = build.build_entropy_model(config)
+    assert (em.caption_vocab, em.max_caption, em.context_dim) == (config.t5.vocab_size,
+                                                                  config.text.max_sequence_length, 0)
+    config.entropy_model.caption_input = "context"
+    em = build.build_entropy_model(config)
+    assert (em.caption_vocab, em.context_dim) == (0, config.mmdit.joint_attention_dim)
+    config.entropy_model.caption_input = "bytes"
+    with pytest.raises(build.ConfigError, match="caption_input"):
+        build.validate(config)
+    config = load_config("tiny", ["entropy_model.caption_input=tokens", "stage=2", "stage1_workdir=x",
+                                  "text.cache=True"])
+    with pytest.raises(build.ConfigError, match="token ids"):
+        build.validate(config)

@@ -1,8 +1,10 @@
 """The integer entropy model: golden streams, bit-exact JAX path, table invariants, bounds, PTQ.
 
 Golden data (tests/data/integer_entropy, made by the NumPy int64 reference; regenerate with
-`python -m tests.integer_golden`): the JAX path must reproduce its payloads and table hashes byte
-for byte under every setting here, and in a subprocess with other XLA flags and 8 devices.
+`python -m tests.integer_golden`), for a model reading an int8 context and one reading caption
+tokens: the JAX path must reproduce its payloads and table hashes byte for byte under every
+setting here, and in a subprocess with other XLA flags and 8 devices. A codec whose entropy model
+reads caption tokens writes the same streams whatever its float text encoders compute.
 """
 import dataclasses
 import json
@@ -29,20 +31,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def qm():
-    return golden.load_model(golden.DATA / "model.npz")
+    return golden.load("context")[0]
 
 
 @pytest.fixture(scope="module")
 def expected():
-    return json.loads((golden.DATA / "golden.json").read_text())
+    return golden.load("context")[1]
 
 
-def test_reference_reproduces_the_golden_streams(qm, expected):
+@pytest.fixture(scope="module", params=golden.KINDS)
+def stored(request):
+    """(integer model, golden streams) of each caption input."""
+    return golden.load(request.param)
+
+
+def test_reference_reproduces_the_golden_streams(stored):
+    qm, expected = stored
     assert golden.reproduces(qm, expected, ec.IntegerTables(qm, reference=True)) == []
 
 
 @pytest.mark.parametrize("batch", [1, 8])
-def test_jax_path_reproduces_the_golden_streams(qm, expected, batch):
+def test_jax_path_reproduces_the_golden_streams(stored, batch):
+    qm, expected = stored
     assert golden.reproduces(qm, expected, ec.IntegerTables(qm), batch=batch, specs=golden.SPECS[:2]) == []
 
 
@@ -57,13 +67,14 @@ def test_jax_path_reproduces_the_golden_streams_under_every_setting():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result == {k: [] for k in ("jit", "batch 1", "disable_jit", "bfloat16 matmul precision", "8 devices",
-                                      "x64")}, result
+    clean = {k: [] for k in ("jit", "batch 1", "disable_jit", "bfloat16 matmul precision", "8 devices", "x64")}
+    assert result == {kind: clean for kind in golden.KINDS}, result
 
 
-def test_cross_decode(qm, expected):
+def test_cross_decode(stored):
     """Payloads the NumPy reference encoded decode with the JAX path, and the other way round."""
-    x, ctx = golden.golden_inputs()
+    qm, expected = stored
+    x, ctx = golden.golden_inputs(golden.kind_of(qm))
     jax_tables, ref_tables = ec.IntegerTables(qm), ec.IntegerTables(qm, reference=True)
     for spec in ("qlds:4", "random:5:3"):
         g = schedules.from_spec(spec, golden.GRID, golden.GRID)
@@ -85,11 +96,12 @@ def _cdf_ok(counts: np.ndarray) -> None:
     assert (np.diff(cdf, axis=-1) > 0).all() and (cdf[..., -1] == 1 << rc.PRECISION).all()
 
 
-def test_table_invariants(qm):
+def test_table_invariants(stored):
+    qm = stored[0]
     rng = np.random.default_rng(3)
     x = rng.integers(0, golden.K, (5, 4, 3)).astype(np.int32)
     mask = rng.random(x.shape) < 0.5
-    ctx = rng.integers(-127, 128, (5, 2, golden.C)).astype(np.int32)
+    ctx = golden.caption_inputs(rng, golden.kind_of(qm), 5, length=2)
     _cdf_ok(iem.reference_counts(qm, x, mask, ctx))
     _cdf_ok(np.asarray(iem.make_jax_counts(qm)(x, mask, ctx)))
     # extreme logits: flat, one dominant symbol, clamped extremes, both paths
@@ -147,6 +159,15 @@ def test_overflow_bound(qm):
     assert np.abs(logits).max() <= iem._amax(iem.LOGIT_BITS)
 
 
+def test_overflow_bound_of_caption_tokens():
+    qm = golden.load("tokens")[0]
+    iem.check_bounds(qm)
+    tok = qm.arrays["cap_tok"].copy()
+    tok[3, 0] = 1 << 31
+    with pytest.raises(ValueError, match="caption embedding sum"):
+        iem.check_bounds(dataclasses.replace(qm, arrays={**qm.arrays, "cap_tok": tok}))
+
+
 def test_crc_refuses_a_perturbed_model(qm, expected):
     """A decoder whose integer model differs in one bias decodes other indices; the v4 CRC says so."""
     x, ctx = golden.golden_inputs()
@@ -167,25 +188,28 @@ def test_crc_refuses_a_perturbed_model(qm, expected):
     bs.check_crc(stream, ec.decode_indices(ec.IntegerTables(qm), [payload], x.shape[1:], g, ctx[:1])[0], model=model)
 
 
-def test_stored_model_round_trip(qm, tmp_path):
+def test_stored_model_round_trip(stored, tmp_path):
+    qm = stored[0]
     golden.save_model(qm, tmp_path / "m.npz")
     again = golden.load_model(tmp_path / "m.npz")
     assert again.digest() == qm.digest() and again.config == qm.config
 
 
 @pytest.mark.slow
-def test_quantized_model_is_close_to_the_float_model():
-    """PTQ of a random conditional model: the integer tables cost under 0.5% over the float
-    probabilities (cross-entropy of samples from the float model)."""
-    model = EntropyModel(**golden.FLOAT_MODEL)
+@pytest.mark.parametrize("kind", golden.KINDS)
+def test_quantized_model_is_close_to_the_float_model(kind):
+    """PTQ of a random conditional model (either caption input): the integer tables cost under
+    0.5% over the float probabilities (cross-entropy of samples from the float model)."""
+    model = EntropyModel(**golden.FLOAT_MODELS[kind])
     rng = np.random.default_rng(5)
     x = rng.integers(0, golden.K, (32, 4, 4))
     mask = rng.random(x.shape) < rng.random((32, 1, 1))
-    ctx = rng.normal(size=(32, golden.L, golden.C)).astype(np.float32)
+    ctx = (rng.normal(size=(32, golden.L, golden.C)).astype(np.float32) if kind == "context"
+           else golden.caption_inputs(rng, kind, 32))
     params = jax.jit(model.init)(jax.random.key(2), jnp.asarray(x[:1]), jnp.asarray(mask[:1]), jnp.asarray(ctx[:1]))
     q = iem.quantize(model, params, x, mask, ctx)
     p = np.asarray(jax.nn.softmax(model.apply(params, jnp.asarray(x), jnp.asarray(mask), jnp.asarray(ctx))), np.float64)
-    counts = iem.reference_counts(q, x, mask, iem.quantize_context(ctx, q))
+    counts = iem.reference_counts(q, x, mask, iem.quantize_context(ctx, q) if kind == "context" else ctx)
     entropy = -(p * np.log2(p)).sum(-1).mean()
     cross = -(p * np.log2(counts / 2.0 ** rc.PRECISION)).sum(-1).mean()
     assert entropy <= cross < 1.005 * entropy, (entropy, cross)
@@ -204,3 +228,74 @@ def test_errors(qm):
         ec.IntegerTables(dataclasses.replace(qm, config={**qm.config, "precision": 16}))
     with pytest.raises(ValueError, match="counts >= 1"):
         rc.encode_counts([np.zeros(1, np.int32)], [np.array([[1 << rc.PRECISION, 0]])])
+
+
+def test_caption_token_errors():
+    qm = golden.load("tokens")[0]
+    x = np.zeros((2, 4, 4), np.int32)
+    m = np.ones(x.shape, bool)
+    iem.reference_counts(qm, x, m, np.full((2, golden.L), golden.V - 1, np.int32))  # the largest id is fine
+    for bad in (None, np.zeros((2, 2, golden.C), np.float32), np.zeros((2, 2), np.float32),
+                np.full((2, 2), golden.V, np.int32), np.full((2, 2), -1, np.int32),
+                np.zeros((2, golden.L + 1), np.int32), np.zeros((3, 2), np.int32)):
+        with pytest.raises(ValueError, match="caption token ids"):
+            iem.reference_counts(qm, x, m, bad)
+    with pytest.raises(ValueError, match="caption token ids"):
+        ec.IntegerTables(qm)(x, m, np.zeros((2, 2, golden.C), np.float32))  # (no quantize_context for tokens)
+    float_model = EntropyModel(**golden.FLOAT_MODELS["tokens"])
+    with pytest.raises(ValueError, match="caption token ids"):
+        float_model.init(jax.random.key(0), jnp.asarray(x), jnp.asarray(m), jnp.zeros((2, 2, golden.C)))
+    with pytest.raises(ValueError, match="not both"):
+        EntropyModel(**golden.FLOAT_MODELS["tokens"], context_dim=golden.C).init(
+            jax.random.key(0), jnp.asarray(x), jnp.asarray(m), jnp.zeros((2, 2), jnp.int32))
+
+
+def _untrained_codec(caption_input: str, folder: Path):
+    """A tiny Codec (untrained networks: only its entropy coding is used) whose entropy model reads
+    `caption_input`, with its integer model quantised from random calibration inputs, and captions."""
+    from perco_jax import build
+    from perco_jax.codec.codec import Codec
+    from perco_jax.config import load_config
+
+    config = load_config("tiny", [f"entropy_model.caption_input={caption_input}", "entropy_model.width=32",
+                                  "entropy_model.depth=1", "entropy_model.num_heads=2"])
+    em = build.build_entropy_model(config)
+    encoder, text_params = build.build_text(config, folder)
+    g, k = config.codec.grid_side, config.codec.codebook_size
+    captions = ["a red circle on a blue background", "a small green square", "", "a tiny cat near a tree"]
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, k, (len(captions), g, g)).astype(np.int32)
+    mask = rng.random(x.shape) < rng.random((len(captions), 1, 1))
+    codec = Codec(config, {}, None, {}, text_params, encoder, b"\0" * 8)
+    ctx = codec.context(captions)
+    params = em.init(jax.random.key(1), jnp.asarray(x[:1]), jnp.asarray(mask[:1]), jnp.asarray(ctx[:1]))
+    codec = dataclasses.replace(codec, entropy_params=params["params"])
+    qm = iem.quantize(em, params, x, mask, ctx, max_context=None if caption_input == "tokens" else ctx.shape[1])
+    return codec.with_integer_model(qm), x, captions
+
+
+@pytest.mark.parametrize("caption_input", ["tokens", "context"])
+def test_caption_tokens_make_the_tables_independent_of_the_float_text_encoders(caption_input, tmp_path):
+    """Two decoders whose float text encoders differ (every weight moved, far beyond any machine's
+    rounding): with caption tokens they build the same tables and decode each other's streams; with
+    the float context the tables differ (what the test would see if tokens reached a float net)."""
+    codec, x, captions = _untrained_codec(caption_input, tmp_path)
+    noise = iter(np.random.default_rng(2).normal(size=1000) * 0.05)
+    other = dataclasses.replace(codec, text_params=jax.tree.map(lambda a: a + float(next(noise)), codec.text_params))
+    L = codec.config.text.max_sequence_length
+    ctx_a, ctx_b = (np.asarray(c.prompt_encoder(c.text_params, captions, L)[0]) for c in (codec, other))
+    assert np.abs(ctx_a - ctx_b).max() > 0.01  # the float text encoders really disagree
+    groups = schedules.from_spec(codec.config.codec.schedule, *codec.grid)
+    steps = range(schedules.num_groups(groups))
+    tables_a, tables_b = ([ec.group_tables(c.coding_model()[0], x, groups, s, c.context(captions)) for s in steps]
+                          for c in (codec, other))
+    same = all(np.array_equal(a, b) for a, b in zip(tables_a, tables_b))
+    if caption_input == "context":
+        assert not same
+        return
+    assert same
+    payloads = codec.encode_indices(x, captions)
+    assert other.encode_indices(x, captions) == payloads
+    model, batch = other.coding_model()
+    np.testing.assert_array_equal(ec.decode_indices(model, payloads, codec.grid, groups, other.context(captions),
+                                                    batch_size=batch), x)

@@ -269,12 +269,18 @@ class Codec:
             out.append(np.asarray(self._encode(self.codec_params, self.ae_params, x))[: sl.stop - sl.start])
         return np.concatenate(out) if out else np.zeros((0,) + self.grid, np.int32)
 
-    def context(self, captions: Sequence[str]) -> Optional[jax.Array]:
-        """The entropy model's text context [n, L, D] (None when it is unconditional), computed on
-        chunks of exactly coding_batch_size captions (padded with the empty prompt)."""
+    def context(self, captions: Sequence[str]):
+        """The entropy model's caption input: the captions' T5 token ids [n, L] int32 (caption_input
+        "tokens": the tokenizer alone, no float network), or their SD3 text context [n, L, D]
+        ("context": computed on chunks of exactly coding_batch_size captions, padded with the empty
+        prompt), or None (unconditional)."""
+        captions = list(captions)
+        if self.entropy_model.caption_vocab:
+            if self.prompt_encoder.tokenizers[2] is None:
+                raise ValueError("this codec's entropy model reads T5 token ids, and it has no T5 tokenizer")
+            return self.prompt_encoder.tokenize(captions, self.config.text.max_sequence_length)["t5"]
         if not self.entropy_model.context_dim:
             return None
-        captions = list(captions)
         out = []
         for sl in self._chunks(len(captions)):
             chunk = captions[sl] + [""] * (self.batch - (sl.stop - sl.start))

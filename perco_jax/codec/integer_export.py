@@ -4,7 +4,7 @@
     codec = codec.with_integer_model(qm)   # the codec that writes version-4 streams
 
 (Codec.from_runs does both.) Calibration data: CALIBRATION_IMAGES images of the training split, their indices (the stage-1
-encoder) and text contexts, each under the mask of a random coding step of the stage-2 training
+encoder) and caption inputs (token ids or text contexts, `Codec.context`), each under the mask of a random coding step of the stage-2 training
 schedules (`training_mask`), i.e. inputs like those the model codes. Measured rate cost on held-out
 images: benchmarks/rate.py prints it per schedule.
 """
@@ -22,7 +22,8 @@ CALIBRATION_IMAGES = 256
 
 
 def calibration_inputs(codec, n: int = CALIBRATION_IMAGES, seed: int = 0):
-    """(indices [n, g, g], mask [n, g, g], context [n, L, C] float or None) of n training images."""
+    """(indices [n, g, g], mask [n, g, g], caption input (token ids [n, L] int, context [n, L, C]
+    float, or None)) of n training images."""
     from perco_jax.data.pipeline import make_dataset
 
     data = make_dataset(codec.config, split="train")
@@ -41,6 +42,7 @@ def calibrate(codec, n: int = CALIBRATION_IMAGES, seed: int = 0) -> iem.IntegerE
     """The integer entropy model of `codec`'s float one, calibrated on n training images."""
     indices, mask, context = calibration_inputs(codec, n, seed)
     c = codec.config
-    max_context = build.clip_max_length(c) + c.text.max_sequence_length if context is not None else None
+    # a text context is as long as the prompt encoding (caption tokens: the model's max_caption)
+    max_context = build.clip_max_length(c) + c.text.max_sequence_length if codec.entropy_model.context_dim else None
     return iem.quantize(codec.entropy_model, {"params": codec.entropy_params}, indices, mask, context,
                         precision=range_coding.PRECISION, max_context=max_context)

@@ -8,7 +8,11 @@ the positions of group s are used for coding (`perco_jax.entropy_coding`).
 Shapes:
   indices [B, H, W] int32 in [0, K)   (values at masked positions are ignored)
   mask    [B, H, W] bool              True = not yet known (replaced by the mask token)
-  context [B, L, context_dim] or None (caption embedding; prepended as L extra tokens)
+  context the caption, prepended as L extra tokens, one of
+          [B, L, context_dim] float   a caption embedding (SD3's text context; context_dim > 0)
+          [B, L] int in [0, V)        caption token ids (caption_vocab V > 0), embedded here by a
+                                      learned table + a learned position table of max_caption rows
+          None                        unconditional (both 0)
   logits  [B, H, W, K] float32
 
 Positions are learned 2D embeddings: a row table and a column table of `max_grid` entries each,
@@ -71,9 +75,14 @@ class EntropyModel(nn.Module):
     """Bidirectional transformer predicting index distributions [B, H, W, K] from a masked grid.
 
     codebook_size K; the token table has K + 1 entries, the last (id K) being the mask token.
-    context_dim = 0 makes the model unconditional (a `context` passed in is then an error);
-    otherwise context [B, L, context_dim] is projected to the width and prepended as L tokens that
-    take part in every attention layer (all grid positions attend to them).
+    The caption comes in as one of (at most one of context_dim, caption_vocab is nonzero; both 0
+    makes the model unconditional, and a `context` passed in is then an error):
+      context_dim > 0: context [B, L, context_dim] float, projected to the width;
+      caption_vocab > 0: caption token ids [B, L <= max_caption] int, looked up in a learned
+        table [caption_vocab, width] plus a learned position table [max_caption, width] (an
+        integer input: the integer model's tables then depend on no float network).
+    Either way the L caption tokens are prepended to the grid's and take part in every attention
+    layer (all grid positions attend to them).
     `dtype` is the compute dtype; params are float32 and the logits always float32.
     """
     codebook_size: int
@@ -83,6 +92,8 @@ class EntropyModel(nn.Module):
     mlp_ratio: int = 4
     max_grid: int = 64
     context_dim: int = 0
+    caption_vocab: int = 0
+    max_caption: int = 0
     dtype: Dtype = jnp.float32
 
     @property
@@ -110,6 +121,9 @@ class EntropyModel(nn.Module):
                        embedding_init=nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")))(jnp.arange(w))
         x = (x + row[None, :, None, :] + col[None, None, :, :]).reshape(b, h * w, d)
 
+        if self.context_dim and self.caption_vocab:
+            raise ValueError("an entropy model reads a float context (context_dim) or caption tokens "
+                             "(caption_vocab), not both")
         n_ctx = 0
         if self.context_dim:
             if context is None:
@@ -118,10 +132,21 @@ class EntropyModel(nn.Module):
             if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.context_dim:
                 raise ValueError(f"context must be [{b}, L, {self.context_dim}], got shape {context.shape}")
             c = dense(d, ("joint", "embed"), name="context_proj", dtype=dt)(context.astype(dt))
+        elif self.caption_vocab:
+            if context is None or context.ndim != 2 or context.shape[0] != b \
+                    or not jnp.issubdtype(context.dtype, jnp.integer) or context.shape[1] > self.max_caption:
+                raise ValueError(f"this entropy model reads caption token ids [{b}, L <= {self.max_caption}] int, "
+                                 f"got {None if context is None else (context.dtype, context.shape)}")
+            c = nn.Embed(self.caption_vocab, d, dtype=dt, name="caption_embed",
+                         embedding_init=nn.with_logical_partitioning(_EMBED_INIT, ("vocab", "embed")))(context)
+            c = c + nn.Embed(self.max_caption, d, dtype=dt, name="caption_pos",
+                             embedding_init=nn.with_logical_partitioning(_EMBED_INIT, (None, "embed")))(
+                jnp.arange(context.shape[1]))[None]
+        elif context is not None:
+            raise ValueError("this entropy model is unconditional but a context was given")
+        if self.context_dim or self.caption_vocab:
             n_ctx = c.shape[1]
             x = jnp.concatenate([c, x], axis=1)
-        elif context is not None:
-            raise ValueError("this entropy model is unconditional (context_dim=0) but a context was given")
 
         for i in range(self.depth):
             x = Block(self.num_heads, self.mlp_ratio, dtype=dt, name=f"blocks_{i}")(x)

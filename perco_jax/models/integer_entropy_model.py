@@ -33,10 +33,15 @@ batch, int32, exact under any matmul precision or device layout) and the NumPy i
 overflow means they agree) and in how the table's product e * (2^P - K) is divided (int64 at
 once in NumPy, base-16 long division in int32 in JAX).
 
-Inputs: indices [B, H, W] int in [0, K), mask [B, H, W] bool (True = unknown), context
-[B, L, C] int8 (`quantize_context` of the float context; None when unconditional). The context
-itself (the SD3 text encoders' output) is computed in float: tables are bit-exact given the same
-int8 context, see docs/bitstream.md.
+Inputs: indices [B, H, W] int in [0, K), mask [B, H, W] bool (True = unknown), and the caption:
+  - caption tokens [B, L] int in [0, V) (a model with caption_vocab V): looked up in the stored
+    integer tables (caption embedding + position), so the tables are an integer function of the
+    caption's token ids and bit-exact on any machine, end to end;
+  - or a context [B, L, C] int8 (`quantize_context` of the float context of a model with
+    context_dim C): the context itself (the SD3 text encoders' output) is computed in float, so
+    tables are bit-exact only given the same int8 context, i.e. where the float encoders agree
+    (see docs/bitstream.md);
+  - None when unconditional.
 """
 from __future__ import annotations
 
@@ -91,14 +96,21 @@ class IntegerEntropyModel:
     """An integer entropy model: `config` (static ints, JSON) and `arrays` (name -> int64 array).
 
     config: codebook_size K, width D, depth, num_heads, mlp_ratio, max_grid, context_dim,
-    max_context (the longest context sequence L it is checked for), precision P (the tables sum to
-    2^P), context_exp (the context's exponent), ln_frac (per LayerNorm: its output's exponent),
+    caption_vocab (only in models that read caption tokens), max_context (the longest context /
+    caption sequence L it is checked for), precision P (the tables sum to 2^P), context_exp (the
+    context's exponent), ln_frac (per LayerNorm: its output's exponent),
     att_shift (per block: score shift before the exp LUT), out_shift (logit shift before the exp
     LUT). arrays: dense layers as <name>.w [in, out], <name>.b [out], <name>.s [out] (the rounding
-    shift after the accumulation), embeddings tok/row/col (residual units), the LUTs.
+    shift after the accumulation), embeddings tok/row/col (and cap_tok [V, D] / cap_pos [L, D] of
+    the caption tokens; residual units), the LUTs.
     """
     config: dict
     arrays: dict
+
+    @property
+    def caption_vocab(self) -> int:
+        """V of a model that reads caption token ids [B, L] in [0, V); 0 for a context / none."""
+        return int(self.config.get("caption_vocab", 0))
 
     @property
     def num_ln(self) -> int:
@@ -193,18 +205,22 @@ def quantize(model, params, indices, mask, context=None, *, precision: int = 20,
              max_context: Optional[int] = None) -> IntegerEntropyModel:
     """The integer model of a float `EntropyModel` and its params, calibrated on a batch.
 
-    indices [N, H, W] int, mask [N, H, W] bool, context [N, L, C] float or None: calibration
-    inputs like those the model codes (training images' indices under the masks of the coding
-    steps); every activation's exponent comes from its largest magnitude on them (the calibration
-    max, with the clamps for what goes beyond). precision: the tables' P (the range coder's).
-    max_context: the longest context the model must take (default: L). Runs the float model
+    indices [N, H, W] int, mask [N, H, W] bool, context the model's caption input (float
+    [N, L, C], caption token ids [N, L] int, or None): calibration inputs like those the model
+    codes (training images' indices and captions under the masks of the coding steps); every
+    activation's exponent comes from its largest magnitude on them (the calibration max, with the
+    clamps for what goes beyond); the caption token tables are bounded over all their rows.
+    precision: the tables' P (the range coder's). max_context: the longest context the model must
+    take (default: L; caption tokens: always the model's max_caption). Runs the float model
     once; NumPy float64 for the rest. Raises ValueError if the model cannot be bounded in int32.
     """
     p = _unboxed(params)
     d, depth, heads = model.width, model.depth, model.num_heads
     hd = d // heads
+    caption_vocab = getattr(model, "caption_vocab", 0)
+    ctx_dtype = jnp.int32 if caption_vocab else jnp.float32
     act = _capture(model, params, jnp.asarray(indices, jnp.int32), jnp.asarray(mask, bool),
-                   None if context is None else jnp.asarray(context, jnp.float32))
+                   None if context is None else jnp.asarray(context, ctx_dtype))
     out = {}
     cfg = dict(codebook_size=model.codebook_size, width=d, depth=depth, num_heads=heads,
                mlp_ratio=model.mlp_ratio, max_grid=model.max_grid, context_dim=model.context_dim,
@@ -220,6 +236,11 @@ def quantize(model, params, indices, mask, context=None, *, precision: int = 20,
         cfg["context_exp"] = _exponent(np.abs(ctx).max(), ACT_BITS)
         res.append(np.abs(act["context_proj/__call__"]).max())
         cfg["max_context"] = int(max_context or ctx.shape[1])
+    elif caption_vocab:
+        # every caption token may come: bound the whole tables, not the calibration's tokens
+        cfg["caption_vocab"], cfg["context_exp"] = int(caption_vocab), 0
+        cfg["max_context"] = int(model.max_caption)
+        res.append(np.abs(p["caption_embed"]["embedding"]).max() + np.abs(p["caption_pos"]["embedding"]).max())
     else:
         cfg["context_exp"], cfg["max_context"] = 0, 0
     for i in range(depth):
@@ -243,6 +264,9 @@ def quantize(model, params, indices, mask, context=None, *, precision: int = 20,
     if model.context_dim:
         for k, v in _dense(p["context_proj"]["kernel"], p["context_proj"]["bias"], cfg["context_exp"], e_r).items():
             out[f"ctx.{k}"] = v
+    if caption_vocab:
+        out["cap_tok"] = _quant(p["caption_embed"]["embedding"], e_r, 32)
+        out["cap_pos"] = _quant(p["caption_pos"]["embedding"], e_r, 32)
     for i in range(depth):
         blk, bp = f"blocks_{i}", p[f"blocks_{i}"]
         f1, f2 = cfg["ln_frac"][2 * i], cfg["ln_frac"][2 * i + 1]
@@ -328,6 +352,8 @@ def check_bounds(qm: IntegerEntropyModel) -> None:
     need(int(np.abs(a["tok"]).max() + np.abs(a["row"]).max() + np.abs(a["col"]).max()), "embedding sum")
     if c["context_dim"]:
         dense("ctx", x8)
+    if qm.caption_vocab:
+        need(int(np.abs(a["cap_tok"]).max() + np.abs(a["cap_pos"]).max()), "caption embedding sum")
     b_ln = _ln_bits(d)
     need(d * r, "LayerNorm sum")
     need(d * (1 << (2 * b_ln)), "LayerNorm sum of squares")
@@ -461,8 +487,13 @@ def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: _Ops):
          + a["col"][:w][None, None, :, :]).reshape(b, h * w, d)
     x = _clamp(x, RESIDUAL_BITS, o)
     n_ctx = 0
+    ctx = None
     if c["context_dim"]:
         ctx = _clamp(_apply_dense(o.arr(context), a, "ctx", o), RESIDUAL_BITS, o)
+    elif c.get("caption_vocab", 0):
+        ctx = _clamp(xp.take(a["cap_tok"], context, axis=0) + a["cap_pos"][:context.shape[1]][None],
+                     RESIDUAL_BITS, o)
+    if ctx is not None:
         n_ctx = ctx.shape[1]
         x = xp.concatenate([ctx, x], axis=1)
     n = x.shape[1]
@@ -518,6 +549,13 @@ def _check_inputs(qm: IntegerEntropyModel, indices, mask, context):
             raise ValueError(f"this integer model needs an int8 context [{x.shape[0]}, L <= {c['max_context']}, "
                              f"{c['context_dim']}] (quantize_context), got "
                              f"{None if context is None else np.shape(context)}")
+    elif qm.caption_vocab:
+        t = None if context is None else np.asarray(context)
+        if t is None or not np.issubdtype(t.dtype, np.integer) or t.ndim != 2 or t.shape[0] != x.shape[0] \
+                or t.shape[1] > c["max_context"] or (t.size and (t.min() < 0 or t.max() >= qm.caption_vocab)):
+            raise ValueError(f"this integer model needs caption token ids [{x.shape[0]}, L <= {c['max_context']}] "
+                             f"in [0, {qm.caption_vocab}), got "
+                             f"{None if t is None else (t.dtype, t.shape, t.min() if t.size else None, t.max() if t.size else None)}")
     elif context is not None:
         raise ValueError("this integer model is unconditional but a context was given")
 
@@ -532,8 +570,8 @@ def reference_counts(qm: IntegerEntropyModel, indices, mask, context=None) -> np
 
 
 def make_jax_counts(qm: IntegerEntropyModel):
-    """The jitted JAX path: counts(indices [B, H, W], mask [B, H, W], context [B, L, C] | None)
-    -> coding tables [B, H, W, K] int32. Any batch size or sharding: every operation is exact."""
+    """The jitted JAX path: counts(indices [B, H, W], mask [B, H, W], context [B, L, C] int8 |
+    caption tokens [B, L] | None) -> coding tables [B, H, W, K] int32. Any batch size or sharding: every operation is exact."""
     arrays = {k: np.asarray(v, np.int32) for k, v in qm.arrays.items()}  # (check_bounds: they fit)
 
     @jax.jit

@@ -4,8 +4,10 @@ Each step encodes the batch's images to index grids [B, g, g] with the stage-1 c
 params, deterministic: the latent mean, as `compress` does), draws a masking schedule and a
 coding step per example from config.stage2.schedules (`training_mask`), and minimises the
 cross-entropy in bits of the positions coded at that step (`masked_loss_bits`) - the rate the
-range coder will achieve. With entropy_model.conditional, the model also sees the caption's SD3
-text context (dropped to the empty prompt as in stage 1, so it also codes caption-less images).
+range coder will achieve. With entropy_model.conditional, the model also sees the caption (dropped
+to the empty prompt as in stage 1, so it also codes caption-less images): its T5 token ids, which
+it embeds itself (entropy_model.caption_input "tokens": the embedding is trained here), or its SD3
+text context ("context").
 
     batch = stage 1's batch: {"image": [B, H, W, 3] in [-1, 1]} + token ids or cached embeddings
 """
@@ -83,7 +85,8 @@ def init_state(config, model, tx, mesh, rules, abstract: bool = False):
     """(state, shardings): a fresh sharded stage-2 TrainState (vq_state None); abstract=True:
     its ShapeDtypeStructs, nothing allocated."""
     g = config.codec.grid_side
-    ctx = (jnp.zeros((1, 1, model.context_dim)) if model.context_dim else None)
+    ctx = (jnp.zeros((1, 1, model.context_dim)) if model.context_dim
+           else jnp.zeros((1, 1), jnp.int32) if model.caption_vocab else None)
 
     def make(rng):
         k_init, k_state = jax.random.split(rng)
@@ -102,20 +105,25 @@ def make_train_step(entropy_model, codec_model, autoencoder, prompt_encoder, con
     bpp_per_bit = g * g / config.image_size ** 2
     max_len = config.text.max_sequence_length
     p_drop = float(config.text.caption_dropout)
+    if entropy_model.caption_vocab and (prompt_encoder is None or prompt_encoder.tokenizers[2] is None):
+        raise build.ConfigError("entropy_model.caption_input='tokens' reads the T5 tokenizer's ids, and this "
+                                "run has no T5 tokenizer: use caption_input='context'")
 
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
         k_drop, k_mask = step_key(state, 0), step_key(state, 1)
         indices = encode_images(codec_model, autoencoder, frozen["codec"], frozen["autoencoder"], batch["image"])
         context = None
+        drop = jax.random.uniform(k_drop, (b,)) < p_drop
         if entropy_model.context_dim:
-            drop = jax.random.uniform(k_drop, (b,)) < p_drop
             if "context" in batch:
                 context = jnp.where(drop[:, None, None], empty["context"], batch["context"])
             else:
                 tokens = {k: jnp.where(drop[:, None], empty[k], batch[k]) for k in TOKEN_KEYS if k in batch}
                 context = prompt_encoder.encode_tokens(frozen["text"], tokens, max_sequence_length=max_len)[0]
             context = jax.lax.stop_gradient(context)
+        elif entropy_model.caption_vocab:
+            context = jnp.where(drop[:, None], empty["t5"], batch["t5"])
         mask, loss_mask = training_mask(k_mask, groups, b)
 
         def loss_fn(params):
