@@ -9,7 +9,9 @@ writes rate.csv and rate.png (bits per index against the number of coding steps)
 Float against integer entropy model (issue 14): every schedule is coded twice, with the float
 model's tables (bitstream version 3) and the integer model's (version 4; quantised here by
 integer_export.calibrate when the codec folder has none), and a second table compares their bits
-per index and coding times. The integer model's budget: at most 1% more index bits.
+per index and coding times. The integer model's budget: at most 1% more index bits. The header
+names the entropy model's caption input (entropy_model.caption_input: "tokens", exact on any
+machine, or "context"); compare the two with a codec exported from a stage-2 run of each.
 
     python benchmarks/rate.py [--checkpoint demo/checkpoint] [--images 64] [--out benchmarks/out]
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perco_jax import build
 from perco_jax.codec import integer_export
 from perco_jax.codec.codec import Codec
 from perco_jax.codec.report import format_rates, schedule_rates
@@ -96,7 +99,8 @@ def main(argv=None):
     uniform = next(r for r in rows if r["schedule"] == "uniform")["bits_per_index"]
     k = codec.config.codec.codebook_size
     print(f"{len(images)} held-out images, {codec.grid[0]}x{codec.grid[1]} indices, K={k} "
-          f"(uniform = {np.log2(k):.2f} bits/index + byte rounding)")
+          f"(uniform = {np.log2(k):.2f} bits/index + byte rounding), caption input: "
+          f"{build.caption_input(codec.config) or 'none'}")
     print(format_rates(rows))
     print(f"\n  {'schedule':<14}{'coded bits / uniform bits':>27}")
     for r in rows:

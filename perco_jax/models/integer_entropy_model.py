@@ -125,8 +125,9 @@ class IntegerEntropyModel:
         return h.hexdigest()
 
     def to_tree(self) -> dict:
-        """{name: int32 array} for storage (every value fits int32, see check_bounds)."""
-        return {k: np.asarray(v, np.int32) for k, v in self.arrays.items()}
+        """{name: array} for storage, each in the narrowest of int8 / int16 / int32 that holds it
+        (every value fits int32, see check_bounds; a T5-vocabulary caption table fits int16)."""
+        return {k: np.asarray(v, _narrowest(v)) for k, v in self.arrays.items()}
 
     @classmethod
     def from_tree(cls, config: dict, tree: dict) -> "IntegerEntropyModel":
@@ -135,6 +136,12 @@ class IntegerEntropyModel:
         model = cls(config, {k: np.asarray(v, np.int64) for k, v in tree.items()})
         check_bounds(model)
         return model
+
+
+def _narrowest(a) -> type:
+    a = np.asarray(a)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    return next(t for t in (np.int8, np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
 
 
 # ----------------------------------------------------------------------------- post-training quantisation
