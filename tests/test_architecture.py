@@ -53,11 +53,7 @@ LAYERS = (
 # occur: remove it when its violation goes.
 
 # Cycles, each as its sorted modules.
-ALLOWED_CYCLES = {
-    # CodingError (range_coding) subclasses BitstreamError (bitstream), the container codes captions
-    # (caption_coding) and caption coding uses the range coder: wants one codec/errors.py below all three.
-    ("perco_jax.codec.bitstream", "perco_jax.codec.caption_coding", "perco_jax.codec.range_coding"),
-}
+ALLOWED_CYCLES: set = set()
 # "importer -> owner.name" private uses.
 ALLOWED_PRIVATE = {
     # the range coder's word / byte helpers, shared with the caption coder: to be made public in range_coding

@@ -10,6 +10,7 @@ import pytest
 from tests.reference import time_limit
 from perco_jax import schedules
 from perco_jax.codec import bitstream as bs
+from perco_jax.codec.errors import BitstreamError, CodingError
 from perco_jax.codec import range_coding as rc
 
 FP = bs.fingerprint({"model": "tiny", "grid": 4, "codebook_size": 64})
@@ -50,9 +51,9 @@ def test_version_4_is_version_3_with_integer_tables():
     assert (v3[0], v4[0]) == (0xA3, 0xA4) and v3[1:-4] == v4[1:-4]
     assert v4 == _v3_crc(v4[:-4], GRID)
     assert bs.unpack(v4, indices=GRID, model=MODEL)[0].version == 4
-    with pytest.raises(bs.BitstreamError, match="another integer entropy model"):
+    with pytest.raises(BitstreamError, match="another integer entropy model"):
         bs.check_crc(v4, GRID + 1, model=MODEL)
-    with pytest.raises(bs.BitstreamError, match="decode it where it was encoded"):
+    with pytest.raises(BitstreamError, match="decode it where it was encoded"):
         bs.check_crc(v3, GRID + 1, model=MODEL)
 
 
@@ -110,7 +111,7 @@ def _with_crc(body: bytes) -> bytes:
 
 
 def _raises(data, match, **kw):
-    with pytest.raises(bs.BitstreamError, match=match):
+    with pytest.raises(BitstreamError, match=match):
         bs.unpack(data, **kw)
 
 
@@ -205,7 +206,7 @@ def test_old_versions_still_read():
     assert bs.unpack(v1) == (dataclasses.replace(header, version=1), "a cat", b"\1\2\3")
     assert bs.pack(header, "a cat", b"\1\2\3", indices=GRID) == v2
     assert bs.pack(dataclasses.replace(header, version=1), "a cat", b"\1\2\3") == v1
-    with pytest.raises(bs.BitstreamError, match="decoded indices"):
+    with pytest.raises(BitstreamError, match="decoded indices"):
         bs.check_crc(v2, GRID + 1)
 
 
@@ -221,11 +222,11 @@ def test_crc_covers_the_decoded_indices():
     bs.check_crc(data, grid)
     other = grid.copy()
     other[3, 4] ^= 1
-    with pytest.raises(bs.BitstreamError, match="decoded indices"):
+    with pytest.raises(BitstreamError, match="decoded indices"):
         bs.check_crc(data, other)
-    with pytest.raises(bs.BitstreamError, match="Codec.read_batch"):
+    with pytest.raises(BitstreamError, match="Codec.read_batch"):
         bs.unpack(data)  # read as a container without indices
-    with pytest.raises(bs.BitstreamError, match=r"\[0, 2\^32\)"):
+    with pytest.raises(BitstreamError, match=r"\[0, 2\^32\)"):
         bs.pack(HEADER, "", b"", indices=[-1])
     # version 3: keyed with the whole fingerprint, then over the indices, no extra bytes either
     data = bs.pack(MODEL, "a cat", b"\x01\x02", indices=grid, model=MODEL)
@@ -234,26 +235,26 @@ def test_crc_covers_the_decoded_indices():
     assert bs.unpack(data, indices=grid, model=MODEL)[1:] == ("a cat", b"\x01\x02")
     assert bs.unpack(data, indices=None, model=MODEL)[1] == "a cat"
     bs.check_crc(data, grid, model=MODEL)
-    with pytest.raises(bs.BitstreamError, match="decoded indices"):
+    with pytest.raises(BitstreamError, match="decoded indices"):
         bs.check_crc(data, other, model=MODEL)
-    with pytest.raises(bs.BitstreamError, match="Codec.read_batch"):
+    with pytest.raises(BitstreamError, match="Codec.read_batch"):
         bs.unpack(data, model=MODEL)
 
 
 def test_pack_rejects_invalid_headers():
-    with pytest.raises(bs.BitstreamError, match="fingerprint"):
+    with pytest.raises(BitstreamError, match="fingerprint"):
         bs.pack(dataclasses.replace(HEADER, fingerprint=b"short"), "", b"")
-    with pytest.raises(bs.BitstreamError, match="takes no steps"):
+    with pytest.raises(BitstreamError, match="takes no steps"):
         bs.pack(dataclasses.replace(HEADER, schedule="checkerboard", schedule_steps=2), "", b"")
-    with pytest.raises(bs.BitstreamError, match="unknown schedule"):
+    with pytest.raises(BitstreamError, match="unknown schedule"):
         bs.pack(dataclasses.replace(HEADER, schedule="zigzag"), "", b"")
-    with pytest.raises(bs.BitstreamError, match="UTF-8"):
+    with pytest.raises(BitstreamError, match="UTF-8"):
         bs.pack(HEADER, "bad surrogate \ud800", b"")
-    with pytest.raises(bs.BitstreamError, match="needs model="):
+    with pytest.raises(BitstreamError, match="needs model="):
         bs.pack(MODEL, "", b"")
-    with pytest.raises(bs.BitstreamError, match="sends no grid_h"):
+    with pytest.raises(BitstreamError, match="sends no grid_h"):
         bs.pack(dataclasses.replace(MODEL, grid_h=8), "", b"", model=MODEL)
-    with pytest.raises(bs.BitstreamError, match="sends no fingerprint"):
+    with pytest.raises(BitstreamError, match="sends no fingerprint"):
         bs.pack(dataclasses.replace(MODEL, fingerprint=bytes(8)), "", b"", model=MODEL)
 
 
@@ -265,7 +266,7 @@ def test_fingerprint():
     assert bs.fingerprint({"k": np.int64(3), "v": np.arange(2)}) == bs.fingerprint({"k": 3, "v": [0, 1]})
     header, _, _ = bs.unpack(bs.pack(HEADER, "", b""))
     bs.check_fingerprint(header, FP)
-    with pytest.raises(bs.BitstreamError, match="different model/config"):
+    with pytest.raises(BitstreamError, match="different model/config"):
         bs.check_fingerprint(header, bs.fingerprint({"model": "other"}))
 
 
@@ -322,7 +323,7 @@ def test_random_corruptions_never_escape(version):
                 decoded = rc.decode_uniform(payload, header.grid_h * header.grid_w, header.codebook_size)
                 bs.check_crc(bytes(data), decoded, model=model)
                 outcomes["valid"] += 1
-            except bs.BitstreamError:
+            except BitstreamError:
                 outcomes["error"] += 1
     # a corruption slipping past the CRC32 is a ~2^-32 event; none here
     assert outcomes["error"] == 1000
@@ -392,10 +393,10 @@ def test_range_decoder_corruption_raises_coding_error_or_decodes():
                 for p in probs:
                     out = dec.decode(p)
                     assert out.shape == (len(p),) and out.min() >= 0 and out.max() < 256
-            except rc.CodingError:
+            except CodingError:
                 errors += 1
     assert errors > 0  # constriction's own exceptions did occur and were converted
-    assert issubclass(rc.CodingError, bs.BitstreamError)
+    assert issubclass(CodingError, BitstreamError)
 
 
 @pytest.mark.parametrize("k", [2, 256, 1024, 1000, 3])
@@ -409,10 +410,10 @@ def test_uniform_coding(k):
         if k & (k - 1) == 0:
             assert len(data) == math.ceil(n * math.log2(k) / 8)
         np.testing.assert_array_equal(rc.decode_uniform(data, n, k), s)
-    with pytest.raises(rc.CodingError, match="bytes"):
+    with pytest.raises(CodingError, match="bytes"):
         rc.decode_uniform(data + b"\0", 256, k)
     if k == 1000:  # the unused codes 1000..1023 are corruption
-        with pytest.raises(rc.CodingError, match="index"):
+        with pytest.raises(CodingError, match="index"):
             rc.decode_uniform(b"\xff\xc0", 1, k)
     with pytest.raises(ValueError):
         rc.encode_uniform(np.array([k]), k)

@@ -13,6 +13,7 @@ import pytest
 from tests.reference import time_limit
 from perco_jax import captioning as cap
 from perco_jax.codec import bitstream as bs
+from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec import caption_coding as cc
 
 DATA = Path(__file__).parent / "data" / "captions.txt"
@@ -93,7 +94,7 @@ def test_round_trip_random_strings():
         assert cc.decode_text(cc.encode_text(text)) == text, text[:40]
         assert bs._decode_caption(bs.encode_caption(text, bs.CAPTION_ENGLISH), bs.CAPTION_ENGLISH) == text
     big = "x" * (cc.MAX_CAPTION_BYTES + 1)
-    with pytest.raises(bs.BitstreamError, match="at most"):
+    with pytest.raises(BitstreamError, match="at most"):
         bs.encode_caption(big, bs.CAPTION_ENGLISH)
 
 
@@ -165,7 +166,7 @@ def test_corrupted_captions_raise_bitstream_error_only():
                 assert isinstance(text, str)
                 assert bs.encode_caption(text, bs.CAPTION_ENGLISH) == data   # canonical
                 outcomes["valid"] += 1
-            except bs.BitstreamError:
+            except BitstreamError:
                 outcomes["error"] += 1
     # A good entropy coder leaves little redundancy: most byte strings are the coding of some
     # text. The canonical-form check rejects most corruptions (measured about 80%); the rest
@@ -179,18 +180,18 @@ def test_corrupted_captions_raise_bitstream_error_only():
         with time_limit(2.0):
             try:   # with the CRC recomputed over the corrupted caption: BitstreamError or a caption
                 assert isinstance(bs.unpack(body + struct.pack("<I", zlib.crc32(body)))[1], str)
-            except bs.BitstreamError:
+            except BitstreamError:
                 pass
             stream = bytearray(bs.pack(header, bs._decode_caption(good, bs.CAPTION_ENGLISH), b"\7"))
             stream[33 + rng.integers(len(good))] ^= 1 << int(rng.integers(8))
-            with pytest.raises(bs.BitstreamError, match="CRC32"):      # as sent: the CRC catches it
+            with pytest.raises(BitstreamError, match="CRC32"):      # as sent: the CRC catches it
                 bs.unpack(bytes(stream))
 
 
 def test_decoding_is_bounded_and_strict():
     # data that never decodes an END stops at the bound derived from its length, quickly
     for data in (b"", b"\0", b"\0" * 20, b"\x80" + b"\0" * 5):
-        with time_limit(1.0), pytest.raises(bs.BitstreamError, match="without an end|not the coding"):
+        with time_limit(1.0), pytest.raises(BitstreamError, match="without an end|not the coding"):
             cc.decode(data)
     assert cc.max_symbols(0) < 3000 and cc.max_symbols(10 ** 6) == cc.MAX_CAPTION_BYTES + 1
     # the bound holds for the densest real codings: a long greedy (most probable) continuation
@@ -210,12 +211,12 @@ def test_decoding_is_bounded_and_strict():
     data = cc.encode_text(CAPTIONS[0])
     for bad in (data + b"\0", data + b"\1", cc.encode(CAPTIONS[0].encode(), trim=False)):
         if bad != data:
-            with pytest.raises(bs.BitstreamError, match="not the coding"):
+            with pytest.raises(BitstreamError, match="not the coding"):
                 cc.decode(bad)
     # invalid UTF-8 decoded by the model is a BitstreamError too
-    with pytest.raises(bs.BitstreamError, match="UTF-8"):
+    with pytest.raises(BitstreamError, match="UTF-8"):
         bs._decode_caption(cc.encode(b"\xff\xfe"), bs.CAPTION_ENGLISH)
-    with pytest.raises(bs.BitstreamError, match="unknown caption coding"):
+    with pytest.raises(BitstreamError, match="unknown caption coding"):
         bs.encode_caption("a", 3)
 
 

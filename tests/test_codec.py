@@ -16,7 +16,7 @@ import pytest
 from perco_jax import build, entropy_coding, schedules
 from perco_jax.cli import main as cli
 from perco_jax.codec import bitstream
-from perco_jax.codec.bitstream import BitstreamError
+from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec.codec import Codec, prepare_image, rate_split
 from perco_jax.codec.report import DEFAULT_SPECS
 from perco_jax.config import load_config

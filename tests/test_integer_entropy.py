@@ -21,6 +21,7 @@ import pytest
 from perco_jax import entropy_coding as ec
 from perco_jax import schedules
 from perco_jax.codec import bitstream as bs
+from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec import range_coding as rc
 from perco_jax.models import integer_entropy_model as iem
 from perco_jax.models.entropy_model import EntropyModel
@@ -183,7 +184,7 @@ def test_crc_refuses_a_perturbed_model(qm, expected):
     other = ec.IntegerTables(dataclasses.replace(qm, arrays={**arrays, "head.b": b}))
     decoded = ec.decode_indices(other, [bs.unpack(stream, indices=None, model=model)[2]], x.shape[1:], g, ctx[:1])
     assert not np.array_equal(decoded[0], x[0])
-    with pytest.raises(bs.BitstreamError, match="another integer entropy model"):
+    with pytest.raises(BitstreamError, match="another integer entropy model"):
         bs.check_crc(stream, decoded[0], model=model)
     bs.check_crc(stream, ec.decode_indices(ec.IntegerTables(qm), [payload], x.shape[1:], g, ctx[:1])[0], model=model)
 

@@ -78,6 +78,9 @@ import zlib
 import numpy as np
 
 from perco_jax import schedules
+from perco_jax.codec import caption_coding
+from perco_jax.codec.caption_coding import MAX_CAPTION_BYTES
+from perco_jax.codec.errors import BitstreamError
 
 MAGIC = b"PRCO"           # versions 1 and 2
 VERSION = 4               # the newest version: the newest read here
@@ -102,14 +105,9 @@ CAPTION_UTF8 = 1      # plain UTF-8 (for captions so short that DEFLATE would gr
 CAPTION_ENGLISH = 2   # range coded under a static English context model (codec/caption_coding.py)
 CAPTION_CODINGS = {CAPTION_DEFLATE: "deflate", CAPTION_UTF8: "utf8", CAPTION_ENGLISH: "english"}
 
-MAX_CAPTION_BYTES = 1 << 16   # decoded UTF-8; SD3's encoders read a few hundred tokens at most
 MAX_CODEBOOK = 1 << 19        # = range_coding.MAX_ALPHABET
 _U16 = 0xFFFF
 _MAX_VARINT_BYTES = 5         # lengths < 2^35 (far above any real caption or payload)
-
-
-class BitstreamError(ValueError):
-    """A bitstream that is not valid for this decoder (with a message saying why)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -238,7 +236,6 @@ def encode_caption(caption: str, coding: int) -> bytes:
         comp = zlib.compressobj(level=9, method=zlib.DEFLATED, wbits=-15, memLevel=9)
         return comp.compress(raw) + comp.flush()
     if coding == CAPTION_ENGLISH:
-        from perco_jax.codec import caption_coding  # imports this module: not at the top
         return caption_coding.encode(raw)
     raise BitstreamError(f"unknown caption coding {coding!r}")
 
@@ -269,7 +266,6 @@ def _decode_caption(stored: bytes, coding: int) -> str:
         if not d.eof or d.unused_data or d.unconsumed_tail:
             raise BitstreamError("corrupted caption (DEFLATE stream incomplete or with extra bytes)")
     elif coding == CAPTION_ENGLISH:
-        from perco_jax.codec import caption_coding  # imports this module: not at the top
         # raises CodingError (a BitstreamError); output bounded by MAX_CAPTION_BYTES and len(stored)
         raw = caption_coding.decode(stored)
     elif coding == CAPTION_UTF8:

@@ -44,9 +44,13 @@ from importlib import resources
 import constriction
 import numpy as np
 
-from perco_jax.codec.bitstream import MAX_CAPTION_BYTES
-from perco_jax.codec.range_coding import (CodingError, _family, _to_bytes, _to_words, trim_tail,
+from perco_jax.codec.errors import CodingError
+from perco_jax.codec.range_coding import (_family, _to_bytes, _to_words, trim_tail,
                                           quantize_probabilities)
+
+# The longest caption a bitstream holds, in decoded UTF-8 bytes, under any caption coding (the
+# container checks it too); SD3's encoders read a few hundred tokens at most.
+MAX_CAPTION_BYTES = 1 << 16
 
 CORPUS_FILE = "caption_corpus.txt"
 CORPUS_SHA256 = "5a9ec5e9ca7bc9ca6526ac7e0d246da2766c5ae726ddd00630780addd82f0635"

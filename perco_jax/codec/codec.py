@@ -40,7 +40,8 @@ import numpy as np
 
 from perco_jax import build, entropy_coding, schedules
 from perco_jax.codec import bitstream, integer_export, range_coding
-from perco_jax.codec.bitstream import BitstreamError, Header
+from perco_jax.codec.bitstream import Header
+from perco_jax.codec.errors import BitstreamError
 from perco_jax.images import resize, to_rgb_float
 from perco_jax.models.integer_entropy_model import IntegerEntropyModel
 

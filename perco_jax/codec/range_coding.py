@@ -41,7 +41,7 @@ from typing import Callable, Sequence
 import constriction
 import numpy as np
 
-from perco_jax.codec.bitstream import BitstreamError
+from perco_jax.codec.errors import CodingError
 
 # Fixed-point precision of the probability tables: every symbol gets >= 2^-PRECISION, so no
 # index costs much more than PRECISION bits; with K = 1024 the floors take 0.1% of the mass.
@@ -51,10 +51,6 @@ _TOTAL = 1 << PRECISION
 MAX_ALPHABET = 1 << (PRECISION - 1)
 _PROBE_BITS = 30  # float -> integer resolution before renormalisation (exact in float64)
 _MAX_TRIM = 8     # trailing bytes the encoder tries to drop (see trim_tail)
-
-
-class CodingError(BitstreamError):
-    """Entropy-coded data that cannot be decoded (corrupted or truncated)."""
 
 
 def _family():
