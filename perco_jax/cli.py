@@ -114,11 +114,11 @@ def _plan(args) -> int:
 
 
 def _export(args) -> int:
-    from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
+    from perco_jax.train.export import export_codec
 
     config = load_config(args.config, args.override)
-    out = Codec.from_runs(config, args.stage1, args.stage2, args.stage3).save(args.out)
+    out = export_codec(config, args.stage1, args.stage2, args.stage3).save(args.out)
     print(f"wrote {out}")
     return 0
 

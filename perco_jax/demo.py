@@ -77,6 +77,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     from perco_jax.eval.evaluate import evaluate, format_scene_summary
     from perco_jax.eval.scenes import thumbnail_baseline
     from perco_jax.images import load_image, save_image
+    from perco_jax.train.export import export_codec
     from perco_jax.train.loop import train
 
     work = Path(workdir)
@@ -101,7 +102,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     print(f"[4/5] stage 2: training the entropy model for {config.stage2.num_train_steps} steps on the "
           f"codec's indices ({len(config.stage2.schedules)} masking schedules)")
     train(config2, work / "stage2")
-    codec = Codec.from_runs(config, work / "stage1", work / "stage2")
+    codec = export_codec(config, work / "stage1", work / "stage2")
     codec.save(work / "checkpoint")
     codec = Codec.load(work / "checkpoint")
 

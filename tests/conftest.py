@@ -58,6 +58,7 @@ def trained_codec(stage1_run, tmp_path_factory):
     """(config, codec folder, Codec): stage 2 trained on stage1_run, exported, loaded back."""
     from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
+    from perco_jax.train.export import export_codec
     from perco_jax.train.loop import train
 
     _, stage1 = stage1_run
@@ -65,5 +66,5 @@ def trained_codec(stage1_run, tmp_path_factory):
     config = load_config("tiny", CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}",
                                                     f"autoencoder_workdir={stage1_run[0].autoencoder_workdir}"])
     train(config, work / "stage2", progress=False)
-    Codec.from_runs(config, stage1, work / "stage2").save(work / "checkpoint")
+    export_codec(config, stage1, work / "stage2").save(work / "checkpoint")
     return config, work / "checkpoint", Codec.load(work / "checkpoint")

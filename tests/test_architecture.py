@@ -77,15 +77,7 @@ ALLOWED_PRIVATE = {
     "tests.test_integer_entropy -> perco_jax.models.integer_entropy_model._rshift",
 }
 # "importer -> imported" layering breaks.
-ALLOWED_LAYERING = {
-    # Codec.from_runs (export) restores training runs: export belongs in train/ (train.export ->
-    # Codec), after which codec/ imports nothing of train/
-    "perco_jax.codec.codec -> perco_jax.train.checkpoints",
-    "perco_jax.codec.codec -> perco_jax.train.stage0",
-    "perco_jax.codec.codec -> perco_jax.train.stage2",
-    "perco_jax.codec.codec -> perco_jax.train.stage3",
-    "perco_jax.codec.codec -> perco_jax.train.state",
-}
+ALLOWED_LAYERING: set = set()
 
 
 # ----------------------------------------------------------------------------- reading the source

@@ -325,11 +325,11 @@ def test_compress_and_decode_on_8_devices_decompress_on_1_and_other_batches(trai
 def test_export_takes_the_autoencoder_of_the_stage1_run(trained, stage1_run):
     """Export (and stage 2) need not be told the stage-0 run again: a config that leaves
     autoencoder_workdir empty takes the stage-1 run's, and gives the same codec."""
-    from perco_jax.codec.codec import Codec
+    from perco_jax.train.export import export_codec
 
     config, folder, codec = trained
     bare = config.copy_and_resolve_references()
     bare.autoencoder_workdir = ""
-    again = Codec.from_runs(bare, config.stage1_workdir, folder.parent / "stage2")
+    again = export_codec(bare, config.stage1_workdir, folder.parent / "stage2")
     assert again.config.autoencoder_workdir == stage1_run[0].autoencoder_workdir
     assert again.fingerprint == codec.fingerprint

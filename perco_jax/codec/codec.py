@@ -144,40 +144,6 @@ class Codec:
 
     # ------------------------------------------------------------------ construction
 
-    @classmethod
-    def from_runs(cls, config, stage1_workdir, stage2_workdir, stage3_workdir=None, integer: bool = True) -> "Codec":
-        """The codec of a finished stage-1 run and the stage-2 run trained on it (and the few-step
-        decoder of a stage-3 run on it, when given). integer: with the integer entropy model,
-        quantised here from the float one (integer_export.calibrate), so it writes version-4 streams."""
-        from perco_jax import parallel
-        from perco_jax.train import stage2
-        from perco_jax.train.checkpoints import restore_latest
-        from perco_jax.train.stage0 import autoencoder_params
-        from perco_jax.train.state import make_optimizer
-
-        config = stage2.inherit_autoencoder(config.copy_and_resolve_references(), stage1_workdir)
-        build.validate(config)
-        mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-        rules = parallel.rules_from_config(config.sharding_rules)
-        codec = stage2.codec_params(stage2.restore_stage1(config, stage1_workdir, mesh, rules))
-        c2 = build.stage_config(_as_stage2(config))
-        em = build.build_entropy_model(c2)
-        abstract, shardings = stage2.init_state(c2, em, make_optimizer(c2), mesh, rules, abstract=True)
-        s2 = restore_latest(Path(stage2_workdir), abstract, shardings)
-        if s2 is None:
-            raise build.ConfigError(f"{stage2_workdir} has no stage-2 checkpoint: train stage 2 first")
-        entropy = s2.inference_params
-        encoder, text_params = build.build_text(config, stage1_workdir)
-        ae = autoencoder_params(config, build.build_autoencoder(config))
-        codec, entropy, ae, text_params = jax.device_get((codec, entropy, ae, text_params))
-        few = None
-        if stage3_workdir is not None:
-            from perco_jax.train.stage3 import restore_few_step
-
-            few = restore_few_step(config, stage3_workdir)
-        out = cls(config, codec, entropy, ae, text_params, encoder, fingerprint_of(config, codec, entropy, ae), few)
-        return out.with_integer_model(integer_export.calibrate(out)) if integer else out
-
     def with_integer_model(self, qm: Optional[IntegerEntropyModel]) -> "Codec":
         """This codec with the integer entropy model qm (None: without one) and the fingerprint
         that covers it: it writes version-4 streams (version 3 without one)."""
@@ -437,12 +403,6 @@ class Codec:
 
     def decompress(self, stream: bytes, **kw) -> np.ndarray:
         return self.decompress_batch([stream], **kw)[0]
-
-
-def _as_stage2(config):
-    c = config.copy_and_resolve_references()
-    c.stage = 2
-    return c
 
 
 def rate_split(stream: bytes, model: Optional[Header] = None) -> dict:

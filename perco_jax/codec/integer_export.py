@@ -3,7 +3,7 @@
     qm = calibrate(codec)                  # an IntegerEntropyModel, from training images
     codec = codec.with_integer_model(qm)   # the codec that writes version-4 streams
 
-(Codec.from_runs does both.) Calibration data: CALIBRATION_IMAGES images of the training split, their indices (the stage-1
+(train.export.export_codec does both.) Calibration data: CALIBRATION_IMAGES images of the training split, their indices (the stage-1
 encoder) and caption inputs (token ids or text contexts, `Codec.context`), each under the mask of a random coding step of the stage-2 training
 schedules (`training_mask`), i.e. inputs like those the model codes. Measured rate cost on held-out
 images: benchmarks/rate.py prints it per schedule.
