@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from perco_jax import build, flow
 from perco_jax.config import load_config
@@ -121,3 +122,170 @@ def test_straightness_is_zero_for_straight_paths_only():
     curved = flow.straightness(lambda x, t: jnp.ones_like(x) * (t / 1000.0)[:, None, None, None], noise,
                                jnp.asarray(sigmas), jnp.asarray(timesteps))
     assert (np.asarray(curved) > 1e-3).all()
+
+
+@pytest.mark.parametrize("override,match", [
+    (["stage3.method=distil"], "stage3.method"),
+    (["stage3.steps=(1, 3)"], "powers of two"),
+    (["stage3.levels=1", "stage3.steps=(1, 4)"], "powers of two"),
+    (["stage3.bootstrap_fraction=1.5"], "bootstrap_fraction"),
+    (["stage=3"], "stage1_workdir"),
+])
+def test_bad_stage3_values_fail_at_start(override, match):
+    with pytest.raises(build.ConfigError, match=match):
+        build.validate(load_config("tiny", override))
+
+
+def _random_codec_step(tmp_path, fraction):
+    """A stage-3 shortcut step on a random tiny codec (teacher = a fresh stage-1 model), its first
+    state (started from the teacher), a batch and the frozen inputs."""
+    from perco_jax import parallel
+    from perco_jax.train import stage3
+    from perco_jax.train.stage0 import autoencoder_params
+    from perco_jax.train.state import make_optimizer
+    from perco_jax.train.step import init_variables
+
+    config = build.stage_config(load_config("tiny", ["stage=3", "stage1_workdir=(unused)", "mmdit.num_layers=1",
+                                                     f"stage3.bootstrap_fraction={fraction}", "stage3.batch_size=4"]))
+    teacher, student = build.build_perco(config), stage3.student_model(config)
+    autoencoder = build.build_autoencoder(config)
+    prompt_encoder, text_params = build.build_text(config, tmp_path)
+    variables = nn.meta.unbox(init_variables(config, teacher, jax.random.PRNGKey(3)))
+    codec = {"params": variables["params"], "vq": variables["vq"]}
+    frozen = {"codec": codec, "autoencoder": autoencoder_params(config, autoencoder), "text": text_params}
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    tx = make_optimizer(config)
+    state, shardings = stage3.init_state(config, student, tx, mesh, parallel.rules_from_config([]))
+    state = stage3.start_from_teacher(state, codec, shardings)
+    rng = np.random.default_rng(0)
+    tokens = prompt_encoder.tokenize(["a red circle", "a blue square", "a green triangle", ""],
+                                     config.text.max_sequence_length)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32),
+             **{k: jnp.asarray(v) for k, v in tokens.items()}}
+    empty = {k: jnp.asarray(v[:1]) for k, v in prompt_encoder.tokenize([""], config.text.max_sequence_length).items()}
+    step = stage3.make_train_step(student, autoencoder, prompt_encoder, config, tx)
+    return config, teacher, autoencoder, prompt_encoder, state, step, batch, frozen, empty
+
+
+@pytest.mark.slow
+def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
+    """With no self-consistency examples, the first stage-3 loss is stage 1's flow-matching loss
+    of the teacher on the same draw (the step embedder starts at zero, d = 0 is flow matching)."""
+    from perco_jax.reconstruct import image_latents
+    from perco_jax.train.state import step_key
+
+    config, teacher, ae, pe, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.0)
+    _, metrics = jax.jit(step)(state, batch, frozen, empty)
+    codec = frozen["codec"]
+    x0 = image_latents(ae, frozen["autoencoder"], batch["image"])
+    codes = teacher.apply(codec, teacher.apply(codec, x0, method=teacher.encode)["indices"], method=teacher.lookup)
+    max_len = config.text.max_sequence_length
+    cond = pe.encode_tokens(frozen["text"], {k: batch[k] for k in ("clip_l", "clip_g", "t5")}, max_sequence_length=max_len)
+    uncond = pe.encode_tokens(frozen["text"], {k: jnp.broadcast_to(v, (4,) + v.shape[1:]) for k, v in empty.items()},
+                              max_sequence_length=max_len)
+    drop = jax.random.uniform(step_key(state, 0), (4,)) < config.text.caption_dropout
+    ctx = jnp.where(drop[:, None, None], uncond[0], cond[0])
+    pooled = jnp.where(drop[:, None], uncond[1], cond[1])
+    ss = config.sigma_sampling
+    sigma = flow.sample_sigmas(step_key(state, 1), 4, scheme=ss.scheme, mean=ss.mean, std=ss.std, shift=1.0)
+    noise = jax.random.normal(step_key(state, 2), x0.shape)
+    v = teacher.apply(codec, flow.interpolate(x0, noise, sigma), sigma * 1000.0, codes, ctx, pooled,
+                      method=teacher.velocity)
+    want = flow.flow_matching_loss(v, x0, noise, sigma)
+    np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
+    assert float(metrics["flow_loss"]) == float(metrics["loss"]) and float(metrics["consistency_loss"]) == 0.0
+
+
+@pytest.mark.slow
+def test_shortcut_step_trains_both_terms(tmp_path):
+    _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.5)
+    step = jax.jit(step)
+    new, metrics = step(step(state, batch, frozen, empty)[0], batch, frozen, empty)  # (warm-up: lr 0 at step 0)
+    assert float(metrics["consistency_loss"]) > 0 and float(metrics["flow_loss"]) > 0
+    assert np.isfinite(float(metrics["loss"])) and int(new.step) == 2
+    before, after = state.params["mmdit"]["step_embedder_2"]["kernel"], new.params["mmdit"]["step_embedder_2"]["kernel"]
+    assert float(jnp.abs(before).max()) == 0.0 and float(jnp.abs(after).max()) > 0.0  # the step input learns
+
+
+@pytest.mark.parametrize("method", ["shortcut", "reflow"])
+def test_full_size_stage3_plans_abstractly(method):
+    """sd3_medium's stage 3 from shapes only (jax.eval_shape): the student's MM-DiT with its step
+    embedder trains, the stage-1 codec is kept frozen."""
+    from perco_jax import plan
+
+    config = load_config("sd3_medium", [f"stage3.method={method}"])
+    comp = plan.abstract_components(config, stage=3)
+    mmdit = comp.state.shapes.params["mmdit"]
+    d = config.mmdit.num_attention_heads * config.mmdit.attention_head_dim
+    assert mmdit["step_embedder_2"]["kernel"].shape == (d, d)
+    assert set(comp.state.shapes.params) == {"mmdit"}
+    p = plan.make_plan(config, plan.parse_mesh("data=8,fsdp=8"), stage=3, components=comp)
+    assert p.stage == 3 and p.row("stage-1 codec (frozen)")[0] > 0
+    assert p.row("params, trainable")[0] == sum(np.prod(x.shape) * 4 for x in jax.tree_util.tree_leaves(mmdit))
+
+
+HELDOUT_SEED = 4242  # synthetic scenes that no training run draws (as test_train.py's)
+
+
+@pytest.mark.slow
+def test_tiny_student_one_step_error_is_well_below_a_plain_step(few_step_codec):
+    """The tiny config's stage 3 (shortcut models, 300 steps): one step of the student lands much
+    nearer the 20-step guided teacher (same noise) than one plain guided Euler step does."""
+    from perco_jax.eval.few_step import heldout_scenes
+
+    config, _, _, codec = few_step_codec
+    _, images, captions = heldout_scenes(16, config.image_size, HELDOUT_SEED)
+    indices = codec.encode_images(images * 2 - 1)
+    teacher = codec.decode_images(indices, captions, steps=20, sampler="teacher")
+    plain = codec.decode_images(indices, captions, steps=1, sampler="teacher")
+    student = codec.decode_images(indices, captions, steps=1)  # auto: the few-step decoder serves 1 step
+    e_plain, e_student = (float(np.mean((x - teacher) ** 2)) for x in (plain, student))
+    assert e_student < 0.5 * e_plain, (e_student, e_plain)
+
+
+@pytest.mark.slow
+def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(few_step_codec, trained_codec,
+                                                                                tmp_path):
+    from perco_jax.cli import main
+    from perco_jax.data.synthetic import synthetic_example
+    from perco_jax.images import load_image
+
+    _, _, folder, codec = few_step_codec
+    plain = trained_codec[2]
+    assert codec.few_step_counts == (1, 2, 4) and plain.few_step_counts == ()
+    assert codec.fingerprint == plain.fingerprint
+    image, caption = synthetic_example(0, HELDOUT_SEED, codec.config.image_size)
+    stream = codec.compress(image, caption)
+    assert stream == plain.compress(image, caption)
+    (tmp_path / "x.perco").write_bytes(stream)
+    assert main(["decompress", "--checkpoint", str(folder), str(tmp_path / "x.perco"), "-o", str(tmp_path / "x.png"),
+                 "--steps", "1"]) == 0
+    got = load_image(tmp_path / "x.png")
+    few, guided = (codec.decompress(stream, steps=1, sampler=s) for s in ("few_step", "teacher"))
+    assert np.abs(got - few).max() <= 1 / 255 + 1e-6
+    assert np.abs(got - guided).max() > 4 / 255
+    assert np.array_equal(plain.decompress(stream, steps=1), guided)  # no few-step decoder: the guided sampler
+    with pytest.raises(ValueError, match="no few-step decoder"):
+        plain.decompress(stream, steps=1, sampler="few_step")
+
+
+@pytest.mark.slow
+def test_reflow_straightens_the_flow(stage1_run, trained_codec, tmp_path):
+    """2-rectified flow on the teacher's couplings: the straightness E ||(x_1 - x_0) - v||^2 of the
+    decoder's flow (20 Euler steps from held-out noise) falls well below the teacher's."""
+    from perco_jax.eval.few_step import flow_straightness, heldout_scenes
+    from perco_jax.train.export import export_codec
+    from perco_jax.train.loop import train
+
+    config, stage1 = stage1_run
+    s3 = load_config("tiny", ["stage=3", f"stage1_workdir={stage1}", f"autoencoder_workdir={config.autoencoder_workdir}",
+                              "stage3.method=reflow", "stage3.couplings=128", "stage3.num_train_steps=150",
+                              "stage3.reflow_fraction=1.0", "log_every_steps=50"])
+    train(s3, tmp_path / "reflow", progress=False)
+    assert (tmp_path / "reflow" / "couplings" / "done.json").exists()
+    codec = export_codec(trained_codec[0], stage1, trained_codec[1].parent / "stage2", tmp_path / "reflow")
+    assert codec.few_step["config"]["method"] == "reflow"
+    _, images, captions = heldout_scenes(16, config.image_size, HELDOUT_SEED)
+    before = flow_straightness(codec, images, captions, student=False, steps=20)
+    after = flow_straightness(codec, images, captions, student=True, steps=20)
+    assert after < 0.5 * before, (after, before)

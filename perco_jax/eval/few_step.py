@@ -84,3 +84,81 @@ def format_decoder_table(rows: list[dict]) -> str:
                      + "".join(f"{r[m]:>18.3f}" for m in SCENE_METRICS)
                      + f"{1000 * r['seconds_per_image']:>12.2f}{base / r['seconds_per_image']:>9.1f}x")
     return "\n".join(lines)
+
+
+def flow_straightness(codec, images, captions: Sequence[str], *, student: bool, steps: int | None = None,
+                      seed: int = 0) -> float:
+    """Liu et al.'s straightness (flow.straightness, mean over the images) of the decoder's flow
+    from the codec's sampler noise for these images [n, S, S, 3] in [0, 1]: the teacher's guided
+    velocity, or (student=True) the few-step model's at d = 0, the reflowed flow of method reflow,
+    conditional pass only: its guidance is trained in. `steps` Euler steps of the teacher's schedule
+    (default sample.steps)."""
+    import jax
+    import jax.numpy as jnp
+
+    from perco_jax import flow
+    from perco_jax.models.perco import with_step_conditioning
+    from perco_jax.reconstruct import few_step_codec, initial_noise
+
+    c = codec.config
+    n = len(captions)
+    indices = codec.encode_images(np.asarray(images, np.float32) * 2 - 1)
+    codes = codec.model.apply(codec.codec_params, jnp.asarray(indices), method=codec.model.lookup)
+    cond = codec.prompt_encoder(codec.text_params, list(captions), c.text.max_sequence_length)
+    noise = initial_noise(seed, np.arange(n), codec.latent_shape)
+    if student:
+        model = with_step_conditioning(codec.model)
+        params = few_step_codec(codec.codec_params, codec.few_step["params"])
+
+        def velocity(x, t):
+            return model.apply(params, x, t, codes, cond[0], cond[1], jnp.zeros((n,)), method=model.velocity)
+    else:
+        uncond = codec.prompt_encoder(codec.text_params, [""] * n, c.text.max_sequence_length)
+        both = [jnp.concatenate(a) for a in ((uncond[0], cond[0]), (uncond[1], cond[1]), (codes, codes))]
+
+        def velocity2(x, t):
+            return codec.model.apply(codec.codec_params, x, t, both[2], both[0], both[1], method=codec.model.velocity)
+        velocity = flow.guided(velocity2, float(c.sample.guidance))
+    sigmas, timesteps = flow.sigma_schedule(int(steps or c.sample.steps), float(c.scheduler_shift))
+    s = jax.jit(lambda z: flow.straightness(velocity, z, jnp.asarray(sigmas), jnp.asarray(timesteps)))(noise)
+    return float(np.mean(np.asarray(s)))
+
+
+def with_few_step_decoder(codec, stage3_workdir):
+    """`codec` with the few-step decoder of a stage-3 run trained on its stage-1 run (the
+    bitstream, fingerprint included, is unchanged)."""
+    import dataclasses
+
+    from perco_jax.train.stage3 import restore_few_step
+
+    return dataclasses.replace(codec, few_step=restore_few_step(codec.config, stage3_workdir))
+
+
+def run_stage3_demo(config, work, codec, seed: int, n: int = 48, shown: int = 8, upscale: int = 4):
+    """The demo's stage 3: train config's stage 3 (config.stage3; stage1_workdir = work/stage1) in
+    work/stage3, add its few-step decoder to `codec` and save it to work/checkpoint, and write
+    work/few_step.png: `shown` held-out scenes of `seed`, each row original | teacher (default
+    steps) | few-step decoder at 1 step | plain guided 1 step, upscaled `upscale` x (nearest).
+    Returns (codec, compare_decoders rows on n scenes, the stage-3 training seconds)."""
+    from pathlib import Path
+
+    from perco_jax.images import save_image
+    from perco_jax.train.loop import train
+
+    work = Path(work)
+    c3 = config.copy_and_resolve_references()
+    c3.update(stage=3, stage1_workdir=str(work / "stage1"))
+    start = time.perf_counter()
+    train(c3, work / "stage3")
+    seconds = time.perf_counter() - start
+    codec = with_few_step_decoder(codec, work / "stage3")
+    codec.save(work / "checkpoint")
+    rows = compare_decoders(codec, seed, n=n, steps=tuple(codec.few_step_counts))
+    _, images, captions = heldout_scenes(shown, codec.config.image_size, seed)
+    indices = codec.encode_images(images * 2 - 1)
+    columns = [images, codec.decode_images(indices, captions, sampler="teacher"),
+               codec.decode_images(indices, captions, steps=1, sampler="few_step"),
+               codec.decode_images(indices, captions, steps=1, sampler="teacher")]
+    grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
+    save_image(np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1), work / "few_step.png")
+    return codec, rows, seconds
