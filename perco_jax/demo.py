@@ -127,6 +127,15 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     print(f"\n  rate of the z_l indices per masking schedule ({heldout} images, index bytes exact; "
           f"'(model)' = the entropy model's cross-entropy):")
     print(format_rates(schedule_rates(codec, images, captions)))
+    from perco_jax.eval.few_step import format_decoder_table, run_stage3_demo  # (stage 3, issue 15)
+
+    print(f"\n  stage 3: the few-step decoder ({config.stage3.method}, {config.stage3.num_train_steps} steps), "
+          f"added to {work / 'checkpoint'} (`decompress --steps 1`); {heldout} held-out scenes per decoder:")
+    codec, decoders, s3_seconds = run_stage3_demo(config, work, codec, HELDOUT_SEED, n=heldout, shown=SHOWN,
+                                                  upscale=UPSCALE)
+    print(format_decoder_table(decoders))
+    print(f"  trained in {s3_seconds:.0f} s; {work / 'few_step.png'}: original | teacher ({config.sample.steps} "
+          f"steps) | few-step decoder, 1 step | plain guided 1 step (x{UPSCALE})")
     print(f"\nnext: perco-jax compress --checkpoint {work / 'checkpoint'} YOUR.png -o YOUR.perco --caption '...'")
     print(f"demo OK in {time.time() - start:.0f} s")
     return 0
