@@ -163,7 +163,7 @@ def _chunks(n: int, batch_size: Optional[int]):
         yield slice(start, min(start + int(batch_size), n))
 
 
-def _pad(a, size: Optional[int]):
+def pad_batch(a, size: Optional[int]):
     """a [n, ...] zero-padded along axis 0 to size (unchanged when None or a is None)."""
     if a is None or size is None or a.shape[0] == size:
         return a
@@ -193,8 +193,8 @@ def encode_indices(model: Model, indices, groups, context=None,
     payloads = []
     for sl in _chunks(x.shape[0], batch_size):
         b = sl.stop - sl.start
-        xs = _pad(x[sl], batch_size)
-        cs = None if context is None else _pad(context[sl], batch_size)
+        xs = pad_batch(x[sl], batch_size)
+        cs = None if context is None else pad_batch(context[sl], batch_size)
         flat = xs.reshape(xs.shape[0], -1)
         symbols = [[] for _ in range(b)]
         tables = [[] for _ in range(b)]
@@ -225,7 +225,7 @@ def decode_indices(model: Model, payloads: Sequence[bytes], grid: tuple[int, int
         b = sl.stop - sl.start
         decoders = [range_coding.Decoder(p) for p in payloads[sl]]
         x = np.zeros((batch_size or b, h * w), np.int32)
-        cs = None if context is None else _pad(context[sl], batch_size)
+        cs = None if context is None else pad_batch(context[sl], batch_size)
         for step in range(int(g.max()) + 1):
             pos = _positions(g, step)
             t = group_tables(model, x.reshape(-1, h, w), g, step, cs)
@@ -248,8 +248,8 @@ def rate_bits(model: Model, indices, groups, context=None,
     bits = np.zeros(x.shape[0], np.float64)
     for sl in _chunks(x.shape[0], batch_size):
         b = sl.stop - sl.start
-        xs = _pad(x[sl], batch_size)
-        cs = None if context is None else _pad(context[sl], batch_size)
+        xs = pad_batch(x[sl], batch_size)
+        cs = None if context is None else pad_batch(context[sl], batch_size)
         flat = xs.reshape(xs.shape[0], -1)
         for pos, t in _groups_of(model, xs, g, cs):
             for i in range(b):

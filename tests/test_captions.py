@@ -69,7 +69,7 @@ def test_coding_is_pinned():
 def test_round_trip_unicode(text):
     data = cc.encode_text(text)
     assert cc.decode_text(data) == text
-    assert bs._decode_caption(bs.encode_caption(text, bs.CAPTION_ENGLISH), bs.CAPTION_ENGLISH) == text
+    assert bs.decode_caption(bs.encode_caption(text, bs.CAPTION_ENGLISH), bs.CAPTION_ENGLISH) == text
     coding = bs.smallest_caption_coding(text)
     header = dataclasses.replace(HEADER, caption_coding=coding)
     assert bs.unpack(bs.pack(header, text, b"\1\2"))[1] == text
@@ -92,7 +92,7 @@ def test_round_trip_random_strings():
     texts.append("a\u0300" * 300)                                     # combining marks
     for text in texts:
         assert cc.decode_text(cc.encode_text(text)) == text, text[:40]
-        assert bs._decode_caption(bs.encode_caption(text, bs.CAPTION_ENGLISH), bs.CAPTION_ENGLISH) == text
+        assert bs.decode_caption(bs.encode_caption(text, bs.CAPTION_ENGLISH), bs.CAPTION_ENGLISH) == text
     big = "x" * (cc.MAX_CAPTION_BYTES + 1)
     with pytest.raises(BitstreamError, match="at most"):
         bs.encode_caption(big, bs.CAPTION_ENGLISH)
@@ -162,7 +162,7 @@ def test_corrupted_captions_raise_bitstream_error_only():
             continue
         with time_limit(2.0):
             try:
-                text = bs._decode_caption(data, bs.CAPTION_ENGLISH)
+                text = bs.decode_caption(data, bs.CAPTION_ENGLISH)
                 assert isinstance(text, str)
                 assert bs.encode_caption(text, bs.CAPTION_ENGLISH) == data   # canonical
                 outcomes["valid"] += 1
@@ -176,13 +176,13 @@ def test_corrupted_captions_raise_bitstream_error_only():
     for trial in range(300):
         good = coded[trial % len(coded)]
         data = _corrupt(rng, good, trial % 5)
-        body = bs.pack(header, "", b"\7")[:32] + bs._varint(len(data)) + data + bs._varint(1) + b"\7"
+        body = bs.pack(header, "", b"\7")[:32] + bs.varint(len(data)) + data + bs.varint(1) + b"\7"
         with time_limit(2.0):
             try:   # with the CRC recomputed over the corrupted caption: BitstreamError or a caption
                 assert isinstance(bs.unpack(body + struct.pack("<I", zlib.crc32(body)))[1], str)
             except BitstreamError:
                 pass
-            stream = bytearray(bs.pack(header, bs._decode_caption(good, bs.CAPTION_ENGLISH), b"\7"))
+            stream = bytearray(bs.pack(header, bs.decode_caption(good, bs.CAPTION_ENGLISH), b"\7"))
             stream[33 + rng.integers(len(good))] ^= 1 << int(rng.integers(8))
             with pytest.raises(BitstreamError, match="CRC32"):      # as sent: the CRC catches it
                 bs.unpack(bytes(stream))
@@ -215,7 +215,7 @@ def test_decoding_is_bounded_and_strict():
                 cc.decode(bad)
     # invalid UTF-8 decoded by the model is a BitstreamError too
     with pytest.raises(BitstreamError, match="UTF-8"):
-        bs._decode_caption(cc.encode(b"\xff\xfe"), bs.CAPTION_ENGLISH)
+        bs.decode_caption(cc.encode(b"\xff\xfe"), bs.CAPTION_ENGLISH)
     with pytest.raises(BitstreamError, match="unknown caption coding"):
         bs.encode_caption("a", 3)
 

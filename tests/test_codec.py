@@ -60,8 +60,9 @@ def test_random_grids_round_trip_under_every_schedule(trained):
         name, steps, seed = schedules.parse_spec(spec)
         if name == schedules.UNIFORM:
             continue
-        got = entropy_coding.decode_indices(codec._apply, payloads, codec.grid, schedules.from_spec(spec, *codec.grid),
-                                            codec.context(captions), batch_size=codec.batch)
+        model, batch = codec.coding_model()  # the tables of the version the codec writes
+        got = entropy_coding.decode_indices(model, payloads, codec.grid, schedules.from_spec(spec, *codec.grid),
+                                            codec.context(captions), batch_size=batch)
         np.testing.assert_array_equal(got, indices, err_msg=spec)
 
 
@@ -179,28 +180,43 @@ def test_corruptions_and_truncations_end_in_a_clean_error_or_a_valid_decode(trai
 
 
 def test_indices_decoded_otherwise_than_encoded_are_an_error_not_a_wrong_image(trained, heldout, monkeypatch):
-    """Another machine may compute the entropy model's probabilities a rounding apart and leave the
-    encoder's path in the range decoder without noticing: the CRC over the indices catches it."""
+    """Another machine may compute the float entropy model's probabilities a rounding apart and
+    leave the encoder's path in the range decoder without noticing: the CRC over the indices
+    catches it (versions 2 and 3); version 4's integer tables do not depend on the float model."""
     _, _, codec = trained
     images, captions = heldout
-    streams = codec.compress_batch(images[:4], captions[:4])
-    headers, caps, want = codec.read_batch(streams)
+    float_codec = codec.with_integer_model(None)  # writes version 3: tables from float probabilities
+    streams = float_codec.compress_batch(images[:4], captions[:4])
+    headers, caps, want = float_codec.read_batch(streams)
+    assert {h.version for h in headers} == {bitstream.FLOAT_MODEL_VERSION}
     # the same streams as the version-1 and -2 packer writes them ("PRCO"; the CRC of v2 covers
     # the indices, v1's the bytes alone): still read
-    payloads = [bitstream.unpack(s, indices=None, model=codec.stream_model)[2] for s in streams]
+    payloads = [bitstream.unpack(s, indices=None, model=float_codec.stream_model)[2] for s in streams]
     old = {v: [bitstream.pack(dataclasses.replace(h, version=v), c, p, indices=g)
                for h, c, p, g in zip(headers, caps, payloads, want)] for v in (1, 2)}
     for v, olds in old.items():
         assert all(s[:5] == b"PRCO" + bytes([v]) for s in olds)
-        np.testing.assert_array_equal(codec.read_batch(olds)[2], want)
-    apply = codec._apply
+        np.testing.assert_array_equal(float_codec.read_batch(olds)[2], want)
+    integer_streams = codec.compress_batch(images[:4], captions[:4])  # version 4: integer tables
     noise = np.random.default_rng(0).normal(0, 1.0, (codec.batch,) + codec.grid + (codec.config.codec.codebook_size,))
-    monkeypatch.setattr(codec, "_apply", lambda x, m, c=None: apply(x, m, c) + noise.astype(np.float32))
+
+    def perturbed(coding_model):  # the float model's probabilities a little off, as on another machine
+        def coding_model_elsewhere(version=None):
+            model, batch = coding_model(version)
+            if isinstance(model, entropy_coding.IntegerTables):
+                return model, batch
+            return (lambda x, m, c=None: model(x, m, c) + noise.astype(np.float32)), batch
+        return coding_model_elsewhere
+
+    for c in (codec, float_codec):
+        monkeypatch.setattr(c, "coding_model", perturbed(c.coding_model))
     for version_streams in (streams, old[2]):
         with pytest.raises(BitstreamError, match="decoded indices.*another accelerator"):
-            codec.read_batch(version_streams)
-    monkeypatch.setattr(codec, "_apply", apply)
-    np.testing.assert_array_equal(codec.read_batch(streams)[2], want)
+            float_codec.read_batch(version_streams)
+    # integer tables do not depend on the float model: version 4 decodes the same regardless
+    np.testing.assert_array_equal(codec.read_batch(integer_streams)[2], want)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(float_codec.read_batch(streams)[2], want)
 
 
 def test_wrong_checkpoint_is_detected(trained, heldout):

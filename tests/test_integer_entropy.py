@@ -106,14 +106,14 @@ def test_table_invariants(stored):
     _cdf_ok(iem.reference_counts(qm, x, mask, ctx))
     _cdf_ok(np.asarray(iem.make_jax_counts(qm)(x, mask, ctx)))
     # extreme logits: flat, one dominant symbol, clamped extremes, both paths
-    top = iem._amax(iem.LOGIT_BITS)
+    top = iem.amax(iem.LOGIT_BITS)
     logits = np.array([[0] * golden.K, [top] + [-top] * (golden.K - 1), list(range(golden.K)),
                        [-top] * golden.K], np.int64)
-    ref = iem.integer_counts(qm, logits, iem._NUMPY)
+    ref = iem.integer_counts(qm, logits, iem.NUMPY_OPS)
     _cdf_ok(ref)
     assert (ref[0] == ref[0, 0]).sum() >= golden.K - 1  # flat: uniform up to the remainder
     assert ref[1, 0] == (1 << rc.PRECISION) - (golden.K - 1) and (ref[1, 1:] == 1).all()
-    got = jax.jit(lambda lg: iem.integer_counts(qm, lg, iem._JAX))(jnp.asarray(logits, jnp.int32))
+    got = jax.jit(lambda lg: iem.integer_counts(qm, lg, iem.JAX_OPS))(jnp.asarray(logits, jnp.int32))
     np.testing.assert_array_equal(np.asarray(got), ref)
 
 
@@ -122,7 +122,7 @@ def test_long_division_matches_int64():
     s = rng.integers(1, 1 << 26, 5000)
     e = np.minimum(rng.integers(0, 1 << 16, 5000), s)
     t = (1 << 20) - rng.integers(2, 1 << 10, 5000)
-    got = jax.jit(lambda e, s, t: jax.vmap(lambda e, s, t: iem._JAX.muldiv(e, t, s), in_axes=(0, 0, None))(e, s, t))
+    got = jax.jit(lambda e, s, t: jax.vmap(lambda e, s, t: iem.JAX_OPS.muldiv(e, t, s), in_axes=(0, 0, None))(e, s, t))
     for tv in np.unique(t)[:3]:
         np.testing.assert_array_equal(np.asarray(got(jnp.asarray(e, jnp.int32), jnp.asarray(s, jnp.int32), int(tv))),
                                       e * int(tv) // s)
@@ -130,14 +130,14 @@ def test_long_division_matches_int64():
 
 def test_integer_helpers_match_exact_arithmetic():
     v = np.concatenate([np.arange(0, 5000), np.random.default_rng(1).integers(0, 1 << 24, 5000)])
-    np.testing.assert_array_equal(iem._isqrt(v, iem._NUMPY, 24), np.floor(np.sqrt(v)).astype(np.int64))
-    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: iem._isqrt(v, iem._JAX, 24))(jnp.asarray(v, jnp.int32))),
+    np.testing.assert_array_equal(iem.isqrt(v, iem.NUMPY_OPS, 24), np.floor(np.sqrt(v)).astype(np.int64))
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: iem.isqrt(v, iem.JAX_OPS, 24))(jnp.asarray(v, jnp.int32))),
                                   np.floor(np.sqrt(v)))
     m = np.array([0, 1, 2, 3, 4, 1023, 1024, (1 << 30) + 5])
-    np.testing.assert_array_equal(iem._bit_length(m, iem._NUMPY), [int(k).bit_length() for k in m])
+    np.testing.assert_array_equal(iem.bit_length(m, iem.NUMPY_OPS), [int(k).bit_length() for k in m])
     x = np.array([-7, -6, -5, 5, 6, 7, 100])
-    np.testing.assert_array_equal(iem._rshift(x, np.int64(1), iem._NUMPY), np.floor(x / 2 + 0.5))
-    np.testing.assert_array_equal(iem._rshift(x, np.int64(-3), iem._NUMPY), x * 8)
+    np.testing.assert_array_equal(iem.rshift(x, np.int64(1), iem.NUMPY_OPS), np.floor(x / 2 + 0.5))
+    np.testing.assert_array_equal(iem.rshift(x, np.int64(-3), iem.NUMPY_OPS), x * 8)
 
 
 def test_overflow_bound(qm):
@@ -156,8 +156,8 @@ def test_overflow_bound(qm):
     # the bound is a real bound: the reference's int64 intermediates of the largest inputs stay in int32
     x = np.zeros((2, golden.GRID, golden.GRID), np.int32)
     ctx = np.stack([np.full((golden.L, golden.C), 127), np.full((golden.L, golden.C), -127)]).astype(np.int32)
-    logits = iem.integer_logits(qm, x, np.zeros(x.shape, bool), ctx.astype(np.int64), iem._NUMPY)
-    assert np.abs(logits).max() <= iem._amax(iem.LOGIT_BITS)
+    logits = iem.integer_logits(qm, x, np.zeros(x.shape, bool), ctx.astype(np.int64), iem.NUMPY_OPS)
+    assert np.abs(logits).max() <= iem.amax(iem.LOGIT_BITS)
 
 
 def test_overflow_bound_of_caption_tokens():

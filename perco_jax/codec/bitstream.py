@@ -177,7 +177,8 @@ def validate(header: Header) -> None:
 
 # ----------------------------------------------------------------------------- varints
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """The LEB128 bytes of n >= 0 (7 bits a byte, low first; the top bit says more follow)."""
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -253,7 +254,9 @@ def smallest_caption_coding(caption: str, codings=None) -> int:
     return min(sizes, key=lambda c: (sizes[c], c))
 
 
-def _decode_caption(stored: bytes, coding: int) -> str:
+def decode_caption(stored: bytes, coding: int) -> str:
+    """Inverse of encode_caption: the caption of the stored bytes; BitstreamError if they are not
+    a caption under `coding` (corrupted, too long, invalid UTF-8, unknown coding)."""
     if coding == CAPTION_DEFLATE:
         d = zlib.decompressobj(wbits=-15)
         try:
@@ -356,14 +359,14 @@ def _frame_v12(h: Header, stored: bytes, payload: bytes) -> bytes:
     fixed = _FIXED.pack(h.fingerprint, h.image_height, h.image_width, h.grid_h, h.grid_w, h.codebook_size,
                         schedules.schedule_id(h.schedule), h.schedule_steps, h.schedule_seed,
                         h.caption_coding, h.flags)
-    return b"".join([MAGIC, bytes([h.version]), fixed, _varint(len(stored)), stored,
-                     _varint(len(payload)), payload])
+    return b"".join([MAGIC, bytes([h.version]), fixed, varint(len(stored)), stored,
+                     varint(len(payload)), payload])
 
 
 def _schedule_bytes(h: Header) -> bytes:
     return (bytes([schedules.schedule_id(h.schedule)])
-            + (_varint(h.schedule_steps) if h.schedule in schedules.STEPPED else b"")
-            + (_varint(h.schedule_seed) if h.schedule in _SEEDED else b""))
+            + (varint(h.schedule_steps) if h.schedule in schedules.STEPPED else b"")
+            + (varint(h.schedule_seed) if h.schedule in _SEEDED else b""))
 
 
 def _frame_v3(h: Header, stored: bytes, payload: bytes, model: Header) -> bytes:
@@ -371,12 +374,12 @@ def _frame_v3(h: Header, stored: bytes, payload: bytes, model: Header) -> bytes:
     parts = [bytes([_MARK | h.version]), model.fingerprint[:TAG_BYTES],
              bytes([long | h.caption_coding << _CODING_SHIFT])]
     if long & _F_SIZE:
-        parts += [_varint(h.image_height), _varint(h.image_width)]
+        parts += [varint(h.image_height), varint(h.image_width)]
     if long & _F_SCHEDULE:
         parts.append(_schedule_bytes(h))
     if long & _F_FLAGS:
         parts.append(bytes([h.flags]))
-    return b"".join(parts + [_varint(len(stored)), stored, payload])  # (payload: up to the CRC)
+    return b"".join(parts + [varint(len(stored)), stored, payload])  # (payload: up to the CRC)
 
 
 def pack(header: Header, caption: str, payload: bytes, indices=(), model: Header | None = None) -> bytes:
@@ -462,7 +465,7 @@ def _unpack_v12(data: bytes, version: int, indices) -> tuple[Header, str, bytes]
                     grid_w=gw, codebook_size=k, schedule=_schedule_name(sid), schedule_steps=steps,
                     schedule_seed=seed, caption_coding=caption_coding, flags=flags)
     validate(header)
-    return header, _decode_caption(fields["caption"], caption_coding), fields["payload"]
+    return header, decode_caption(fields["caption"], caption_coding), fields["payload"]
 
 
 def _schedule_name(sid: int) -> str:
@@ -510,7 +513,7 @@ def _unpack_v3(data: bytes, indices, model) -> tuple[Header, str, bytes]:
     validate(header)
     if _long_forms(header, model) != flags & _F_LONG:  # one encoding per header
         raise BitstreamError("corrupted bitstream (a field in its long form where the short form applies)")
-    return header, _decode_caption(stored, header.caption_coding), data[pos:end]
+    return header, decode_caption(stored, header.caption_coding), data[pos:end]
 
 
 def unpack(data: bytes, indices=(), model: Header | None = None) -> tuple[Header, str, bytes]:

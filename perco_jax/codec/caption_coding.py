@@ -45,8 +45,8 @@ import constriction
 import numpy as np
 
 from perco_jax.codec.errors import CodingError
-from perco_jax.codec.range_coding import (_family, _to_bytes, _to_words, trim_tail,
-                                          quantize_probabilities)
+from perco_jax.codec.range_coding import (bytes_to_words, model_family, quantize_probabilities, trim_tail,
+                                          words_to_bytes)
 
 # The longest caption a bitstream holds, in decoded UTF-8 bytes, under any caption coding (the
 # container checks it too); SD3's encoders read a few hundred tokens at most.
@@ -228,8 +228,8 @@ def _chunks(symbols: np.ndarray, plan: _Plan):
 def _decodes_to(data: bytes, symbols: np.ndarray, plan: _Plan) -> bool:
     """Whether data decodes to `symbols` under their known coding rows."""
     try:
-        dec = constriction.stream.queue.RangeDecoder(_to_words(data))
-        family = _family()
+        dec = constriction.stream.queue.RangeDecoder(bytes_to_words(data))
+        family = model_family()
         for syms, tables in _chunks(symbols, plan):
             if not np.array_equal(dec.decode(family, tables), syms):
                 return False
@@ -240,10 +240,10 @@ def _decodes_to(data: bytes, symbols: np.ndarray, plan: _Plan) -> bool:
 
 def _encode(symbols: np.ndarray, plan: _Plan, trim: bool = True) -> bytes:
     enc = constriction.stream.queue.RangeEncoder()
-    family = _family()
+    family = model_family()
     for syms, tables in _chunks(symbols, plan):
         enc.encode(syms, family, tables)
-    data = _to_bytes(enc.get_compressed())
+    data = words_to_bytes(enc.get_compressed())
     if not trim:
         return data
     return trim_tail(data, lambda d: _decodes_to(d, symbols, plan))
@@ -264,11 +264,11 @@ def decode(data: bytes) -> bytes:
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     limit = max_symbols(len(data))
-    family = _family()
+    family = model_family()
     plan = _Plan(model())
     out = bytearray()
     try:
-        dec = constriction.stream.queue.RangeDecoder(_to_words(data))
+        dec = constriction.stream.queue.RangeDecoder(bytes_to_words(data))
         while True:
             if len(out) >= limit:
                 raise CodingError(f"corrupted caption ({len(data)} coded bytes decode to more than "

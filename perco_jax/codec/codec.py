@@ -232,7 +232,7 @@ class Codec:
         images = np.asarray(images, np.float32)
         out = []
         for sl in self._chunks(images.shape[0]):
-            x = self._local_batch(entropy_coding._pad(images[sl], self.batch))
+            x = self._local_batch(entropy_coding.pad_batch(images[sl], self.batch))
             out.append(np.asarray(self._encode(self.codec_params, self.ae_params, x))[: sl.stop - sl.start])
         return np.concatenate(out) if out else np.zeros((0,) + self.grid, np.int32)
 
@@ -379,7 +379,8 @@ class Codec:
             chunk = list(captions[sl]) + [""] * (self.batch - (sl.stop - sl.start))
             tokens, idx, z = self._local_batch((
                 self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length),
-                entropy_coding._pad(np.asarray(indices[sl]), self.batch), entropy_coding._pad(noise[sl], self.batch)))
+                entropy_coding.pad_batch(np.asarray(indices[sl]), self.batch),
+                entropy_coding.pad_batch(noise[sl], self.batch)))
             x = decode(params, {"autoencoder": self.ae_params, "text": self.text_params},
                              idx, tokens, empty, z, guidance, steps=steps)
             out.append(np.asarray(x)[: sl.stop - sl.start])

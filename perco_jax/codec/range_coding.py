@@ -53,9 +53,10 @@ _PROBE_BITS = 30  # float -> integer resolution before renormalisation (exact in
 _MAX_TRIM = 8     # trailing bytes the encoder tries to drop (see trim_tail)
 
 
-def _family():
-    # perfect=False: the deterministic fast quantisation (see module docstring); a model family
-    # takes one probability row per symbol.
+def model_family():
+    """constriction's categorical model family that codes one probability row [K] per symbol.
+
+    perfect=False: the deterministic fast quantisation (see the module docstring)."""
     return constriction.stream.model.Categorical(perfect=False)
 
 
@@ -137,11 +138,13 @@ def _check_group(symbols, probs) -> tuple[np.ndarray, np.ndarray]:
     return s.astype(np.int32), p
 
 
-def _to_bytes(words: np.ndarray) -> bytes:
+def words_to_bytes(words: np.ndarray) -> bytes:
+    """A constriction queue's compressed words [n] uint32 as 4n bytes."""
     return words.astype(">u4").tobytes()  # big-endian: the last bytes are the least significant
 
 
-def _to_words(data: bytes) -> np.ndarray:
+def bytes_to_words(data: bytes) -> np.ndarray:
+    """Inverse of words_to_bytes: words [ceil(len / 4)] uint32 (a trimmed tail reads as zeros)."""
     pad = (-len(data)) % 4  # the encoder may drop trailing bytes; they read back as zeros
     return np.frombuffer(bytes(data) + b"\0" * pad, dtype=">u4").astype(np.uint32)
 
@@ -200,11 +203,11 @@ def encode_counts(symbols_per_group: Sequence, counts_per_group: Sequence, trim:
         raise ValueError(f"{len(symbols_per_group)} symbol groups but {len(counts_per_group)} tables")
     groups = [(_check_group(s, c)[0], _table(check_counts(c))) for s, c in zip(symbols_per_group, counts_per_group)]
     enc = constriction.stream.queue.RangeEncoder()
-    family = _family()
+    family = model_family()
     for s, table in groups:
         if s.size:
             enc.encode(s, family, table)
-    data = _to_bytes(enc.get_compressed())
+    data = words_to_bytes(enc.get_compressed())
     return trim_tail(data, lambda d: _decodes_to(d, groups)) if trim else data
 
 
@@ -221,7 +224,7 @@ class Decoder:
             raise TypeError(f"data must be bytes, got {type(data).__name__}")
         self._size = len(data)
         try:
-            self._dec = constriction.stream.queue.RangeDecoder(_to_words(bytes(data)))
+            self._dec = constriction.stream.queue.RangeDecoder(bytes_to_words(bytes(data)))
         except Exception as e:  # constriction's own exception types are not part of its API
             raise CodingError(f"invalid entropy-coded payload: {e}") from e
 
@@ -237,7 +240,7 @@ class Decoder:
         if table.shape[0] == 0:
             return np.zeros(0, np.int32)
         try:
-            out = self._dec.decode(_family(), table)
+            out = self._dec.decode(model_family(), table)
         except Exception as e:  # e.g. AssertionError "compressed data that is invalid"
             raise CodingError(f"corrupted entropy-coded payload ({self._size} bytes): {e}") from e
         return np.asarray(out, np.int32)

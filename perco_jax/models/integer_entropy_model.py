@@ -69,7 +69,8 @@ MAX_SHIFT = 30
 INT32_MAX = (1 << 31) - 1
 
 
-def _amax(bits: int) -> int:
+def amax(bits: int) -> int:
+    """The largest magnitude of a signed `bits`-bit integer kept symmetric: 2^(bits-1) - 1."""
     return (1 << (bits - 1)) - 1
 
 
@@ -77,12 +78,12 @@ def _exponent(maxabs: float, bits: int) -> int:
     """The largest e with maxabs * 2^e <= 2^(bits-1) - 1 (0 for an all-zero tensor)."""
     if not maxabs > 0:
         return 0
-    return int(math.floor(math.log2(_amax(bits) / float(maxabs))))
+    return int(math.floor(math.log2(amax(bits) / float(maxabs))))
 
 
 def _quant(x, e, bits: int) -> np.ndarray:
     """round(x * 2^e) clipped to `bits` signed bits, int64 (e scalar or broadcast per channel)."""
-    a = _amax(bits)
+    a = amax(bits)
     return np.clip(np.rint(np.asarray(x, np.float64) * np.exp2(e)), -a, a).astype(np.int64)
 
 
@@ -352,8 +353,8 @@ def check_bounds(qm: IntegerEntropyModel) -> None:
         if np.abs(a[f"{name}.s"]).max() > MAX_SHIFT:
             problems.append(f"{name}: shift beyond {MAX_SHIFT}")
 
-    r = _amax(RESIDUAL_BITS)
-    x8 = _amax(ACT_BITS)
+    r = amax(RESIDUAL_BITS)
+    x8 = amax(ACT_BITS)
     n_tok = c["max_grid"] ** 2 + c["max_context"]
     d, hd = c["width"], c["width"] // c["num_heads"]
     need(int(np.abs(a["tok"]).max() + np.abs(a["row"]).max() + np.abs(a["col"]).max()), "embedding sum")
@@ -379,7 +380,7 @@ def check_bounds(qm: IntegerEntropyModel) -> None:
         dense(f"{blk}.fc1", x8)
         dense(f"{blk}.fc2", x8)
     dense("head", x8)
-    need(2 * _amax(LOGIT_BITS), "logit differences")
+    need(2 * amax(LOGIT_BITS), "logit differences")
     one = int(a["out_lut"].max())
     total = 1 << c["precision"]
     need(c["codebook_size"] * one * 16 + one * 15, "table long division")
@@ -391,7 +392,7 @@ def check_bounds(qm: IntegerEntropyModel) -> None:
 
 # ----------------------------------------------------------------------------- the integer program
 
-class _Ops:
+class Ops:
     """The array operations of one backend: NumPy int64 (the reference) or jax.numpy int32."""
 
     def __init__(self, xp, dtype):
@@ -423,7 +424,7 @@ class _Ops:
         return q
 
 
-def _rshift(x, s, o: _Ops):
+def rshift(x, s, o: Ops):
     """round(x * 2^-s) (half up) for integer shifts s (per channel; s < 0 shifts left)."""
     xp = o.xp
     left = xp.maximum(-s, 0)
@@ -431,12 +432,12 @@ def _rshift(x, s, o: _Ops):
     return ((x << left) + ((o.arr(1) << right) >> 1)) >> right
 
 
-def _clamp(x, bits: int, o: _Ops):
-    a = _amax(bits)
+def _clamp(x, bits: int, o: Ops):
+    a = amax(bits)
     return o.xp.clip(x, -a, a)
 
 
-def _isqrt(v, o: _Ops, bits: int):
+def isqrt(v, o: Ops, bits: int):
     """floor(sqrt(v)) of 0 <= v < 2^bits (bits even), digit by digit in integers."""
     xp = o.xp
     res = xp.zeros_like(v)
@@ -449,14 +450,14 @@ def _isqrt(v, o: _Ops, bits: int):
     return res
 
 
-def _bit_length(m, o: _Ops):
+def bit_length(m, o: Ops):
     """Bit length of 0 <= m < 2^31 (elementwise)."""
     xp = o.xp
     powers = o.arr([1 << k for k in range(31)])
     return xp.sum((m[..., None] >= powers).astype(o.dtype), axis=-1, dtype=o.dtype)
 
 
-def _layer_norm(x, frac: int, o: _Ops):
+def _layer_norm(x, frac: int, o: Ops):
     """Integer LayerNorm (no affine: folded into the next layer) of x [..., D] (|x| < 2^15),
     output clamped to ACT_BITS with exponent `frac`."""
     xp = o.xp
@@ -464,24 +465,24 @@ def _layer_norm(x, frac: int, o: _Ops):
     b = _ln_bits(d)
     mean = (xp.sum(x, axis=-1, keepdims=True, dtype=o.dtype) + d // 2) // d
     c = x - mean
-    t = xp.maximum(_bit_length(xp.max(xp.abs(c), axis=-1, keepdims=True), o) - b, 0)
+    t = xp.maximum(bit_length(xp.max(xp.abs(c), axis=-1, keepdims=True), o) - b, 0)
     cs = c >> t
     var = xp.sum(cs * cs, axis=-1, keepdims=True, dtype=o.dtype) // d
-    std = xp.maximum(_isqrt(var, o, 2 * b), 1)
+    std = xp.maximum(isqrt(var, o, 2 * b), 1)
     return _clamp(((cs << frac) + (std >> 1)) // std, ACT_BITS, o)
 
 
-def _apply_dense(x, a, name: str, o: _Ops):
-    return _rshift(o.matmul(x, a[f"{name}.w"]) + a[f"{name}.b"], a[f"{name}.s"], o)
+def _apply_dense(x, a, name: str, o: Ops):
+    return rshift(o.matmul(x, a[f"{name}.w"]) + a[f"{name}.b"], a[f"{name}.s"], o)
 
 
-def _exp_lookup(d, lut, shift: int, o: _Ops):
+def _exp_lookup(d, lut, shift: int, o: Ops):
     """lut[min(d >> shift, len - 1)] for d >= 0."""
     idx = o.xp.minimum(d >> shift, lut.shape[0] - 1)
     return o.xp.take(lut, idx)
 
 
-def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: _Ops):
+def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: Ops):
     """logits [B, H, W, K] (exponent config["logit_exp"]) of the integer program on backend `o`."""
     c = qm.config
     xp = o.xp
@@ -514,7 +515,7 @@ def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: _Ops):
         tot = xp.sum(e, axis=-1, keepdims=True, dtype=o.dtype)
         pr = ((e << ATT_BITS) + (tot >> 1)) // tot
         att = o.einsum("bhqk,bkhd->bqhd", pr, v)
-        att = _rshift(att, o.arr(ATT_BITS), o).reshape(b, n, d)  # back to the value exponent
+        att = rshift(att, o.arr(ATT_BITS), o).reshape(b, n, d)  # back to the value exponent
         x = _clamp(x + _apply_dense(_clamp(att, ACT_BITS, o), a, f"{blk}.out", o), RESIDUAL_BITS, o)
         y = _layer_norm(x, c["ln_frac"][2 * i + 1], o)
         f = _clamp(_apply_dense(y, a, f"{blk}.fc1", o), GELU_BITS, o)
@@ -525,7 +526,7 @@ def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: _Ops):
     return logits.reshape(b, h, w, c["codebook_size"])
 
 
-def integer_counts(qm: IntegerEntropyModel, logits, o: _Ops):
+def integer_counts(qm: IntegerEntropyModel, logits, o: Ops):
     """Coding tables [..., K] (integers >= 1 summing to 2^precision) of integer logits [..., K]."""
     xp = o.xp
     k = qm.config["codebook_size"]
@@ -539,8 +540,8 @@ def integer_counts(qm: IntegerEntropyModel, logits, o: _Ops):
     return counts + rest * (xp.arange(k)[None] == top).astype(o.dtype)
 
 
-_NUMPY = _Ops(np, np.int64)
-_JAX = _Ops(jnp, jnp.int32)
+NUMPY_OPS = Ops(np, np.int64)   # the reference: int64, so an int32 overflow of the JAX path would show
+JAX_OPS = Ops(jnp, jnp.int32)   # the jitted path
 
 
 def _check_inputs(qm: IntegerEntropyModel, indices, mask, context):
@@ -573,7 +574,7 @@ def reference_counts(qm: IntegerEntropyModel, indices, mask, context=None) -> np
     x = np.asarray(indices, np.int64)
     m = np.broadcast_to(np.asarray(mask, bool), x.shape)
     ctx = None if context is None else np.asarray(context, np.int64)
-    return integer_counts(qm, integer_logits(qm, x, m, ctx, _NUMPY), _NUMPY)
+    return integer_counts(qm, integer_logits(qm, x, m, ctx, NUMPY_OPS), NUMPY_OPS)
 
 
 def make_jax_counts(qm: IntegerEntropyModel):
@@ -585,7 +586,7 @@ def make_jax_counts(qm: IntegerEntropyModel):
     def run(arrays, indices, mask, context):
         m = IntegerEntropyModel(qm.config, arrays)
         x = jnp.asarray(indices, jnp.int32)
-        return integer_counts(m, integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, _JAX), _JAX)
+        return integer_counts(m, integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, JAX_OPS), JAX_OPS)
 
     def counts(indices, mask, context=None):
         _check_inputs(qm, indices, mask, context)
