@@ -1,13 +1,14 @@
 """Model FLOPs (perco_jax/flops.py): the jaxpr counter against closed forms, the MM-DiT formula
 against the counter (tiny with every block variant, and SD3-medium's real shapes, traced
-abstractly), and a training step's count against 3 x the trained forward + the frozen forwards."""
+abstractly), and a training step's count against 3 x the trained forward + the frozen forwards
+(stage 1, and stage 3's shortcut and reflow steps with their targets and couplings by hand)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
 
-from perco_jax import flops
+from perco_jax import build, flops
 from perco_jax.config import load_config
 from perco_jax.models.mmdit import mmdit_from_config
 
@@ -30,6 +31,10 @@ def test_convolutions(groups):
     params = jax.eval_shape(conv.init, jax.random.PRNGKey(0), x)
     # output 2 x 5 x 6 x 16, each element (8 / groups) x 3 x 3 multiply-adds
     assert flops.count_flops(conv.apply, params, x) == 2 * (2 * 5 * 6 * 16) * (8 // groups) * 9
+    # its gradient is two convolutions as costly, the input's one over the stride-dilated cotangent
+    # (whose inserted zeros are not multiply-adds)
+    grad = jax.grad(lambda p, x: conv.apply(p, x).sum(), argnums=(0, 1))
+    assert flops.count_flops(grad, params, x) == 3 * flops.count_flops(conv.apply, params, x)
 
 
 def test_gradient_of_a_matmul_is_three_matmuls():
@@ -62,7 +67,8 @@ def _mmdit_count(model, batch, h, w, m):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm",
-                                             extra_in_channels=3)])
+                                             extra_in_channels=3),
+                                dict(step_conditioning=True)])
 def test_mmdit_formula_equals_the_traced_forward(kw):
     model = mmdit_from_config(load_config("tiny", []).mmdit, **kw)
     assert flops.mmdit_forward_flops(model, 2, 8, 12, 5) == _mmdit_count(model, 2, 8, 12, 5)
@@ -84,7 +90,7 @@ def test_sd3_medium_forward_at_512():
 def test_step_is_three_trained_forwards_plus_the_frozen_ones():
     s = flops.step_flops(load_config("tiny", []), batch=4)
     assert s.batch == 4 and s.per_example == s.step / 4
-    assert s.text_forward > 0 and 0 < s.autoencoder_forward < 0.1 * s.mmdit_forward  # tiny: the patch encoder
+    assert s.text_forward > 0 and 0 < s.autoencoder_forward < 0.25 * s.mmdit_forward  # tiny: the patch encoder
     s2d = flops.step_flops(load_config("tiny", ["autoencoder=space_to_depth", "space_to_depth_factor=4", "mmdit.in_channels=48",
                                               "mmdit.out_channels=48"]), batch=4)
     assert s2d.autoencoder_forward == 0  # parameter-free
@@ -97,3 +103,34 @@ def test_step_is_three_trained_forwards_plus_the_frozen_ones():
     stored = flops.step_flops(load_config("tiny", ["text.embeddings=/some/embed-text/output"]), batch=4)
     assert stored.text_forward == 0 and stored.step == cached.step  # a run reading a store encodes nothing
     np.testing.assert_equal(s.as_dict()["per_example"], s.per_example)
+
+
+def test_stage3_steps_by_hand():
+    """tiny's stage 3: batch 16, bootstrap_fraction 0.5, 20 teacher steps, 512 couplings."""
+    config = load_config("tiny", [])
+    s1 = flops.step_flops(config, batch=16)
+    sc = flops.step_flops(config, stage=3)
+    assert sc.stage == 3 and sc.batch == int(config.stage3.batch_size) == 16
+    side, _ = build.latent_geometry(config)
+    ctx = build.clip_max_length(config) + config.text.max_sequence_length
+    teacher = build.build_perco(config).mmdit
+    student = teacher.clone(step_conditioning=True)
+    assert flops.mmdit_forward_flops(student, 16, side, side, ctx) == sc.mmdit_forward == sc.trained_forward
+    d = teacher.inner_dim  # the step embedder: Dense(256 -> D), SiLU, Dense(D -> D) per example
+    assert sc.mmdit_forward - flops.mmdit_forward_flops(teacher, 16, side, side, ctx) == 16 * 2 * (256 + d) * d
+    # the targets: two half steps, each on the (empty prompt, caption) pair of the 8 bootstrap examples
+    assert sc.target_forward == 2 * flops.mmdit_forward_flops(student, 2 * 8, side, side, ctx)
+    assert sc.autoencoder_forward == s1.autoencoder_forward > 0 and sc.text_forward == 2 * s1.text_forward > 0
+    assert 0 < sc.encoder_forward < s1.trained_forward - s1.mmdit_forward  # forward only: no VQ losses
+    expected = 3 * sc.trained_forward + sc.target_forward + sc.autoencoder_forward + sc.encoder_forward + sc.text_forward
+    assert 0.97 * expected < sc.step <= expected and sc.couplings == 0
+
+    rf = flops.step_flops(load_config("tiny", ["stage3.method=reflow"]), stage=3)
+    assert rf.trained_forward == sc.trained_forward and rf.target_forward == rf.autoencoder_forward == 0
+    expected = 3 * rf.trained_forward + rf.encoder_forward + rf.text_forward  # (the codes' lookup is a gather)
+    assert 0.97 * expected < rf.step <= expected
+    # 512 couplings, 16 at a time: 20 guided teacher steps of 2 x 16 passes + the images' coding
+    draw = 20 * flops.mmdit_forward_flops(teacher, 32, side, side, ctx) + sc.autoencoder_forward + sc.encoder_forward
+    assert rf.couplings == 32 * (draw + sc.text_forward)
+    with pytest.raises(ValueError, match="stage 2"):
+        flops.step_flops(config, stage=2)
