@@ -28,8 +28,8 @@ Counted per device (exact, from shapes and shardings):
 
 Activations are an estimate (b = per-device batch = batch / (data * fsdp), s = bytes of
 config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
-L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = 77 + T5 length context
-tokens, T = N + M:
+L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = CLIP length (SD3: 77)
++ T5 length context tokens, T = N + M:
   one block      A = b * [ s * (7 T D + (12 + 2 q) T D / t) + S ]
                  (7 T D: norms, modulated inputs, attention projection, gated residuals, MLP output;
                  12 T D / t: q, k, v, attention output, MLP hidden before and after GELU; 2 T D / t
@@ -48,7 +48,9 @@ tokens, T = N + M:
 Stage 3, the few-step decoder: stage 1's MM-DiT terms (the hyper-encoder runs forward only); the
 shortcut method's self-consistency targets are two guided forward passes of the MM-DiT on 2 x
 bootstrap_fraction x b examples before the training pass, counted among the frozen forward passes
-as one block's working set (no saved activations).
+as one block's working set (no saved activations). The reflow method's batch is its couplings
+(float32 noise and latent [b, h, w, C], indices [b, g, g]) and the text inputs: no VAE or
+hyper-encoder runs in its step.
 Stage 2, the entropy model (no remat; n = g^2 grid tokens + M context tokens if conditional,
 width w, MLP ratio r): per block b [ s (6 n w + (4 + 2 r) n w / t) + ceil(H / t) n^2 (4 + s) ],
 all blocks + one for the cotangents, plus logits b g^2 K * 4 bytes * 3; the frozen forward passes
@@ -77,8 +79,6 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from perco_jax import build, parallel
 from perco_jax.config import setting
-
-CLIP_LENGTH = 77  # SD3's CLIP token length (text.CLIP_MAX_LENGTH)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -310,11 +310,11 @@ ALWAYS = ("batch", "FSDP")
 
 def _text_forward_peak(config, b: int, s: int, t: int) -> int:
     """Largest per-layer working set of the frozen text encoders' forward passes."""
-    peaks = []
+    peaks, clip = [], build.clip_max_length(config)
     for sec, n, ff, d, h in (
-            (config.clip_l, CLIP_LENGTH, config.clip_l.intermediate_size, config.clip_l.hidden_size,
+            (config.clip_l, clip, config.clip_l.intermediate_size, config.clip_l.hidden_size,
              config.clip_l.num_attention_heads),
-            (config.clip_g, CLIP_LENGTH, config.clip_g.intermediate_size, config.clip_g.hidden_size,
+            (config.clip_g, clip, config.clip_g.intermediate_size, config.clip_g.hidden_size,
              config.clip_g.num_attention_heads),
             (config.t5, config.text.max_sequence_length, config.t5.d_ff, config.t5.d_model, config.t5.num_heads)):
         peaks.append(b * (n * (3 * ff * s // t + 3 * d * 4) + -(-h // t) * n * n * (4 + s)))
@@ -352,10 +352,11 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
     layer all-gathered by FSDP (added to the text encoders' forward working set)."""
     s, t = jnp.dtype(config.dtype).itemsize, int(tensor)
     side, ch = build.latent_geometry(config)
-    m_ctx = CLIP_LENGTH + config.text.max_sequence_length
+    m_ctx = build.clip_max_length(config) + config.text.max_sequence_length
     joint = config.mmdit.joint_attention_dim
     text_peak = _text_forward_peak(config, b, s, t) + text_gather if build.text_encoders_in_step(config) else 0
-    batch = b * (config.image_size ** 2 * 3 * 4 + m_ctx * joint * s + config.mmdit.pooled_projection_dim * s)
+    text_in = b * (m_ctx * joint * s + config.mmdit.pooled_projection_dim * s)
+    batch = b * config.image_size ** 2 * 3 * 4 + text_in
     if config.stage == 2:
         em, g, k = config.entropy_model, config.codec.grid_side, config.codec.codebook_size
         n = g * g + (m_ctx if em.conditional else 0)
@@ -398,6 +399,12 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
         nb = 2 * int(round(b * config.stage3.bootstrap_fraction)) if config.stage3.method == "shortcut" else 0
         targets = max(blocks) // b * nb  # one block's working set on the target passes' examples
         frozen_fwd = max(frozen_fwd, _hyper_encoder(config, b, s, saved=False), targets)
+        if config.stage3.method == "reflow":  # the batch is couplings: no image is encoded in the step
+            g = config.codec.grid_side
+            couplings = b * (2 * side * side * ch * 4 + g * g * 4) + text_in  # float32 noise + latent, indices
+            return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
+                            (FROZEN_FORWARD, text_peak),
+                            ("batch (noise, latents, indices, text context)", couplings)]
         return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
                         (FROZEN_FORWARD, frozen_fwd),
                         ("batch (images, text context)", batch)]

@@ -289,3 +289,17 @@ def test_scripts_train_flags_and_real_single_process_initialize(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["True", "True", "1", "True"]
+
+
+def test_stage3_reflow_batch_is_its_couplings(tiny):
+    """A reflow step reads (noise, latent, indices) couplings and the text inputs: its batch row
+    counts those, by hand, and no image is encoded in the step (its frozen passes are the text's)."""
+    shortcut = plan.make_plan(tiny, {"data": 1}, stage=3)
+    reflow = plan.make_plan(load_config("tiny", ["stage3.method=reflow"]), {"data": 1}, stage=3)
+    b, g = 16, tiny.codec.grid_side  # stage3.batch_size
+    side, ch = build.latent_geometry(tiny)
+    text = b * (8 + 24) * tiny.mmdit.joint_attention_dim * 4 + b * tiny.mmdit.pooled_projection_dim * 4  # float32
+    rows, sc_rows = dict(reflow.activation_rows), dict(shortcut.activation_rows)
+    assert rows["batch (noise, latents, indices, text context)"] == b * (2 * side * side * ch * 4 + g * g * 4) + text
+    assert sc_rows["batch (images, text context)"] == b * tiny.image_size ** 2 * 3 * 4 + text
+    assert 0 < rows[plan.FROZEN_FORWARD] < sc_rows[plan.FROZEN_FORWARD]  # the text encoders' alone
