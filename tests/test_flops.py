@@ -122,7 +122,8 @@ def test_stage3_steps_by_hand():
     assert sc.target_forward == 2 * flops.mmdit_forward_flops(student, 2 * 8, side, side, ctx)
     assert sc.autoencoder_forward == s1.autoencoder_forward > 0 and sc.text_forward == 2 * s1.text_forward > 0
     assert 0 < sc.encoder_forward < s1.trained_forward - s1.mmdit_forward  # forward only: no VQ losses
-    expected = 3 * sc.trained_forward + sc.target_forward + sc.autoencoder_forward + sc.encoder_forward + sc.text_forward
+    expected = (3 * sc.trained_forward + sc.target_forward + sc.autoencoder_forward + sc.encoder_forward
+                + sc.text_forward)
     assert 0.97 * expected < sc.step <= expected and sc.couplings == 0
 
     rf = flops.step_flops(load_config("tiny", ["stage3.method=reflow"]), stage=3)
