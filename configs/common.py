@@ -68,7 +68,7 @@ def codec(preset: str = "16x16_k1024", code_dim: int = 16) -> ml_collections.Con
     schedule: a schedule spec (perco_jax.schedules.parse_spec: "qlds:8", "checkerboard", ...,
     or "uniform" for fixed-length coding). coding_batch_size: the entropy model always runs on
     batches of exactly this many images (the last one padded), at compress and at decompress, so
-    that both build bit-identical coding tables (see perco_jax/entropy_coding.py); changing it
+    that both build bit-identical coding tables (see perco_jax/codec/entropy_coding.py); changing it
     makes older bitstreams undecodable, which the fingerprint catches.
     """
     if preset not in BITRATE_PRESETS:

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perco_jax import entropy_coding, schedules
+from perco_jax import schedules
+from perco_jax.codec import entropy_coding
 from perco_jax.models import integer_entropy_model as iem
 from perco_jax.models.entropy_model import EntropyModel
 

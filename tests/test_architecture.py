@@ -27,8 +27,7 @@ PACKAGES = {"perco_jax": ROOT / "perco_jax", "perco_jax.configs": ROOT / "config
 CLIENTS = ("tests", "benchmarks", "scripts")
 
 ENTRY = ("perco_jax.eval", "perco_jax.cli", "perco_jax.demo")  # the top layer
-CODEC_AND_TRAINING = ("perco_jax.codec", "perco_jax.train", "perco_jax.reconstruct", "perco_jax.entropy_coding",
-                      "perco_jax.plan", "perco_jax.flops")
+CODEC_AND_TRAINING = ("perco_jax.codec", "perco_jax.train", "perco_jax.reconstruct", "perco_jax.plan", "perco_jax.flops")
 FLOW_TEXT_AND_BASE = ("perco_jax.flow", "perco_jax.text", "perco_jax.text_cache", "perco_jax.text_store",
                       "perco_jax.sd3", "perco_jax.captioning", "perco_jax.build", "perco_jax.images",
                       "perco_jax.checkpoint", "perco_jax.config", "perco_jax.parallel", "perco_jax.distributed",

@@ -13,9 +13,9 @@ import zlib
 import numpy as np
 import pytest
 
-from perco_jax import build, entropy_coding, schedules
+from perco_jax import build, schedules
 from perco_jax.cli import main as cli
-from perco_jax.codec import bitstream
+from perco_jax.codec import bitstream, entropy_coding
 from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec.codec import Codec, prepare_image, rate_split
 from perco_jax.codec.report import DEFAULT_SPECS
@@ -108,14 +108,14 @@ def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(t
 
 
 def test_framing_is_at_most_10_bytes_and_long_forms_round_trip(trained, heldout):
-    """Version 3 sends only what the codec does not know: at its native size under its default
-    schedule a stream spends 9 bytes on framing (the target is at most 10); other sizes (RESIZE
-    keeps the original's) and schedules are sent in full and come back."""
+    """Versions 3 and 4 send only what the codec does not know: at its native size under its
+    default schedule a stream spends 9 bytes on framing (the target is at most 10); other sizes
+    (RESIZE keeps the original's) and schedules are sent in full and come back."""
     _, _, codec = trained
     images, captions = heldout
     for s in codec.compress_batch(images, captions):  # 32 x 32 (native), config.codec.schedule
         r = rate_split(s)
-        assert s[0] == 0xA3 and r["container"] == 9 <= 10, r
+        assert s[0] == 0xA0 | bitstream.INTEGER_MODEL_VERSION and r["container"] == 9 <= 10, r
         assert r["total"] == r["caption"] + r["indices"] + r["container"] and r["pixels"] == 32 * 32
         assert rate_split(s, codec.stream_model) == r
     wide = np.clip(np.repeat(images[0], 2, axis=1)[:, :50], 0, 1)

@@ -8,7 +8,7 @@ import optax
 from flax import linen as nn
 import pytest
 
-from perco_jax import entropy_coding as ec
+from perco_jax.codec import entropy_coding as ec
 from perco_jax.models.entropy_model import EntropyModel, masked_loss_bits, training_mask
 from perco_jax.schedules import get_schedule
 

@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perco_jax import entropy_coding as ec
 from perco_jax import schedules
 from perco_jax.codec import bitstream as bs
-from perco_jax.codec.errors import BitstreamError
+from perco_jax.codec import entropy_coding as ec
 from perco_jax.codec import range_coding as rc
+from perco_jax.codec.errors import BitstreamError
 from perco_jax.models import integer_entropy_model as iem
 from perco_jax.models.entropy_model import EntropyModel
 from tests import integer_golden as golden

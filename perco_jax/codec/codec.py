@@ -9,7 +9,7 @@ image_size and resized back to H x W (stored in the header), so the output has t
 size; the aspect ratio is not kept inside the model. Crop beforehand for a centre-crop protocol.
 
 Indices are coded under config.codec.schedule (or the schedule passed in) with the MIM entropy
-model, or with fixed-length "uniform" coding. Determinism (see perco_jax/entropy_coding.py): the
+model, or with fixed-length "uniform" coding. Determinism (see perco_jax/codec/entropy_coding.py): the
 text context and the entropy model always run on batches of exactly codec.coding_batch_size
 images, unsharded, on both sides, so a stream decodes alone or with any others. The image
 encoder may be sharded over the local devices: its indices are sent, not recomputed. The decoder
@@ -38,8 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from perco_jax import build, entropy_coding, schedules
-from perco_jax.codec import bitstream, integer_export, range_coding
+from perco_jax import build, schedules
+from perco_jax.codec import bitstream, entropy_coding, integer_export, range_coding
 from perco_jax.codec.bitstream import Header
 from perco_jax.codec.errors import BitstreamError
 from perco_jax.images import resize, to_rgb_float

@@ -3,7 +3,7 @@
 The index grid is sent group by group (a schedule from `perco_jax.schedules`); for the group sent
 at step s the model sees the indices of groups 0..s-1 and a mask token everywhere else, and
 predicts a distribution over the K codebook entries at every position. Only the predictions at
-the positions of group s are used for coding (`perco_jax.entropy_coding`).
+the positions of group s are used for coding (`perco_jax.codec.entropy_coding`).
 
 Shapes:
   indices [B, H, W] int32 in [0, K)   (values at masked positions are ignored)

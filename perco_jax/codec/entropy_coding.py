@@ -214,7 +214,7 @@ def decode_indices(model: Model, payloads: Sequence[bytes], grid: tuple[int, int
     """Inverse of encode_indices: indices [B, H, W] int32 from B payloads (B = len(payloads)).
 
     Needs the batch shape of the encoder (see encode_indices) and each image's context; raises
-    `codec.errors.CodingError` on data that cannot be decoded.
+    `errors.CodingError` on data that cannot be decoded.
     """
     h, w = (int(v) for v in grid)
     g = _check_groups(groups, (h, w))
