@@ -14,6 +14,10 @@
    (upscaled x4, nearest neighbour); the scene metrics of codec, thumbnail and originals, the rate
    per masking schedule against uniform coding, and the time taken are printed. Photos are left
    out: a codec trained on drawn shapes only turns them into noise whatever else is right.
+6. Stage 3: the few-step decoder trains on the stage-1 decoder, is added to WORKDIR/checkpoint, and is
+   compared at 1 step with the teacher (default steps) and a plain 1-step guided Euler step on the same
+   held-out scenes; WORKDIR/few_step.png shows original | teacher | few-step decoder | plain 1 step.
+   (benchmarks/decode.py compares 2 and 4 steps too.)
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     from perco_jax.data.synthetic import render_scene, synthetic_scene
     from perco_jax.eval.datasets import SYNTHETIC_SEED as HELDOUT_SEED
     from perco_jax.eval.evaluate import evaluate, format_scene_summary
+    from perco_jax.eval.few_step import format_decoder_table, run_stage3_demo
     from perco_jax.eval.scenes import thumbnail_baseline
     from perco_jax.images import load_image, save_image
     from perco_jax.train.export import export_codec
@@ -84,22 +89,22 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     err = check_sd3_port(work / "sd3_port")
-    print(f"[1/5] SD3 port: converted MM-DiT vs diffusers, relative max error {err:.2e}")
+    print(f"[1/6] SD3 port: converted MM-DiT vs diffusers, relative max error {err:.2e}")
     if err > 1e-4:
         print("demo FAILED: the converted MM-DiT differs from diffusers")
         return 1
 
     config = load_config("tiny", [*overrides, f"autoencoder_workdir={work / 'stage0'}"])
-    print(f"[2/5] stage 0: training the tiny autoencoder ({config.image_size}^2 -> "
+    print(f"[2/6] stage 0: training the tiny autoencoder ({config.image_size}^2 -> "
           f"{config.image_size // config.patch_autoencoder.factor}^2 x {config.patch_autoencoder.latent_channels}) "
           f"for {config.stage0.num_train_steps} steps on synthetic scenes")
     train(load_config("tiny", [*overrides, "stage=0"]), work / "stage0")
-    print(f"[3/5] stage 1: training the tiny codec for {config.num_train_steps} steps "
+    print(f"[3/6] stage 1: training the tiny codec for {config.num_train_steps} steps "
           f"(z_l: {config.codec.grid_side}x{config.codec.grid_side} indices, K={config.codec.codebook_size})")
     train(config, work / "stage1")
     config2 = config.copy_and_resolve_references()
     config2.update(stage=2, stage1_workdir=str(work / "stage1"))
-    print(f"[4/5] stage 2: training the entropy model for {config.stage2.num_train_steps} steps on the "
+    print(f"[4/6] stage 2: training the entropy model for {config.stage2.num_train_steps} steps on the "
           f"codec's indices ({len(config.stage2.schedules)} masking schedules)")
     train(config2, work / "stage2")
     codec = export_codec(config, work / "stage1", work / "stage2")
@@ -117,7 +122,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
             for o, name in zip(images, names)]
     save_image(np.concatenate(rows, axis=0), work / "reconstructions.png")
     m = summary["mean"]
-    print(f"[5/5] codec exported to {work / 'checkpoint'}; {heldout} held-out scenes (seed {HELDOUT_SEED}) "
+    print(f"[5/6] codec exported to {work / 'checkpoint'}; {heldout} held-out scenes (seed {HELDOUT_SEED}) "
           f"compressed and decompressed through their bitstreams by `perco-jax evaluate` -> {work / 'eval'} "
           f"({m['bpp']:.4f} bpp: caption {m['bpp_caption']:.4f}, indices {m['bpp_indices']:.4f}, framing "
           f"{m['bpp_container']:.4f}; schedule {config.codec.schedule})")
@@ -127,12 +132,10 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     print(f"\n  rate of the z_l indices per masking schedule ({heldout} images, index bytes exact; "
           f"'(model)' = the entropy model's cross-entropy):")
     print(format_rates(schedule_rates(codec, images, captions)))
-    from perco_jax.eval.few_step import format_decoder_table, run_stage3_demo  # (stage 3, issue 15)
-
-    print(f"\n  stage 3: the few-step decoder ({config.stage3.method}, {config.stage3.num_train_steps} steps), "
+    print(f"\n[6/6] stage 3: the few-step decoder ({config.stage3.method}, {config.stage3.num_train_steps} steps), "
           f"added to {work / 'checkpoint'} (`decompress --steps 1`); {heldout} held-out scenes per decoder:")
     codec, decoders, s3_seconds = run_stage3_demo(config, work, codec, HELDOUT_SEED, n=heldout, shown=SHOWN,
-                                                  upscale=UPSCALE)
+                                                  upscale=UPSCALE, steps=(1,))
     print(format_decoder_table(decoders))
     print(f"  trained in {s3_seconds:.0f} s; {work / 'few_step.png'}: original | teacher ({config.sample.steps} "
           f"steps) | few-step decoder, 1 step | plain guided 1 step (x{UPSCALE})")

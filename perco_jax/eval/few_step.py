@@ -134,11 +134,13 @@ def with_few_step_decoder(codec, stage3_workdir):
     return dataclasses.replace(codec, few_step=restore_few_step(codec.config, stage3_workdir))
 
 
-def run_stage3_demo(config, work, codec, seed: int, n: int = 48, shown: int = 8, upscale: int = 4):
+def run_stage3_demo(config, work, codec, seed: int, n: int = 48, shown: int = 8, upscale: int = 4,
+                    steps: Sequence[int] | None = None):
     """The demo's stage 3: train config's stage 3 (config.stage3; stage1_workdir = work/stage1) in
     work/stage3, add its few-step decoder to `codec` and save it to work/checkpoint, and write
     work/few_step.png: `shown` held-out scenes of `seed`, each row original | teacher (default
     steps) | few-step decoder at 1 step | plain guided 1 step, upscaled `upscale` x (nearest).
+    `steps`: the step counts compared (default: every count the few-step decoder was trained for).
     Returns (codec, compare_decoders rows on n scenes, the stage-3 training seconds)."""
     from pathlib import Path
 
@@ -153,7 +155,7 @@ def run_stage3_demo(config, work, codec, seed: int, n: int = 48, shown: int = 8,
     seconds = time.perf_counter() - start
     codec = with_few_step_decoder(codec, work / "stage3")
     codec.save(work / "checkpoint")
-    rows = compare_decoders(codec, seed, n=n, steps=tuple(codec.few_step_counts))
+    rows = compare_decoders(codec, seed, n=n, steps=tuple(codec.few_step_counts if steps is None else steps))
     _, images, captions = heldout_scenes(shown, codec.config.image_size, seed)
     indices = codec.encode_images(images * 2 - 1)
     columns = [images, codec.decode_images(indices, captions, sampler="teacher"),
