@@ -7,7 +7,7 @@ Builds the config's real shapes with random weights (MM-DiT + hyper-encoder + VQ
 and, with --text encode, CLIP-L/G + T5 frozen, placed as config.frozen_placement says), runs the
 jitted sharded step of `perco_jax.train` on synthetic images over all devices (mesh data=-1 unless
 -o mesh.* says otherwise), no checkpoints, and prints the median step time, the model FLOPs per
-step from `perco_jax.flops.step_flops` (the step's own jaxpr: forward + backward of the trained
+step from `perco_jax.train.flops.step_flops` (the step's own jaxpr: forward + backward of the trained
 network, forward of the frozen ones, no rematerialisation recompute), XLA's own count of the
 compiled program for comparison, and MFU = model FLOPs / step time / (devices x peak).
 
@@ -28,7 +28,7 @@ import numpy as np
 from perco_jax import build, parallel
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
-from perco_jax.flops import step_flops
+from perco_jax.train.flops import step_flops
 from perco_jax.train.loop import frozen_shardings
 from perco_jax.train.step import init_state
 from perco_jax.train.stage0 import autoencoder_params

@@ -59,6 +59,7 @@ BITRATE_PRESETS = {
     "16x16_k1024": dict(grid_side=16, codebook_size=1024),  # 0.0098 bpp
     "32x32_k1024": dict(grid_side=32, codebook_size=1024),  # 0.039 bpp
     "64x64_k1024": dict(grid_side=64, codebook_size=1024),  # 0.156 bpp
+    "tiny_4x4_k64": dict(grid_side=4, codebook_size=64),    # the tiny config's: 0.094 bpp at 32^2
 }
 
 

@@ -9,10 +9,10 @@ from perco_jax.configs import common
 
 def get_config():
     config = common.base("tiny", common.mmdit(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=32,
-        pooled_projection_dim=40, out_channels=16, pos_embed_max_size=32,
-        qk_norm="rms_norm", dual_attention_layers=(0,)))
+        sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=48,
+        num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=192,
+        pooled_projection_dim=40, out_channels=4, pos_embed_max_size=32,
+        qk_norm="rms_norm", dual_attention_layers=()))
     config.vae = common.sd3_vae(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8)
     config.clip_l = common.clip(vocab_size=514, hidden_size=16, intermediate_size=32, projection_dim=16,
                                 num_hidden_layers=2, num_attention_heads=2, bos_token_id=512, pad_token_id=513)
@@ -29,18 +29,15 @@ def get_config():
     # codes (0.094 bpp), built-in synthetic data. Flow matching in the parameter-free space-to-depth
     # "latent" (48 channels of raw pixels) is pixel-space flow matching: after 600-2,000 steps it drew
     # 4x4-pixel block noise instead of the shapes. With 2x2 patches of the 4-channel latent, each
-    # MM-DiT token is one z_l cell.
+    # MM-DiT token is one z_l cell (the MM-DiT's shape above).
     config.image_size = 32
     config.autoencoder = "patch"
     config.patch_autoencoder.update(factor=4, latent_channels=4, width=128, depth=2)
     config.stage0.update(num_train_steps=2500, batch_size=32, learning_rate=2e-3, warmup_steps=50, ema_decay=0.99)
-    config.mmdit.update(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=48,
-                        caption_projection_dim=192, num_layers=3, dual_attention_layers=(), patch_size=2)
     # The tiny CLIP tokenizers are character-level: 77 CLIP tokens would make the joint sequence 6x
     # the 16 image tokens; a short CLIP part and a word-level T5 part long enough for every caption.
     config.text.update(clip_max_length=8, max_sequence_length=24)
-    config.codec = common.codec("8x8_k256", code_dim=8)
-    config.codec.update(preset="tiny_4x4_k64", grid_side=4, codebook_size=64)
+    config.codec = common.codec("tiny_4x4_k64", code_dim=8)
     config.hyper_encoder.update(width=32, depth=1, out_channels=16, num_groups=8)
     config.num_train_steps = 3500
     config.batch_size = 16

@@ -101,7 +101,7 @@ def _embed_text(args) -> int:
 
 
 def _plan(args) -> int:
-    from perco_jax import plan
+    from perco_jax.train import plan
     from perco_jax.config import load_config
 
     mesh = plan.parse_mesh(args.mesh, args.devices)

@@ -1,4 +1,4 @@
-"""Model FLOPs (perco_jax/flops.py): the jaxpr counter against closed forms, the MM-DiT formula
+"""Model FLOPs (perco_jax/train/flops.py): the jaxpr counter against closed forms, the MM-DiT formula
 against the counter (tiny with every block variant, and SD3-medium's real shapes, traced
 abstractly), and a training step's count against 3 x the trained forward + the frozen forwards
 (stage 1, and stage 3's shortcut and reflow steps with their targets and couplings by hand)."""
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from perco_jax import build, flops
+from perco_jax import build
+from perco_jax.train import flops
 from perco_jax.config import load_config
 from perco_jax.models.mmdit import mmdit_from_config
 

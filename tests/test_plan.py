@@ -14,7 +14,8 @@ import pytest
 from flax import linen as nn
 from jax.sharding import AbstractMesh, NamedSharding
 
-from perco_jax import build, distributed, parallel, plan
+from perco_jax import build, distributed, parallel
+from perco_jax.train import plan
 from perco_jax.cli import main
 from perco_jax.config import load_config
 

@@ -171,7 +171,7 @@ def _random_codec_step(tmp_path, fraction):
 def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
     """With no self-consistency examples, the first stage-3 loss is stage 1's flow-matching loss
     of the teacher on the same draw (the step embedder starts at zero, d = 0 is flow matching)."""
-    from perco_jax.reconstruct import image_latents
+    from perco_jax.codec.transforms import image_latents
     from perco_jax.train.state import step_key
 
     config, teacher, ae, pe, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.0)
@@ -211,7 +211,7 @@ def test_shortcut_step_trains_both_terms(tmp_path):
 def test_full_size_stage3_plans_abstractly(method):
     """sd3_medium's stage 3 from shapes only (jax.eval_shape): the student's MM-DiT with its step
     embedder trains, the stage-1 codec is kept frozen."""
-    from perco_jax import plan
+    from perco_jax.train import plan
 
     config = load_config("sd3_medium", [f"stage3.method={method}"])
     comp = plan.abstract_components(config, stage=3)

@@ -103,7 +103,7 @@ class Codec:
     integer_model: object = None     # the integer entropy model (integer_export; version-4 streams) or None
 
     def __post_init__(self):
-        from perco_jax.reconstruct import make_decoder, make_encoder
+        from perco_jax.codec.transforms import make_decoder, make_encoder
 
         c = self.config
         self.model = build.build_perco(c)
@@ -119,7 +119,7 @@ class Codec:
         self._decode_few = None
         if self.few_step is not None:
             from perco_jax.models.perco import with_step_conditioning
-            from perco_jax.reconstruct import few_step_codec, make_few_step_decoder
+            from perco_jax.codec.transforms import few_step_codec, make_few_step_decoder
 
             self._few_step_codec = few_step_codec(self.codec_params, self.few_step["params"])
             self._decode_few = make_few_step_decoder(with_step_conditioning(self.model), self.autoencoder,
@@ -369,7 +369,7 @@ class Codec:
         few = sampler == "few_step" or (sampler == "auto" and steps in self.few_step_counts)
         decode, params = (self._decode_few, self._few_step_codec) if few else (self._decode, self.codec_params)
         guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
-        from perco_jax.reconstruct import initial_noise
+        from perco_jax.codec.transforms import initial_noise
 
         n = len(captions)
         noise = np.asarray(initial_noise(seed, np.arange(n) if noise_ids is None else noise_ids, self.latent_shape))

@@ -98,7 +98,7 @@ def flow_straightness(codec, images, captions: Sequence[str], *, student: bool, 
 
     from perco_jax import flow
     from perco_jax.models.perco import with_step_conditioning
-    from perco_jax.reconstruct import few_step_codec, initial_noise
+    from perco_jax.codec.transforms import few_step_codec, initial_noise
 
     c = codec.config
     n = len(captions)

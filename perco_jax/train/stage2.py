@@ -22,7 +22,7 @@ import optax
 
 from perco_jax import build
 from perco_jax.models.entropy_model import masked_loss_bits, training_mask
-from perco_jax.reconstruct import encode_images
+from perco_jax.codec.transforms import encode_images
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 from perco_jax.train.step import TOKEN_KEYS
 

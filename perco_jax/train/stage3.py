@@ -38,7 +38,7 @@ import optax
 
 from perco_jax import build, flow
 from perco_jax.models.perco import with_step_conditioning
-from perco_jax.reconstruct import few_step_codec, guided_latents, image_latents, text_context
+from perco_jax.codec.transforms import few_step_codec, guided_latents, image_latents, text_context
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 from perco_jax.train.step import TOKEN_KEYS, init_variables
 
@@ -225,7 +225,7 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
     from tqdm.auto import tqdm
 
     from perco_jax.data.pipeline import make_dataset
-    from perco_jax.reconstruct import initial_noise
+    from perco_jax.codec.transforms import initial_noise
 
     folder = Path(folder)
     if (folder / "done.json").exists():

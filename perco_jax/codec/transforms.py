@@ -113,33 +113,3 @@ def make_few_step_decoder(student, autoencoder, prompt_encoder, *, max_sequence_
                     lambda codec, codes, cond, uncond, noise, guidance, steps: few_step_latents(
                         student, codec, codes, cond, noise, steps=steps, shift=shift))
 
-
-def reconstruct_heldout(config, state, workdir, n: int = 8, seed: int = 0):
-    """(originals, reconstructions [n, H, W, 3] in [0, 1], captions) for held-out synthetic scenes
-    (the data pipeline's validation split), through indices -> codes -> sampler -> image."""
-    import numpy as np
-
-    from perco_jax import build
-    from perco_jax.data.pipeline import make_dataset
-
-    model, autoencoder = build.build_perco(config), build.build_autoencoder(config)
-    prompt_encoder, text_params = build.build_text(config, workdir)
-    side, channels = build.latent_geometry(config)
-    batch = next(make_dataset(config, split="validation"))
-    images = jnp.asarray(batch["image"][:n])
-    captions = [str(c) for c in batch["caption"][:n]]
-    params = state.inference_params
-    frozen = {"autoencoder": {}, "text": text_params}
-    if config.autoencoder != "space_to_depth":
-        from perco_jax.train.stage0 import autoencoder_params
-        frozen["autoencoder"] = autoencoder_params(config, autoencoder)
-    codec = {"params": params, "vq": state.vq_state}
-    indices = make_encoder(model, autoencoder)(codec, frozen["autoencoder"], images)
-    tokens = prompt_encoder.tokenize(captions, config.text.max_sequence_length)
-    empty = prompt_encoder.tokenize([""], config.text.max_sequence_length)
-    decode = make_decoder(model, autoencoder, prompt_encoder,
-                          max_sequence_length=config.text.max_sequence_length, shift=config.scheduler_shift)
-    noise = initial_noise(seed, np.arange(len(captions)), (side, side, channels))
-    recon = decode(codec, frozen, indices, tokens, empty, noise, jnp.float32(config.sample.guidance),
-                   steps=config.sample.steps)
-    return np.asarray(images) / 2 + 0.5, np.asarray(recon), captions
