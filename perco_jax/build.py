@@ -23,7 +23,7 @@ from perco_jax.models.perco import PerCo
 from perco_jax.models.patch_autoencoder import PatchAutoencoder
 from perco_jax.models.vae import AutoencoderKL, SpaceToDepthAutoencoder
 from perco_jax.models.vq import VectorQuantizer
-from perco_jax.text import CLIP_MAX_LENGTH
+from perco_jax.text.prompt import CLIP_MAX_LENGTH
 
 AUTOENCODERS = ("sd3_vae", "space_to_depth", "patch")
 TRAINABLE = ("all", "attention_mlp", "frozen")
@@ -256,7 +256,7 @@ def build_text(config, workdir: str | Path):
     encoders from the config's clip_l / clip_g / t5 sections, with the built-in tiny tokenizers
     written under `workdir/tokenizers` (deterministic from config.seed).
     """
-    from perco_jax.text import PromptEncoder
+    from perco_jax.text.prompt import PromptEncoder
 
     if config.pretrained:  # (only the text components are read)
         from perco_jax.sd3 import load_prompt_encoder

@@ -92,7 +92,7 @@ def _embed_text(args) -> int:
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     from perco_jax.config import load_config
-    from perco_jax.text_store import embed_captions
+    from perco_jax.text.store import embed_captions
 
     config = load_config(args.config, args.override)
     meta = embed_captions(config, args.out, examples=args.examples, batch_size=args.batch, dtype=args.dtype)
@@ -140,7 +140,7 @@ def _outputs(inputs: list[str], out: str, suffix: str) -> list:
 def _captions(args, codec) -> list[str]:
     """The caption z_g of each input: --caption, else the cache / captioner (issue: none -> error),
     then the text mode (none | full | truncate:N tokens of SD3's T5 tokenizer, else CLIP-L's)."""
-    from perco_jax import captioning as cap
+    from perco_jax.captions import captioner as cap
 
     name, _ = cap.parse_text_mode(args.text_mode)
     if name == "none":

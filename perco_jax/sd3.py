@@ -30,7 +30,7 @@ from perco_jax.models.clip import CLIPTextEncoder
 from perco_jax.models.mmdit import MMDiT, mmdit_from_config
 from perco_jax.models.t5 import T5Encoder
 from perco_jax.models.vae import AutoencoderKL, unscale_latents
-from perco_jax.text import PromptEncoder
+from perco_jax.text.prompt import PromptEncoder
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, OpenCLIP bigG, T5 (optional)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.reference import time_limit
-from perco_jax import captioning as cap
+from perco_jax.captions import captioner as cap
 from perco_jax.codec import bitstream as bs
 from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec import caption_coding as cc

@@ -288,7 +288,7 @@ def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
     # no caption and no captioner: one clear error, unless the text mode asks for none
     assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in0.png"), "-o", str(tmp_path / "n.perco")]) == 2
     assert "no caption" in capsys.readouterr().err
-    from perco_jax.captioning import CaptionCache, image_key
+    from perco_jax.captions.captioner import CaptionCache, image_key
     CaptionCache(tmp_path / "caps.jsonl").put(image_key(tmp_path / "in1.png"), "a large red circle on grey", "blip2")
     for mode, want in (("none", ""), ("full", "a large red circle on grey"), ("truncate:2", None)):
         assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in1.png"), "-o", str(tmp_path / "c.perco"),

@@ -489,7 +489,7 @@ def _cli(args):
 
 
 def test_kodak_per_image_rates_next_to_perco_v2(codec, folder, tmp_path, monkeypatch, capsys):
-    from perco_jax import captioning as cap
+    from perco_jax.captions import captioner as cap
 
     path, c = codec
     kodak = tmp_path / "kodak"
@@ -522,7 +522,7 @@ def test_kodak_per_image_rates_next_to_perco_v2(codec, folder, tmp_path, monkeyp
 
 
 def test_captions_from_files_and_a_cache_and_one_line_for_the_rest(codec, folder, tmp_path, capsys):
-    from perco_jax import captioning as cap
+    from perco_jax.captions import captioner as cap
 
     _, c = codec
     small = _subset(folder, tmp_path, ("a", "b", "c"))  # no captions file beside them
@@ -566,7 +566,7 @@ def test_captions_from_files_and_a_cache_and_one_line_for_the_rest(codec, folder
 
 
 def test_captions_from_a_captioner_are_cached_and_not_made_again(codec, folder, blip2_folder, tmp_path, monkeypatch):
-    from perco_jax import captioning as cap
+    from perco_jax.captions import captioner as cap
 
     _, c = codec
     small = _subset(folder, tmp_path, ("a", "c"), {"a.png": "a red circle"})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perco_jax.captioning import image_key
+from perco_jax.captions.captioner import image_key
 from perco_jax.codec.codec import prepare_image
 from perco_jax.eval.clip_score import prepare as clip_prepare
 from perco_jax.images import load_image, read_rgb8, resize, resize_rgb8, save_image, to_rgb8, to_rgb_float

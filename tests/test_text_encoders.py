@@ -270,7 +270,7 @@ def test_prompt_encoder_from_folder_reads_the_folders_tokenizers(tmp_path):
     from perco_jax.build import text_modules
     from perco_jax.checkpoint import TOKENIZERS, load_tokenizer
     from perco_jax.config import load_config
-    from perco_jax.text import PromptEncoder
+    from perco_jax.text.prompt import PromptEncoder
     from perco_jax.tiny import save_tokenizers
 
     folder = save_tokenizers(tmp_path / "tok")

@@ -1,4 +1,4 @@
-"""Precomputed text embeddings (perco_jax/text_store.py): the sharded job, the array_record store
+"""Precomputed text embeddings (perco_jax/text/store.py): the sharded job, the array_record store
 read back, and the errors of incomplete, mixed or mismatched stores."""
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 from perco_jax import build
 from perco_jax.config import load_config
 from perco_jax.data.pipeline import dataset_captions
-from perco_jax.text_store import TextEmbeddingStore, embed_captions, shard_name
+from perco_jax.text.store import TextEmbeddingStore, embed_captions, shard_name
 
 OVER = ["text.max_sequence_length=8"]
 CAPTIONS = ["a red circle", "two blue squares on grey", "ünïcödé ✓ caption", "a red circle", "x" * 300]
@@ -120,7 +120,7 @@ def test_cli_embed_text(tmp_path, capsys):
 def test_in_memory_cache_pads_misses_to_a_power_of_two(encoded, tmp_path):
     """config.text.cache's TextEmbeddingCache: each batch's new captions are encoded in one call
     padded to a power of two (few program shapes), with the encoders' values, and persisted."""
-    from perco_jax.text_cache import TextEmbeddingCache
+    from perco_jax.text.cache import TextEmbeddingCache
 
     config, encoder, params, _ = encoded
     sizes = []

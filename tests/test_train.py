@@ -220,7 +220,7 @@ def test_precomputed_text_embeddings_train_the_same(tmp_path):
     """config.text.cache (embeddings computed once per caption and persisted) and
     config.text.embeddings (a store `embed-text` wrote in two process shards; no text encoder is
     built) give the same training as encoding the captions inside the step."""
-    from perco_jax.text_store import embed_captions
+    from perco_jax.text.store import embed_captions
 
     over = FAST + ["num_train_steps=3", "ema_decay=0.0", "checkpoint_every_steps=3"]
     plain = train(load_config("tiny", over), tmp_path / "plain", progress=False)
@@ -234,7 +234,7 @@ def test_precomputed_text_embeddings_train_the_same(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(x, z, rtol=1e-5, atol=1e-6)
     from perco_jax import build
-    from perco_jax.text_cache import TextEmbeddingCache
+    from perco_jax.text.cache import TextEmbeddingCache
     config = load_config("tiny", over)
     encoder, text_params = build.build_text(config, tmp_path / "cached")
     reloaded = TextEmbeddingCache(encoder, text_params, config.text.max_sequence_length, tmp_path / "cached")
@@ -274,7 +274,7 @@ def test_training_starts_from_a_converted_sd3_pipeline(tmp_path):
     same encoders and a run from its store trains the same."""
     from perco_jax.cli import main as cli
     from perco_jax.checkpoint import load_weights
-    from perco_jax.text_store import TextEmbeddingStore, embed_captions
+    from perco_jax.text.store import TextEmbeddingStore, embed_captions
     from perco_jax.tiny import save_tiny_sd3_pipeline
 
     save_tiny_sd3_pipeline(tmp_path / "pipe", seed=3, config=load_config("tiny", PRETRAINED))

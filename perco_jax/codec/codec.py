@@ -183,7 +183,7 @@ class Codec:
         from perco_jax.checkpoint import CheckpointError, load_weights, read_manifest
         from perco_jax.models.clip import CLIPTextEncoder
         from perco_jax.models.t5 import T5Encoder
-        from perco_jax.text import PromptEncoder
+        from perco_jax.text.prompt import PromptEncoder
 
         folder = Path(folder)
         manifest = read_manifest(folder)

@@ -24,7 +24,7 @@ Captions, from the sources `compress` has (`captions`, `caption_cache`, `caption
      images (DIR, the file list's folder or each image's folder), or the file `captions` names
      (paths relative to it), matched by path, then by file name; a synthetic scene's own caption.
      captions="none" (--captions none) uses none of them;
-  2. else `captioning.resolve_caption`, as compress calls it: the caption cache (JSONL, keyed by the
+  2. else `captions.captioner.resolve_caption`, as compress calls it: the caption cache (JSONL, keyed by the
      image file's pixels, so compress and evaluate share one), then the captioner (BLIP-2 or
      Molmo-style, greedy, caption_tokens), whose captions are added to the cache (by default
      OUT/caption_cache.jsonl, so a resumed run does not caption again);
@@ -237,9 +237,9 @@ def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = Fal
 def resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, caption_tokens: int,
                      trust_remote_code: bool, progress: bool) -> Dataset:
     """Every item's caption and caption_source, as `compress` finds them: the data's own caption
-    (captions file, scene), else `captioning.resolve_caption` (the caption cache, then the captioner,
+    (captions file, scene), else `captions.captioner.resolve_caption` (the caption cache, then the captioner,
     which adds to the cache), else none; then the text mode (none: no caption at all)."""
-    from perco_jax import captioning as cap
+    from perco_jax.captions import captioner as cap
 
     mode, _ = cap.parse_text_mode(text_mode)
     items = list(ds.items)

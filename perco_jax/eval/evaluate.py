@@ -367,16 +367,16 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     protocol (a Dataset keeps its own); `published` is the published-points CSV (default:
     perco_jax/eval/published.csv) and `published_protocol` the protocol of its rows to overlay
     (default: the data's, `data_protocol`); `text_mode` (none | full | truncate:N,
-    perco_jax.captioning) is applied to every caption before coding, to study the rate split
+    perco_jax.captions.captioner) is applied to every caption before coding, to study the rate split
     between z_g and z_l.
 
     Captions, as `compress` finds them: the data's own (`captions`: None = the captions files beside
     the images or the scenes' captions, a captions file, or "none"), else the JSONL `caption_cache`,
-    else the `captioner` (a local checkpoint folder or a loaded perco_jax.captioning.Captioner;
+    else the `captioner` (a local checkpoint folder or a loaded perco_jax.captions.captioner.Captioner;
     `caption_tokens`, `trust_remote_code` as in compress), whose captions go to the cache (default
     OUT/caption_cache.jsonl); an image with none of them is coded with the empty caption, and one
     line says how many were."""
-    from perco_jax import captioning
+    from perco_jax.captions import captioner as captioning
 
     ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop, captions=captions)
     cfg = codec.config

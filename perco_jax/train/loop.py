@@ -123,7 +123,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     if config.stage == 0:  # the autoencoder alone: no text
         prompt_encoder, text_params = None, {}
     elif not build.text_encoders_built(config):  # precomputed by `perco-jax embed-text`
-        from perco_jax.text_store import TextEmbeddingStore
+        from perco_jax.text.store import TextEmbeddingStore
 
         store = TextEmbeddingStore(config.text.embeddings, config)
         prompt_encoder, text_params = None, {}
@@ -163,7 +163,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         frozen = parallel.place(frozen, frozen_shardings(config, frozen, prompt_encoder, autoencoder, mesh, rules))
         cache = store
         if store is None and setting(config, "text.cache"):
-            from perco_jax.text_cache import TextEmbeddingCache
+            from perco_jax.text.cache import TextEmbeddingCache
 
             cache = TextEmbeddingCache(prompt_encoder, text_params, config.text.max_sequence_length, workdir)
         if cache is not None:

@@ -2,7 +2,7 @@
 caption (dropped to the empty prompt in `caption_dropout` of the examples), plus the VQ terms.
 
     batch = {"image": [B, H, W, 3] in [-1, 1], "clip_l": [B, 77], "clip_g": [B, 77], "t5": [B, L]}
-    or, with precomputed embeddings (`text_cache.py`), "context" [B, L, D] and "pooled" [B, P]
+    or, with precomputed embeddings (`text/cache.py`), "context" [B, L, D] and "pooled" [B, P]
     instead of the token ids; `empty` is then {"context", "pooled"} of the empty prompt.
 """
 from __future__ import annotations

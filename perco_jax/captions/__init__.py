@@ -1,0 +1,1 @@
+"""Image -> caption: the captioners, the caption cache and the text modes (`captioner`)."""
