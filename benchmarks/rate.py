@@ -26,11 +26,9 @@ import numpy as np
 from perco_jax import build
 from perco_jax.codec import integer_export
 from perco_jax.codec.codec import Codec
-from perco_jax.codec.report import format_rates, schedule_rates
+from perco_jax.codec.report import DEFAULT_SPECS, format_rates, schedule_rates
 from perco_jax.data.pipeline import make_dataset
 
-SPECS = ("uniform", "checkerboard", "checkerboard4", "quincunx", "qlds:4", "qlds:8", "qlds:12",
-         "implicit_var", "random:8", "cosine:8")
 
 
 def heldout(config, n: int):
@@ -94,8 +92,8 @@ def main(argv=None):
     integer = loaded if loaded.integer_model is not None else loaded.with_integer_model(integer_export.calibrate(loaded))
     codec = loaded.with_integer_model(None)  # the float model: version 3
     images, captions = heldout(codec.config, args.images)
-    rows = schedule_rates(codec, images, captions, SPECS)
-    int_rows = schedule_rates(integer, images, captions, SPECS)
+    rows = schedule_rates(codec, images, captions, DEFAULT_SPECS)
+    int_rows = schedule_rates(integer, images, captions, DEFAULT_SPECS)
     uniform = next(r for r in rows if r["schedule"] == "uniform")["bits_per_index"]
     k = codec.config.codec.codebook_size
     print(f"{len(images)} held-out images, {codec.grid[0]}x{codec.grid[1]} indices, K={k} "

@@ -47,10 +47,15 @@ def latent_geometry(config) -> tuple[int, int]:
     raise ConfigError(f"autoencoder={config.autoencoder!r}: choose one of {AUTOENCODERS}")
 
 
+def uniform_index_bits(cells: int, codebook_size: int) -> float:
+    """Bits of `cells` indices of a K-entry codebook coded uniformly: cells * log2 K."""
+    return cells * math.log2(codebook_size)
+
+
 def bits_per_pixel(config) -> float:
     """Rate of z_l under uniform coding (grid^2 * log2 K bits) per pixel of the image."""
-    g, k = config.codec.grid_side, config.codec.codebook_size
-    return g * g * math.log2(k) / config.image_size ** 2
+    g = config.codec.grid_side
+    return uniform_index_bits(g * g, config.codec.codebook_size) / config.image_size ** 2
 
 
 def validate(config) -> None:

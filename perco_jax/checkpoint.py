@@ -20,6 +20,8 @@ FORMAT, VERSION = "perco-jax", 1
 MANIFEST = "perco.json"
 # The tokenizer folders of CLIP-L, OpenCLIP bigG and T5 (diffusers' names; T5's is optional).
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+# Their encoders' weight components, in the same order.
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 class CheckpointError(ValueError):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 
@@ -64,7 +63,7 @@ def _info(args) -> int:
     print(f"\nbitrate presets at {config.image_size}x{config.image_size} (uniform coding of z_l):")
     print(f"  {'preset':<14}{'grid':>8}{'K':>7}{'bits':>8}{'bpp':>10}")
     for name, p in BITRATE_PRESETS.items():
-        bits = p["grid_side"] ** 2 * math.log2(p["codebook_size"])
+        bits = build.uniform_index_bits(p["grid_side"] ** 2, p["codebook_size"])
         mark = "  <- this config" if name == config.codec.preset else ""
         print(f"  {name:<14}{p['grid_side']:>5}x{p['grid_side']:<2}{p['codebook_size']:>7}{bits:>8.0f}"
               f"{bits / config.image_size ** 2:>10.5f}{mark}")
@@ -166,6 +165,7 @@ def _captions(args, codec) -> list[str]:
 def _compress(args) -> int:
     import math
 
+    from perco_jax import build
     from perco_jax.codec.codec import Codec, rate_split
     from perco_jax.images import load_image
 
@@ -175,7 +175,7 @@ def _compress(args) -> int:
     images = [load_image(p) for p in args.inputs]
     streams = codec.compress_batch(images, captions, schedule=args.schedule)
     g, k = codec.grid, codec.config.codec.codebook_size
-    uniform = math.ceil(g[0] * g[1] * math.log2(k) / 8)
+    uniform = math.ceil(build.uniform_index_bits(g[0] * g[1], k) / 8)
     print(f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}")
     for path, out, stream in zip(args.inputs, outs, streams):
         out.write_bytes(stream)
@@ -207,6 +207,8 @@ def _decompress(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from perco_jax.build import FROZEN_PLACEMENTS
+
     p = argparse.ArgumentParser(prog="perco-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -271,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "says whether the run fits")
     pl.add_argument("--batch", type=int, help="global batch size (default: the config's, for the stage)")
     pl.add_argument("--stage", type=int, choices=(1, 2, 3), help="training stage (default: the config's)")
-    pl.add_argument("--frozen", choices=("sharded", "replicated"), default=None,
+    pl.add_argument("--frozen", choices=FROZEN_PLACEMENTS, default=None,
                     help="frozen text encoders / VAE / stage-1 codec: sharded by the rules, or a full copy "
                          "on every device (default: the config's frozen_placement)")
     pl.add_argument("--flash-attention", action="store_true",

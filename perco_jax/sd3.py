@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from perco_jax import flow
-from perco_jax.checkpoint import TOKENIZERS, load_weights, read_manifest
+from perco_jax.checkpoint import TEXT_ENCODERS, TOKENIZERS, load_weights, read_manifest
 from perco_jax.convert.common import ConversionError
 from perco_jax.convert.pipeline import DEFAULT_SHIFT
 from perco_jax.convert.text_encoders import clip_config_from_hf, t5_config_from_hf
@@ -32,7 +32,6 @@ from perco_jax.models.t5 import T5Encoder
 from perco_jax.models.vae import AutoencoderKL, unscale_latents
 from perco_jax.text.prompt import PromptEncoder
 
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, OpenCLIP bigG, T5 (optional)
 
 
 @dataclasses.dataclass(eq=False)

@@ -45,7 +45,6 @@ from perco_jax.codec.errors import BitstreamError
 from perco_jax.images import resize, to_rgb_float
 from perco_jax.models.integer_entropy_model import IntegerEntropyModel
 
-_TEXT = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MAX_SIDE = 0xFFFF  # the header stores the original size as uint16
 
 

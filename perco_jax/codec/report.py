@@ -14,9 +14,10 @@ from typing import Sequence
 import numpy as np
 
 from perco_jax import schedules
+from perco_jax.configs.common import TRAINING_SCHEDULES
 
-DEFAULT_SPECS = ("uniform", "checkerboard", "checkerboard4", "quincunx", "qlds:4", "qlds:8", "qlds:12",
-                 "implicit_var", "random:8", "cosine:8")
+# uniform coding, then every schedule stage 2 trains for
+DEFAULT_SPECS = (schedules.UNIFORM,) + tuple(TRAINING_SCHEDULES)
 
 
 def schedule_rates(codec, images: Sequence, captions: Sequence[str], specs: Sequence[str] = DEFAULT_SPECS,

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from perco_jax.checkpoint import TOKENIZERS, load_tokenizer, save_weights
+from perco_jax.checkpoint import TEXT_ENCODERS, TOKENIZERS, load_tokenizer, save_weights
 from perco_jax.convert.common import ConversionError, SafetensorsSource, TensorSource
 from perco_jax.convert.single_file_vae import load_single_file_vae
 from perco_jax.convert.text_encoders import (T5_EMBED_KEYS, clip_config_from_hf, clip_config_to_hf,
@@ -92,7 +92,7 @@ def _scheduler_shift(path: Path) -> float:
 def _tokenizer_dirs(root: Path, components: dict) -> dict[str, Path]:
     """Tokenizer folders to copy, checked against the converted text encoders' vocabularies."""
     dirs = {}
-    for tok, enc in zip(TOKENIZERS, ("text_encoder", "text_encoder_2", "text_encoder_3")):
+    for tok, enc in zip(TOKENIZERS, TEXT_ENCODERS):
         d = root / tok
         if enc not in components:
             continue

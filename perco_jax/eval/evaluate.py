@@ -75,6 +75,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from perco_jax import build
 from perco_jax.eval import metrics
 from perco_jax.eval.datasets import Dataset, Item, caption_record, data_protocol, parse_data, resolve_captions
 from perco_jax.eval.networks import Networks, load_networks
@@ -244,7 +245,7 @@ def _scene_summary(ds: Dataset, mean: dict, codec) -> dict:
     originals = [scenes.scene_metrics(ds.load(it), it.scene) for it in ds.items]
     gain = None if mean.get("psnr") is None or mean.get("thumb_psnr") is None else mean["psnr"] - mean["thumb_psnr"]
     return {"thumbnail": {"grid_side": g, "levels_per_channel": levels,
-                          "bits": g * g * 3 * math.log2(levels), "index_bits_uniform": g * g * math.log2(k)},
+                          "bits": g * g * 3 * math.log2(levels), "index_bits_uniform": build.uniform_index_bits(g * g, k)},
             "originals": {m: float(np.mean([o[m] for o in originals])) for m in SCENE_METRICS},
             "psnr_gain_over_thumbnail": gain}
 
