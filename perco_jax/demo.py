@@ -76,10 +76,9 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     from perco_jax.codec.codec import Codec
     from perco_jax.codec.report import format_rates, schedule_rates
     from perco_jax.config import load_config
-    from perco_jax.data.synthetic import render_scene, synthetic_scene
     from perco_jax.eval.datasets import SYNTHETIC_SEED as HELDOUT_SEED
     from perco_jax.eval.evaluate import evaluate, format_scene_summary
-    from perco_jax.eval.few_step import format_decoder_table, run_stage3_demo
+    from perco_jax.eval.few_step import format_decoder_table, heldout_scenes, run_stage3_demo
     from perco_jax.eval.scenes import thumbnail_baseline
     from perco_jax.images import load_image, save_image
     from perco_jax.train.export import export_codec
@@ -113,9 +112,7 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
 
     summary = evaluate(codec, f"synthetic:{heldout}:{HELDOUT_SEED}", work / "eval", progress=False)
     g, k = config.codec.grid_side, config.codec.codebook_size
-    scenes = [synthetic_scene(i, HELDOUT_SEED) for i in range(heldout)]
-    images = [render_scene(sc, config.image_size) for sc in scenes]
-    captions = [sc.caption for sc in scenes]
+    _, images, captions = heldout_scenes(heldout, config.image_size, HELDOUT_SEED)
     names = sorted(p.stem for p in (work / "eval" / "recon").glob("*.png"))[:SHOWN]
     rows = [np.concatenate([_upscale(o), _upscale(thumbnail_baseline(o, g, k)),
                             _upscale(load_image(work / "eval" / "recon" / f"{name}.png"))], axis=1)
