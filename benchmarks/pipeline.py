@@ -25,7 +25,7 @@ from perco_jax.config import load_config  # noqa: E402
 from perco_jax.convert.pipeline import convert_to_folder  # noqa: E402
 from perco_jax.models.vae import unscale_latents  # noqa: E402
 from perco_jax.sd3 import SD3Pipeline  # noqa: E402
-from perco_jax.tiny import save_tiny_sd3_pipeline  # noqa: E402
+from perco_jax.tiny_sd3 import save_tiny_sd3_pipeline  # noqa: E402
 
 SMALL = ["vae.block_out_channels=(32, 64, 128, 128)", "vae.layers_per_block=2", "vae.norm_num_groups=32",
          "mmdit.num_layers=4", "mmdit.num_attention_heads=4", "mmdit.attention_head_dim=32",

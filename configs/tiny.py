@@ -2,7 +2,7 @@
 
 Shapes are consistent across components as in SD3: the MM-DiT's joint_attention_dim is the T5
 width (>= CLIP-L + CLIP-G widths), pooled_projection_dim = the two CLIP projections, in_channels =
-the VAE's latent channels. The tiny tokenizers of `perco_jax.tiny` have 514 (CLIP) and 138 (T5) tokens.
+the VAE's latent channels. The tiny tokenizers of `perco_jax.text.tiny_tokenizers` have 514 (CLIP) and 138 (T5) tokens.
 """
 from perco_jax.configs import common
 

@@ -272,7 +272,7 @@ def build_text(config, workdir: str | Path):
         encoder.clip_max_length = clip_max_length(config)
         return encoder, params
 
-    from perco_jax.tiny import save_tokenizers
+    from perco_jax.text.tiny_tokenizers import save_tokenizers
 
     tok = Path(workdir) / "tokenizers"
     if not (tok / "tokenizer_3").exists():  # the last one save_tokenizers writes

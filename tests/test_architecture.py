@@ -31,7 +31,7 @@ CODEC_AND_TRAINING = ("perco_jax.codec", "perco_jax.train")
 FLOW_TEXT_AND_BASE = ("perco_jax.flow", "perco_jax.text",
                       "perco_jax.sd3", "perco_jax.captions", "perco_jax.build", "perco_jax.images",
                       "perco_jax.checkpoint", "perco_jax.config", "perco_jax.parallel", "perco_jax.distributed",
-                      "perco_jax.tiny", "perco_jax.data")
+                      "perco_jax.tiny_sd3", "perco_jax.data")
 # (importers, importers exempt, imported modules they may not use, exceptions to that, why); a name
 # covers the module and the package below it
 LAYERS = (

@@ -225,7 +225,7 @@ def test_decoding_is_bounded_and_strict():
 def test_text_modes_pure(tmp_path):
     from transformers import AutoTokenizer
 
-    from perco_jax.tiny import save_t5_tokenizer
+    from perco_jax.text.tiny_tokenizers import save_t5_tokenizer
 
     caption = "A red car parked in front of a small house, next to a tree."
     assert cap.apply_text_mode(caption, "none") == ""
@@ -301,7 +301,7 @@ def blip2_folder(tmp_path_factory):
         text_config=text.to_dict(), num_query_tokens=4, image_token_index=image_token)
     model = Blip2ForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():   # O(1) random weights (as perco_jax.tiny): captions depend on the image
+    with torch.no_grad():   # O(1) random weights (as perco_jax.tiny_sd3): captions depend on the image
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             if p.ndim >= 2:

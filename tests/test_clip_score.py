@@ -6,7 +6,7 @@ import torch
 
 from perco_jax.convert.common import ConversionError
 from perco_jax.eval.clip_score import CLIPScorer
-from perco_jax.tiny import save_clip_tokenizer
+from perco_jax.text.tiny_tokenizers import save_clip_tokenizer
 from tests.reference import randomize_, rel_err
 
 

@@ -13,7 +13,7 @@ from perco_jax.cli import main as cli
 from perco_jax.convert import ConversionError
 from perco_jax.convert.pipeline import convert_to_folder
 from perco_jax.sd3 import SD3Pipeline
-from perco_jax.tiny import save_tiny_sd3_pipeline
+from perco_jax.tiny_sd3 import save_tiny_sd3_pipeline
 from tests.reference import rel_err
 
 PROMPT = "a large red circle above a small blue square"

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from perco_jax.cli import main as cli
 from perco_jax.config import load_config
 from perco_jax.sd3 import SD3Pipeline
-from perco_jax.tiny import save_tiny_sd3_pipeline
+from perco_jax.tiny_sd3 import save_tiny_sd3_pipeline
 from tests.test_convert_transformer import to_original
 from tests.test_single_file_vae import to_ldm
 

@@ -271,7 +271,7 @@ def test_prompt_encoder_from_folder_reads_the_folders_tokenizers(tmp_path):
     from perco_jax.checkpoint import TOKENIZERS, load_tokenizer
     from perco_jax.config import load_config
     from perco_jax.text.prompt import PromptEncoder
-    from perco_jax.tiny import save_tokenizers
+    from perco_jax.text.tiny_tokenizers import save_tokenizers
 
     folder = save_tokenizers(tmp_path / "tok")
     clip_l, clip_g, t5 = text_modules(load_config("tiny"))

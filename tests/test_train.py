@@ -275,7 +275,7 @@ def test_training_starts_from_a_converted_sd3_pipeline(tmp_path):
     from perco_jax.cli import main as cli
     from perco_jax.checkpoint import load_weights
     from perco_jax.text.store import TextEmbeddingStore, embed_captions
-    from perco_jax.tiny import save_tiny_sd3_pipeline
+    from perco_jax.tiny_sd3 import save_tiny_sd3_pipeline
 
     save_tiny_sd3_pipeline(tmp_path / "pipe", seed=3, config=load_config("tiny", PRETRAINED))
     assert cli(["convert", "--diffusers", str(tmp_path / "pipe"), "--out", str(tmp_path / "w"), "--quiet"]) == 0
