@@ -49,10 +49,10 @@ def _info(args) -> int:
     import jax
 
     from perco_jax import build
+    from perco_jax.codec.report import format_bitrate_presets
     from perco_jax.config import load_config
     from perco_jax.convert.transformer import abstract_params
     from perco_jax.models.mmdit import mmdit_from_config
-    from perco_jax.configs.common import BITRATE_PRESETS
 
     config = load_config(args.config, args.override)
     build.validate(config)
@@ -60,15 +60,8 @@ def _info(args) -> int:
     n = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(model)))
     print(config)
     print(f"MM-DiT parameters: {n:,} ({n * 4 / 2**30:.2f} GiB in float32)")
-    print(f"\nbitrate presets at {config.image_size}x{config.image_size} (uniform coding of z_l):")
-    print(f"  {'preset':<14}{'grid':>8}{'K':>7}{'bits':>8}{'bpp':>10}")
-    for name, p in BITRATE_PRESETS.items():
-        bits = build.uniform_index_bits(p["grid_side"] ** 2, p["codebook_size"])
-        mark = "  <- this config" if name == config.codec.preset else ""
-        print(f"  {name:<14}{p['grid_side']:>5}x{p['grid_side']:<2}{p['codebook_size']:>7}{bits:>8.0f}"
-              f"{bits / config.image_size ** 2:>10.5f}{mark}")
-    print(f"this config: {config.codec.grid_side}x{config.codec.grid_side}, K={config.codec.codebook_size}: "
-          f"{build.bits_per_pixel(config):.5f} bpp")
+    print()
+    print(format_bitrate_presets(config))
     return 0
 
 
@@ -163,10 +156,8 @@ def _captions(args, codec) -> list[str]:
 
 
 def _compress(args) -> int:
-    import math
-
-    from perco_jax import build
-    from perco_jax.codec.codec import Codec, rate_split
+    from perco_jax.codec.codec import Codec
+    from perco_jax.codec.report import format_stream_rates
     from perco_jax.images import load_image
 
     outs = _outputs(args.inputs, args.out, ".perco")
@@ -174,18 +165,9 @@ def _compress(args) -> int:
     captions = _captions(args, codec)
     images = [load_image(p) for p in args.inputs]
     streams = codec.compress_batch(images, captions, schedule=args.schedule)
-    g, k = codec.grid, codec.config.codec.codebook_size
-    uniform = math.ceil(build.uniform_index_bits(g[0] * g[1], k) / 8)
-    print(f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}")
-    for path, out, stream in zip(args.inputs, outs, streams):
+    for out, stream in zip(outs, streams):
         out.write_bytes(stream)
-        r = rate_split(stream)
-        bpp = 8 / r["pixels"]
-        print(f"{str(out)[-27:]:<28}{r['total']:>7}{r['total'] * bpp:>9.4f}{r['caption'] * bpp:>9.4f}"
-              f"{r['indices'] * bpp:>9.4f}{r['container'] * bpp:>10.4f}"
-              f"{100 * (1 - r['indices'] / uniform):>11.1f}%")
-    print(f"(bpp columns split the total; 'vs uniform' = index bytes saved against fixed-length "
-          f"coding, {uniform} bytes for {g[0]}x{g[1]} indices of K={k})")
+    print(format_stream_rates(outs, streams, codec.grid, codec.config.codec.codebook_size))
     return 0
 
 

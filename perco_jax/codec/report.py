@@ -5,16 +5,24 @@
 
 Every figure comes from real bitstreams (encoded, then decoded and checked equal) except
 model_bits_per_index, the entropy model's cross-entropy for the same indices.
+
+The tables `perco-jax` prints about rate come from here too:
+
+    format_stream_rates(names, streams, grid, codebook_size) -> compress's table: per stream its
+        bytes, bpp split into caption / indices / container, index bytes saved against uniform coding
+    format_bitrate_presets(config) -> info's table: every bitrate preset's uniform-coding rate at
+        config.image_size, and the config's own
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Sequence
 
 import numpy as np
 
-from perco_jax import schedules
-from perco_jax.configs.common import TRAINING_SCHEDULES
+from perco_jax import build, schedules
+from perco_jax.configs.common import BITRATE_PRESETS, TRAINING_SCHEDULES
 
 # uniform coding, then every schedule stage 2 trains for
 DEFAULT_SPECS = (schedules.UNIFORM,) + tuple(TRAINING_SCHEDULES)
@@ -61,4 +69,42 @@ def format_rates(rows: list[dict]) -> str:
         lines.append(f"  {r['schedule']:<14}{r['groups']:>7}{r['bits_per_index']:>11.3f}{r['model_bits_per_index']:>9.3f}"
                      f"{r['index_bytes']:>9.1f}{r['bpp_indices']:>9.4f}{r['bpp_total']:>9.4f}"
                      f"{1e3 * r['encode_s']:>8.1f}{1e3 * r['decode_s']:>8.1f}")
+    return "\n".join(lines)
+
+
+def format_stream_rates(names: Sequence[str], streams: Sequence[bytes], grid: tuple[int, int],
+                        codebook_size: int) -> str:
+    """The table `perco-jax compress` prints: one row per stream (named by the last 27 characters
+    of its name), its bytes and bpp, the bpp split into caption, indices and container
+    (`codec.rate_split`), and the index bytes saved against uniform coding of the grid[0] x grid[1]
+    indices of a K = codebook_size codebook; a last line says what the columns mean."""
+    from perco_jax.codec.codec import rate_split
+
+    g, k = grid, codebook_size
+    uniform = math.ceil(build.uniform_index_bits(g[0] * g[1], k) / 8)
+    lines = [f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}"]
+    for name, stream in zip(names, streams):
+        r = rate_split(stream)
+        bpp = 8 / r["pixels"]
+        lines.append(f"{str(name)[-27:]:<28}{r['total']:>7}{r['total'] * bpp:>9.4f}{r['caption'] * bpp:>9.4f}"
+                     f"{r['indices'] * bpp:>9.4f}{r['container'] * bpp:>10.4f}"
+                     f"{100 * (1 - r['indices'] / uniform):>11.1f}%")
+    lines.append(f"(bpp columns split the total; 'vs uniform' = index bytes saved against fixed-length "
+                 f"coding, {uniform} bytes for {g[0]}x{g[1]} indices of K={k})")
+    return "\n".join(lines)
+
+
+def format_bitrate_presets(config) -> str:
+    """The table `perco-jax info` prints: each preset of BITRATE_PRESETS (grid, K, bits and bpp of
+    uniform coding at config.image_size), the config's own marked, then the config's rate."""
+    size = config.image_size
+    lines = [f"bitrate presets at {size}x{size} (uniform coding of z_l):",
+             f"  {'preset':<14}{'grid':>8}{'K':>7}{'bits':>8}{'bpp':>10}"]
+    for name, p in BITRATE_PRESETS.items():
+        bits = build.uniform_index_bits(p["grid_side"] ** 2, p["codebook_size"])
+        mark = "  <- this config" if name == config.codec.preset else ""
+        lines.append(f"  {name:<14}{p['grid_side']:>5}x{p['grid_side']:<2}{p['codebook_size']:>7}{bits:>8.0f}"
+                     f"{bits / size ** 2:>10.5f}{mark}")
+    lines.append(f"this config: {config.codec.grid_side}x{config.codec.grid_side}, K={config.codec.codebook_size}: "
+                 f"{build.bits_per_pixel(config):.5f} bpp")
     return "\n".join(lines)
