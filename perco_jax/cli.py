@@ -133,8 +133,9 @@ def _captions(args, codec) -> list[str]:
     """The caption z_g of each input: --caption, else the cache / captioner (issue: none -> error),
     then the text mode (none | full | truncate:N tokens of SD3's T5 tokenizer, else CLIP-L's)."""
     from perco_jax.captions import captioner as cap
+    from perco_jax.captions.text_modes import apply_text_mode, parse_text_mode
 
-    name, _ = cap.parse_text_mode(args.text_mode)
+    name, _ = parse_text_mode(args.text_mode)
     if name == "none":
         return [""] * len(args.inputs)
     given = args.caption
@@ -152,7 +153,7 @@ def _captions(args, codec) -> list[str]:
                     for p in args.inputs]
     tokenizers = codec.prompt_encoder.tokenizers
     tokenizer = tokenizers[2] if tokenizers[2] is not None else tokenizers[0]
-    return [cap.apply_text_mode(c, args.text_mode, tokenizer) for c in captions]
+    return [apply_text_mode(c, args.text_mode, tokenizer) for c in captions]
 
 
 def _compress(args) -> int:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tests.reference import time_limit
-from perco_jax.captions import captioner as cap
+from perco_jax.captions import captioner as cap, text_modes
+from perco_jax.captions.cache import CaptionCache, image_key
 from perco_jax.codec import bitstream as bs
 from perco_jax.codec.errors import BitstreamError
 from perco_jax.codec import caption_coding as cc
@@ -228,31 +229,31 @@ def test_text_modes_pure(tmp_path):
     from perco_jax.text.tiny_tokenizers import save_t5_tokenizer
 
     caption = "A red car parked in front of a small house, next to a tree."
-    assert cap.apply_text_mode(caption, "none") == ""
-    assert cap.apply_text_mode(caption, "full") == caption
-    assert cap.apply_text_mode(caption, "truncate:3") == "A red car"      # no tokenizer: words
-    assert cap.apply_text_mode(caption, "truncate", n_tokens=2) == "A red"
-    assert cap.apply_text_mode(caption, "truncate:0") == ""
-    assert cap.apply_text_mode(caption, "truncate:1000") == caption
+    assert text_modes.apply_text_mode(caption, "none") == ""
+    assert text_modes.apply_text_mode(caption, "full") == caption
+    assert text_modes.apply_text_mode(caption, "truncate:3") == "A red car"      # no tokenizer: words
+    assert text_modes.apply_text_mode(caption, "truncate", n_tokens=2) == "A red"
+    assert text_modes.apply_text_mode(caption, "truncate:0") == ""
+    assert text_modes.apply_text_mode(caption, "truncate:1000") == caption
     t5 = AutoTokenizer.from_pretrained(save_t5_tokenizer(tmp_path / "t5"), local_files_only=True)
     ids = t5(caption, add_special_tokens=False)["input_ids"]
     for n in range(1, len(ids)):
-        out = cap.apply_text_mode(caption, f"truncate:{n}", t5)
+        out = text_modes.apply_text_mode(caption, f"truncate:{n}", t5)
         assert caption.startswith(out) and out == out.strip()        # a prefix: case and spacing kept
         assert len(t5(out, add_special_tokens=False)["input_ids"]) <= n
         # = the first n tokens decoded back to text (T5 decoding only differs in spaces)
         assert out.replace(" ", "") == t5.decode(ids[:n], skip_special_tokens=True).replace(" ", "")
-    assert cap.apply_text_mode(caption, "truncate:4", t5) == "A red"       # "▁", "A", "▁red", "▁"
-    assert cap.apply_text_mode(caption, f"truncate:{len(ids)}", t5) == caption
+    assert text_modes.apply_text_mode(caption, "truncate:4", t5) == "A red"       # "▁", "A", "▁red", "▁"
+    assert text_modes.apply_text_mode(caption, f"truncate:{len(ids)}", t5) == caption
     byte_level = _byte_level_tokenizer()                                     # one token per byte
     for n in (1, 5, 9, 20):
-        assert cap.apply_text_mode(caption, f"truncate:{n}", byte_level) == caption[:n].strip()
+        assert text_modes.apply_text_mode(caption, f"truncate:{n}", byte_level) == caption[:n].strip()
     for bad in ("half", "truncate", "truncate:x", "truncate:-1", "full:3", 3):
         with pytest.raises(ValueError):
-            cap.apply_text_mode(caption, bad)
+            text_modes.apply_text_mode(caption, bad)
     with pytest.raises(ValueError, match="disagrees"):
-        cap.apply_text_mode(caption, "truncate:3", n_tokens=4)
-    assert cap.parse_text_mode(" Truncate:7 ") == ("truncate", 7)
+        text_modes.apply_text_mode(caption, "truncate:3", n_tokens=4)
+    assert text_modes.parse_text_mode(" Truncate:7 ") == ("truncate", 7)
 
 
 # ----------------------------------------------------------------------------- captioner
@@ -356,17 +357,17 @@ def test_caption_cache(blip2_folder, tmp_path):
     path = tmp_path / "captions.jsonl"
     captioner = cap.Captioner.load(blip2_folder, device="cpu", max_new_tokens=8)
     calls = _count_generate(captioner)
-    first = captioner.caption(images, cache=cap.CaptionCache(path), progress=False)
+    first = captioner.caption(images, cache=CaptionCache(path), progress=False)
     assert len(calls) == 1 and len(path.read_text().splitlines()) == 3
-    again = captioner.caption(images, cache=cap.CaptionCache(path), progress=False)   # reloaded from disk
+    again = captioner.caption(images, cache=CaptionCache(path), progress=False)   # reloaded from disk
     assert again == first and len(calls) == 1                 # no second model call
     # a cut-off last line (a crash while writing) is skipped, the rest is kept
     with open(path, "a") as f:
         f.write('{"key": "abc", "capt')
-    cache = cap.CaptionCache(path)
+    cache = CaptionCache(path)
     assert len(cache) == 3
     entry = json.loads(path.read_text().splitlines()[0])
-    assert entry == {"key": cap.image_key(images[0]), "caption": first[0], "captioner": captioner.name}
+    assert entry == {"key": image_key(images[0]), "caption": first[0], "captioner": captioner.name}
     # resolve_caption: given caption > cached caption > captioner; never loads when cached
     assert cap.resolve_caption(images[1], caption="given", cache=cache) == "given"
     assert cap.resolve_caption(images[1], cache=cache) == first[1]
@@ -376,7 +377,7 @@ def test_caption_cache(blip2_folder, tmp_path):
     assert len(calls) == 1
     fresh = np.full((20, 30, 3), 7, np.uint8)
     assert isinstance(cap.resolve_caption(fresh, cache=cache, captioner=captioner), str)
-    assert len(calls) == 2 and cap.CaptionCache(path).get(cap.image_key(fresh)) is not None
+    assert len(calls) == 2 and CaptionCache(path).get(image_key(fresh)) is not None
     with pytest.raises(cap.CaptionError, match="no caption for"):
         cap.resolve_caption(np.zeros((8, 8, 3), np.uint8), cache=cache)
     with pytest.raises(cap.CaptionError, match="--captioner"):
@@ -389,14 +390,14 @@ def test_image_key(tmp_path):
     rng = np.random.default_rng(3)
     rgb = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
     save_image(rgb / 255.0, tmp_path / "x.png")
-    key = cap.image_key(rgb)
-    assert cap.image_key(tmp_path / "x.png") == key == cap.image_key(rgb.astype(np.float32) / 255)
+    key = image_key(rgb)
+    assert image_key(tmp_path / "x.png") == key == image_key(rgb.astype(np.float32) / 255)
     with pytest.raises(ValueError, match="alpha"):  # an RGBA array: refused, as compress does (perco_jax.images)
-        cap.image_key(np.concatenate([rgb, np.full((17, 23, 1), 255, np.uint8)], -1))
-    assert cap.image_key(rgb[:, :-1]) != key and cap.image_key(rgb.reshape(23, 17, 3)) != key
-    assert cap.image_key(rgb[..., 0]) == cap.image_key(np.repeat(rgb[..., :1], 3, -1))
+        image_key(np.concatenate([rgb, np.full((17, 23, 1), 255, np.uint8)], -1))
+    assert image_key(rgb[:, :-1]) != key and image_key(rgb.reshape(23, 17, 3)) != key
+    assert image_key(rgb[..., 0]) == image_key(np.repeat(rgb[..., :1], 3, -1))
     with pytest.raises(ValueError):
-        cap.image_key(np.zeros((4, 4, 2)))
+        image_key(np.zeros((4, 4, 2)))
 
 
 def test_load_errors(tmp_path):

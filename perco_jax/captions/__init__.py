@@ -1,1 +1,2 @@
-"""Image -> caption: the captioners, the caption cache and the text modes (`captioner`)."""
+"""Image -> caption: the captioners (`captioner`), the caption cache (`cache`) and the text modes
+(`text_modes`)."""

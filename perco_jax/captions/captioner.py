@@ -1,4 +1,4 @@
-"""The global message z_g: captions from a captioner, a caption cache, and text configurations.
+"""Image -> caption with a captioning model, and the caption `compress` sends for an image.
 
 - `Captioner.load(folder)` runs a captioner through transformers (PyTorch, CPU or GPU) from a
   local checkpoint folder: BLIP-2 (`Blip2ForConditionalGeneration` + its processor), or any
@@ -6,112 +6,30 @@
   `AutoModelForVision2Seq`), including Molmo-style checkpoints that ship their own code (only
   with `trust_remote_code=True`, which runs that code: pass it only for checkpoints you trust).
   Decoding is greedy (deterministic), at most `max_new_tokens` tokens (32 as in PerCo), batched,
-  with a progress bar. Nothing is downloaded.
-- `CaptionCache(path)`: a JSONL file of {"key", "caption", "captioner"} lines, appended as captions
-  are made and read back on the next run, so a data set is captioned once. The key is the
-  SHA-256 of the image's 8-bit RGB pixels (`image_key`): the same picture gets the same key
-  whether it comes from a PNG, a re-saved PNG or an array.
+  with a progress bar, reading and extending a caption cache (`captions.cache`). Images are HWC
+  uint8 RGB once read (`images.to_rgb8`); nothing is downloaded.
 - `resolve_caption(...)`: what `compress` uses: the given caption, else a cached one, else the
-  captioner's; a clear error when there is none of them.
-- `apply_text_mode(caption, mode, tokenizer)`: the text configurations compared in the seed:
-  "none" (empty prompt), "full", "truncate:N" (the first N tokens of a tokenizer).
+  captioner's; a clear `CaptionError` when there is none of them.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from perco_jax.captions.cache import CaptionCache, image_key
 from perco_jax.images import to_rgb8
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 32   # PerCo's caption budget
 DEFAULT_BATCH_SIZE = 8
-TEXT_MODES = ("none", "full", "truncate:N")
 
 
 class CaptionError(ValueError):
     """No caption can be had (no caption, cache entry or captioner), or a captioner that cannot be used."""
-
-
-# ----------------------------------------------------------------------------- keys
-
-def image_key(image) -> str:
-    """SHA-256 (hex) of an image's 8-bit RGB pixels and size: the caption cache's key."""
-    rgb = to_rgb8(image)
-    h = hashlib.sha256(b"perco-jax rgb8 %dx%d\n" % (rgb.shape[0], rgb.shape[1]))
-    h.update(rgb.tobytes())
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- the cache
-
-class CaptionCache:
-    """Captions by image key, kept in a JSONL file (one {"key", "caption", "captioner"} a line).
-
-    Entries are appended (and flushed) as they are added; opening the cache reads the file
-    back. A later line for the same (key, captioner) wins. Lines that cannot be read (e.g. a
-    line cut short by a crash) are skipped with a warning.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._entries: dict[tuple[str, str], str] = {}
-        self._latest: dict[str, tuple[str, str]] = {}   # key -> (captioner, caption), last written
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = json.loads(line)
-                        key, caption, captioner = entry["key"], entry["caption"], entry.get("captioner", "")
-                        if not (isinstance(key, str) and isinstance(caption, str) and isinstance(captioner, str)):
-                            raise TypeError("key, caption and captioner must be strings")
-                    except (ValueError, KeyError, TypeError) as e:
-                        logger.warning("%s line %d: skipped (%s)", self.path, n, e)
-                        continue
-                    self._remember(key, caption, captioner)
-
-    def _remember(self, key: str, caption: str, captioner: str) -> None:
-        self._entries[(key, captioner)] = caption
-        self._latest[key] = (captioner, caption)
-
-    def get(self, key: str, captioner: str | None = None) -> str | None:
-        """The cached caption of `key` by `captioner` (None: by any captioner, the last one
-        written), or None."""
-        if captioner is None:
-            hit = self._latest.get(key)
-            return None if hit is None else hit[1]
-        return self._entries.get((key, captioner))
-
-    def put(self, key: str, caption: str, captioner: str = "") -> None:
-        """Adds (and appends to the file) the caption of `key` made by `captioner`."""
-        if not isinstance(caption, str):
-            raise TypeError(f"caption must be a str, got {type(caption).__name__}")
-        line = json.dumps({"key": key, "caption": caption, "captioner": captioner}, ensure_ascii=False)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell():  # start on a new line even after a line cut short by a crash
-                f.seek(f.tell() - 1)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-            f.write(line.encode("utf-8") + b"\n")
-        self._remember(key, caption, captioner)
-
-    def __len__(self) -> int:
-        return len(self._latest)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._latest
 
 
 # ----------------------------------------------------------------------------- the captioner
@@ -437,84 +355,3 @@ def resolve_caption(image, *, caption: str | None = None, captioner: "Captioner 
     if not isinstance(captioner, Captioner):
         captioner = Captioner.load(captioner, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
     return captioner.caption([image], cache=cache, progress=False)[0]
-
-
-# ----------------------------------------------------------------------------- text configurations
-
-def parse_text_mode(mode: str, n_tokens: int | None = None) -> tuple[str, int | None]:
-    """("none" | "full" | "truncate", N or None) of a text mode; ValueError naming the valid ones.
-
-    "truncate:N" truncates to N tokens; "truncate" takes N from n_tokens (if both are given
-    they must agree).
-    """
-    if not isinstance(mode, str):
-        raise ValueError(f"text mode must be a string ({', '.join(TEXT_MODES)}), got {mode!r}")
-    name, sep, arg = mode.strip().partition(":")
-    name = name.strip().lower()
-    if name in ("none", "full") and not sep:
-        return name, None
-    if name == "truncate":
-        n = n_tokens
-        if sep:
-            try:
-                n = int(arg)
-            except ValueError:
-                raise ValueError(f"text mode {mode!r}: N in truncate:N must be an integer") from None
-            if n_tokens is not None and n_tokens != n:
-                raise ValueError(f"text mode {mode!r} disagrees with n_tokens={n_tokens}")
-        if n is None or isinstance(n, bool) or int(n) != n or n < 0:
-            raise ValueError(f"text mode {mode!r} needs a token count N >= 0 (truncate:N)")
-        return "truncate", int(n)
-    raise ValueError(f"unknown text mode {mode!r} (known: {', '.join(TEXT_MODES)})")
-
-
-def truncate_tokens(caption: str, n: int, tokenizer=None) -> str:
-    """The caption's first n tokens as text.
-
-    With a fast (Rust) transformers tokenizer: the longest prefix of the caption that ends where
-    one of its tokens ends and tokenizes to at most n tokens (normally what the first n tokens
-    cover; shorter where a token's span would re-tokenize to more, e.g. a lone sentencepiece "▁").
-    Being a prefix of the caption, it keeps the caption's case and spacing. With a slow
-    tokenizer: the first n token ids decoded back to text. With no tokenizer: the first n
-    whitespace-separated words. Special tokens (BOS / EOS) are not counted; the result is stripped.
-    """
-    if isinstance(n, bool) or int(n) != n:
-        raise ValueError(f"token count must be an integer, got {n!r}")
-    if n <= 0 or not caption:
-        return ""
-    if tokenizer is None:
-        return " ".join(caption.split()[:n])
-
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False, truncation=False)["input_ids"])
-
-    if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(caption, add_special_tokens=False, return_offsets_mapping=True, truncation=False)
-        if len(enc["input_ids"]) <= n:
-            return caption.strip()
-        for end in sorted({b for _, b in enc["offset_mapping"][:n] if b > 0}, reverse=True):
-            prefix = caption[:end].strip()
-            if count(prefix) <= n:
-                return prefix
-        return ""
-    ids = tokenizer(caption, add_special_tokens=False, truncation=False)["input_ids"]
-    if len(ids) <= n:
-        return caption.strip()
-    return tokenizer.decode(ids[:n], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-
-
-def apply_text_mode(caption: str, mode: str, tokenizer=None, n_tokens: int | None = None) -> str:
-    """The prompt sent for a caption under a text configuration (pure function).
-
-    "none": "" (the empty prompt; z_g costs only the container's caption field); "full": the
-    caption unchanged; "truncate:N" (or "truncate" with n_tokens=N): the first N tokens of
-    `tokenizer` (see `truncate_tokens`; SD3's T5 or CLIP tokenizer are the natural choice).
-    """
-    if not isinstance(caption, str):
-        raise TypeError(f"caption must be a str, got {type(caption).__name__}")
-    name, n = parse_text_mode(mode, n_tokens)
-    if name == "none":
-        return ""
-    if name == "full":
-        return caption
-    return truncate_tokens(caption, n, tokenizer)

@@ -239,9 +239,9 @@ def resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, ca
     """Every item's caption and caption_source, as `compress` finds them: the data's own caption
     (captions file, scene), else `captions.captioner.resolve_caption` (the caption cache, then the captioner,
     which adds to the cache), else none; then the text mode (none: no caption at all)."""
-    from perco_jax.captions import captioner as cap
+    from perco_jax.captions import cache as caption_cache, captioner as cap, text_modes
 
-    mode, _ = cap.parse_text_mode(text_mode)
+    mode, _ = text_modes.parse_text_mode(text_mode)
     items = list(ds.items)
     missing = [i for i, it in enumerate(items) if not it.caption_source]
     if mode == "none":
@@ -251,8 +251,8 @@ def resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, ca
         if captioner is not None and not isinstance(captioner, cap.Captioner):
             captioner = cap.Captioner.load(captioner, trust_remote_code=trust_remote_code,
                                            max_new_tokens=caption_tokens)
-        if cache is not None and not isinstance(cache, cap.CaptionCache):
-            cache = cap.CaptionCache(cache)
+        if cache is not None and not isinstance(cache, caption_cache.CaptionCache):
+            cache = caption_cache.CaptionCache(cache)
         source = "cache" if captioner is None else "captioner"
         from tqdm.auto import tqdm
 
@@ -268,7 +268,7 @@ def resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, ca
     if mode == "truncate":
         toks = codec.prompt_encoder.tokenizers
         tok = toks[2] if toks[2] is not None else toks[0]
-        items = [dataclasses.replace(it, caption=cap.apply_text_mode(it.caption, text_mode, tok)) for it in items]
+        items = [dataclasses.replace(it, caption=text_modes.apply_text_mode(it.caption, text_mode, tok)) for it in items]
     return dataclasses.replace(ds, items=items)
 
 

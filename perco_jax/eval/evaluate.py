@@ -368,7 +368,7 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     protocol (a Dataset keeps its own); `published` is the published-points CSV (default:
     perco_jax/eval/published.csv) and `published_protocol` the protocol of its rows to overlay
     (default: the data's, `data_protocol`); `text_mode` (none | full | truncate:N,
-    perco_jax.captions.captioner) is applied to every caption before coding, to study the rate split
+    perco_jax.captions.text_modes) is applied to every caption before coding, to study the rate split
     between z_g and z_l.
 
     Captions, as `compress` finds them: the data's own (`captions`: None = the captions files beside
@@ -377,7 +377,7 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     `caption_tokens`, `trust_remote_code` as in compress), whose captions go to the cache (default
     OUT/caption_cache.jsonl); an image with none of them is coded with the empty caption, and one
     line says how many were."""
-    from perco_jax.captions import captioner as captioning
+    from perco_jax.captions import captioner as captioning, text_modes
 
     ds = data if isinstance(data, Dataset) else parse_data(data, size=size, center_crop=center_crop, captions=captions)
     cfg = codec.config
@@ -388,7 +388,7 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
             raise ValueError(f"synthetic scenes at {ds.size}x{ds.size} cannot have the equal-bits thumbnail of the "
                              f"codec's {codec.grid[0]}x{codec.grid[0]} grid: give a size that is a multiple of "
                              f"{codec.grid[0]}")
-    captioning.parse_text_mode(text_mode)
+    text_modes.parse_text_mode(text_mode)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     default_g = float(cfg.sample.guidance if guidance is None else guidance)
