@@ -15,7 +15,7 @@ from flax import linen as nn
 from jax.sharding import AbstractMesh, NamedSharding
 
 from perco_jax import build, distributed, parallel
-from perco_jax.train import plan
+from perco_jax.train import activations, plan, shapes
 from perco_jax.cli import main
 from perco_jax.config import load_config
 
@@ -59,7 +59,7 @@ def test_tiny_on_one_device_is_the_eval_shape_byte_count(tiny):
     assert 0 < p.activation_bytes <= sum(v for _, v in p.activation_rows)  # frozen passes: max, not sum
     # trainable="frozen" moves the MM-DiT (except its patch embedding) to the frozen row, and its
     # optimiser state away
-    frozen_mmdit = plan.abstract_components(load_config("tiny", ["trainable=frozen"]))
+    frozen_mmdit = shapes.abstract_components(load_config("tiny", ["trainable=frozen"]))
     q = plan.make_plan(tiny, {"data": 1}, components=frozen_mmdit)
     assert q.row("params, trainable")[1] + q.row("params, frozen")[1] == expected
     mmdit = sum(_bytes(x) for x in jax.tree_util.tree_leaves(params["mmdit"]))
@@ -102,10 +102,10 @@ def test_fsdp8_shards_exactly_the_leaves_the_rules_shard(tiny):
     assert trainable[1] == expected
     assert p.row("EMA of params")[1] == expected
     # the hand-rolled shard shapes agree with jax's own on an AbstractMesh
-    comp = plan.abstract_components(tiny)
+    comp = shapes.abstract_components(tiny)
     mesh = AbstractMesh((1, 8, 1), parallel.MESH_AXES)
     for _, x, spec in comp.state.leaves():
-        assert plan.shard_shape(x.shape, spec, dict(mesh.shape)) == NamedSharding(mesh, spec).shard_shape(x.shape)
+        assert shapes.shard_shape(x.shape, spec, dict(mesh.shape)) == NamedSharding(mesh, spec).shard_shape(x.shape)
     # data-parallel replicas hold the same shard; tensor=2 splits heads / MLP leaves further
     assert plan.make_plan(tiny, {"data": 2, "fsdp": 8}).row("params, trainable") == trainable
     assert plan.make_plan(tiny, {"fsdp": 8, "tensor": 2}).row("params, trainable")[1] < expected
@@ -123,7 +123,7 @@ def _parse_table(text: str) -> dict:
 @pytest.mark.slow
 def test_sd35_large_fits_64_devices_of_16gb_with_fsdp_64_not_data8_fsdp8():
     config = load_config("sd35_large")
-    comp = plan.abstract_components(config)
+    comp = shapes.abstract_components(config)
     p = plan.make_plan(config, plan.parse_mesh("data=8,fsdp=8,tensor=1"), components=comp)
     text = plan.format_plan(p, plan.parse_bytes("16GB"))
     print(text)
@@ -303,4 +303,4 @@ def test_stage3_reflow_batch_is_its_couplings(tiny):
     rows, sc_rows = dict(reflow.activation_rows), dict(shortcut.activation_rows)
     assert rows["batch (noise, latents, indices, text context)"] == b * (2 * side * side * ch * 4 + g * g * 4) + text
     assert sc_rows["batch (images, text context)"] == b * tiny.image_size ** 2 * 3 * 4 + text
-    assert 0 < rows[plan.FROZEN_FORWARD] < sc_rows[plan.FROZEN_FORWARD]  # the text encoders' alone
+    assert 0 < rows[activations.FROZEN_FORWARD] < sc_rows[activations.FROZEN_FORWARD]  # the text encoders' alone

@@ -211,10 +211,10 @@ def test_shortcut_step_trains_both_terms(tmp_path):
 def test_full_size_stage3_plans_abstractly(method):
     """sd3_medium's stage 3 from shapes only (jax.eval_shape): the student's MM-DiT with its step
     embedder trains, the stage-1 codec is kept frozen."""
-    from perco_jax.train import plan
+    from perco_jax.train import plan, shapes
 
     config = load_config("sd3_medium", [f"stage3.method={method}"])
-    comp = plan.abstract_components(config, stage=3)
+    comp = shapes.abstract_components(config, stage=3)
     mmdit = comp.state.shapes.params["mmdit"]
     d = config.mmdit.num_attention_heads * config.mmdit.attention_head_dim
     assert mmdit["step_embedder_2"]["kernel"].shape == (d, d)

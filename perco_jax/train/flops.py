@@ -157,7 +157,7 @@ class _Shapes:
 
     def __init__(self, config):
         from perco_jax import build, parallel
-        from perco_jax.train.plan import abstract_autoencoder
+        from perco_jax.train.shapes import abstract_autoencoder
         from perco_jax.train.state import make_optimizer
         from perco_jax.train.step import init_state
 
@@ -287,7 +287,7 @@ def text_forward_flops(config, batch: int) -> int:
     """Forward FLOPs of CLIP-L, CLIP-G (text.clip_max_length tokens, SD3's 77) and T5
     (max_sequence_length) on `batch` captions."""
     from perco_jax import build
-    from perco_jax.train.plan import abstract_text_encoders
+    from perco_jax.train.shapes import abstract_text_encoders
 
     clip_l, clip_g, t5 = build.text_modules(config)
     abstract = nn.meta.unbox(abstract_text_encoders(config))  # {"CLIP-L", "CLIP-G", "T5": params}

@@ -26,39 +26,8 @@ Counted per device (exact, from shapes and shardings):
                 stage-1 codec too (its hyper-encoder and VQ code the batch; the teacher) and trains
                 the MM-DiT with its step embedder
 
-Activations are an estimate (b = per-device batch = batch / (data * fsdp), s = bytes of
-config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
-L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = CLIP length (SD3: 77)
-+ T5 length context tokens, T = N + M:
-  one block      A = b * [ s * (7 T D + (12 + 2 q) T D / t) + S ]
-                 (7 T D: norms, modulated inputs, attention projection, gated residuals, MLP output;
-                 12 T D / t: q, k, v, attention output, MLP hidden before and after GELU; 2 T D / t
-                 with QK RMS-norm (q = 1); S = ceil(H / t) T^2 (4 + s): float32 attention logits and
-                 the probabilities, 0 with a fused (flash) attention kernel; an SD3.5 dual-attention
-                 block adds the same terms for the image tokens alone)
-  with remat     L b T D s (every block's saved inputs) + 2 A (one block recomputed + its cotangents)
-  without        sum of all blocks' A + A
-  plus           the hyper-encoder's saved activations (ResNet blocks at the latent side and below),
-                 the embeddings / output / latents / noise, and the batch (images float32, text context)
-  frozen         the frozen forward passes (no saved activations), the larger of the VAE encoder
-                 (3 feature maps at full resolution, or its mid-block attention) and the text
-                 encoders (3 MLP-width tensors + attention logits per layer; none with
-                 config.text.cache). They finish before the trained network starts, so the total is
-                 batch + FSDP buffers + max(frozen forward passes, the training pass).
-Stage 3, the few-step decoder: stage 1's MM-DiT terms (the hyper-encoder runs forward only); the
-shortcut method's self-consistency targets are two guided forward passes of the MM-DiT on 2 x
-bootstrap_fraction x b examples before the training pass, counted among the frozen forward passes
-as one block's working set (no saved activations). The reflow method's batch is its couplings
-(float32 noise and latent [b, h, w, C], indices [b, g, g]) and the text inputs: no VAE or
-hyper-encoder runs in its step.
-Stage 2, the entropy model (no remat; n = g^2 grid tokens + M context tokens if conditional,
-width w, MLP ratio r): per block b [ s (6 n w + (4 + 2 r) n w / t) + ceil(H / t) n^2 (4 + s) ],
-all blocks + one for the cotangents, plus logits b g^2 K * 4 bytes * 3; the frozen forward passes
-(VAE encoder, the stage-1 hyper-encoder, text encoders) count as in stage 1.
-
-With fsdp > 1, a block's params are all-gathered before use and its gradients reduce-scattered
-after: 2 x the largest block's params with the fsdp axis undone (the text encoders' largest layer
-is added to their forward working set).
+Activations and buffers come from `activations` (an estimate; its docstring has the formulas).
+The tree shapes and shardings come from `shapes`.
 
 Not counted: XLA's temporary buffers, prefetching and fragmentation, and on GPUs the memory JAX
 does not preallocate (XLA_PYTHON_CLIENT_MEM_FRACTION, 75% by default): leave headroom.
@@ -69,16 +38,14 @@ import dataclasses
 import json
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import linen as nn
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh
 
 from perco_jax import build, parallel
 from perco_jax.config import setting
+from perco_jax.train.activations import ALWAYS, FROZEN_FORWARD, activations
+from perco_jax.train.shapes import Components, abstract_components, largest_layer_gathered, path_keys
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -140,278 +107,6 @@ def human(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-# ----------------------------------------------------------------------------- shapes and shards
-
-def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
-    """The shape of one device's shard: each dim divided (rounded up) by its spec's mesh axes."""
-    out = []
-    for i, dim in enumerate(shape):
-        entry = spec[i] if i < len(spec) else None
-        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-        out.append(-(-int(dim) // math.prod(int(mesh_shape[a]) for a in axes)))
-    return tuple(out)
-
-
-def nbytes(x) -> int:
-    return int(np.prod(x.shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-
-
-@dataclasses.dataclass
-class Part:
-    """A pytree of ShapeDtypeStructs and a tree of the mesh-axis PartitionSpec of each leaf."""
-    shapes: Any
-    specs: Any
-
-    def leaves(self):
-        """[(path, ShapeDtypeStruct, PartitionSpec)], matched by path (the specs tree may hold a
-        spec where the shapes have an empty node, e.g. optax's MaskedNode of a frozen leaf)."""
-        specs = dict(jax.tree_util.tree_leaves_with_path(self.specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
-        out = []
-        for path, x in jax.tree_util.tree_leaves_with_path(self.shapes):
-            if path not in specs:
-                raise ValueError(f"plan: no sharding for {jax.tree_util.keystr(path)}")
-            out.append((path, x, specs[path]))
-        return out
-
-    def total(self, where=lambda path: True) -> int:
-        return sum(nbytes(x) for path, x, _ in self.leaves() if where(path))
-
-    def per_device(self, mesh_shape, replicated: bool = False, where=lambda path: True) -> int:
-        return sum((nbytes(x) if replicated else
-                    int(np.prod(shard_shape(x.shape, s, mesh_shape), dtype=np.int64)) * jnp.dtype(x.dtype).itemsize)
-                   for path, x, s in self.leaves() if where(path))
-
-
-_LAYER = re.compile(r"^(blocks?|layers)_(\d+)")
-
-
-def largest_layer_gathered(part: Part, mesh_shape: Mapping[str, int], under: str | None = None) -> int:
-    """Bytes of the largest layer (keys blocks_i / block_i_* / layers_i) once FSDP has all-gathered
-    it on a device: its shard with the fsdp axis undone (0 when fsdp = 1)."""
-    if int(mesh_shape.get("fsdp", 1)) == 1:
-        return 0
-    gathered_mesh = dict(mesh_shape, fsdp=1)
-    sizes: dict[str, int] = {}
-    for path, x, spec in part.leaves():
-        keys = _keys(path)
-        if under is not None and under not in keys:
-            continue
-        layer = next((m.group(0) for k in keys if (m := _LAYER.match(k))), None)
-        if layer is not None:
-            shard = shard_shape(x.shape, spec, gathered_mesh)
-            sizes[layer] = sizes.get(layer, 0) + int(np.prod(shard, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
-    return max(sizes.values(), default=0)
-
-
-def _specs_of(shardings):
-    return jax.tree_util.tree_map(lambda s: s.spec, shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
-
-
-def _boxed_part(boxed, rules) -> Part:
-    """Part of a boxed (nn.Partitioned) abstract tree: logical specs mapped by the rules."""
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), _UNIT_MESH, rules)
-    return Part(nn.meta.unbox(boxed), _specs_of(shardings))
-
-
-_UNIT_MESH = AbstractMesh((1,) * len(parallel.MESH_AXES), parallel.MESH_AXES)
-
-
-@dataclasses.dataclass
-class Components:
-    """Every abstract tree of a run (mesh-independent: specs are in mesh axes)."""
-    config: Any               # the stage's config (build.stage_config)
-    state: Part               # the TrainState
-    frozen: dict[str, Part]   # name -> frozen params on device
-
-
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def abstract_text_encoders(config) -> dict[str, Any]:
-    """Boxed abstract params of CLIP-L, CLIP-G and T5 from the config's sections."""
-    ids = jnp.zeros((1, 8), jnp.int32)
-    modules = dict(zip(("CLIP-L", "CLIP-G", "T5"), build.text_modules(config)))
-    key = jax.random.PRNGKey(0)
-    return {name: jax.eval_shape(m.init, key, ids)["params"] for name, m in modules.items()}
-
-
-def abstract_autoencoder(config):
-    """Boxed abstract params of the frozen autoencoder ({} for space-to-depth)."""
-    if config.autoencoder == "space_to_depth":
-        return {}
-    ae = build.build_autoencoder(config)
-    x = jnp.zeros((1, ae.downsample_factor, ae.downsample_factor, 3))
-    return jax.eval_shape(ae.init, jax.random.PRNGKey(0), x)["params"]
-
-
-_CACHE: dict[tuple, Components] = {}
-
-
-def abstract_components(config, stage: int | None = None, batch: int | None = None) -> Components:
-    """All abstract trees of a run of `config` (stage and batch override the config's); the last
-    few are cached (planning several meshes traces the model once)."""
-    key = (config.to_json_best_effort(sort_keys=True), stage, batch)
-    if key not in _CACHE:
-        if len(_CACHE) >= 4:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = _abstract_components(config, stage, batch)
-    return _CACHE[key]
-
-
-def _abstract_components(config, stage, batch) -> Components:
-    from perco_jax.train import stage2, stage3, step
-    from perco_jax.train.state import make_optimizer
-
-    config = config.copy_and_resolve_references()
-    if stage is not None:
-        config.stage = int(stage)
-    if config.stage in (2, 3) and not config.stage1_workdir:
-        config.stage1_workdir = "(plan: not read)"
-    build.validate(config)
-    config = build.stage_config(config)
-    if batch is not None:
-        if int(batch) < 1:
-            raise ValueError(f"batch={batch}: need >= 1")
-        config.batch_size = int(batch)
-    rules = parallel.rules_from_config(config.sharding_rules)
-    tx = make_optimizer(config)
-    s1 = config.copy_and_resolve_references()
-    s1.stage = 1
-    s1_state, s1_shardings = step.init_state(s1, build.build_perco(s1), make_optimizer(s1), _UNIT_MESH, rules,
-                                             abstract=True)
-    frozen: dict[str, Part] = {}
-    if config.stage == 1:
-        state = Part(s1_state, _specs_of(s1_shardings))
-    else:
-        if config.stage == 2:
-            st, sh = stage2.init_state(config, build.build_entropy_model(config), tx, _UNIT_MESH, rules, abstract=True)
-        else:
-            st, sh = stage3.init_state(config, stage3.student_model(config), tx, _UNIT_MESH, rules, abstract=True)
-        state = Part(st, _specs_of(sh))
-        # the loop keeps the stage-1 codec's params (EMA when kept) and VQ state on device
-        which = "ema_params" if s1_state.ema_params is not None else "params"
-        frozen["stage-1 codec"] = Part({"params": getattr(s1_state, which), "vq": s1_state.vq_state},
-                                       {"params": _specs_of(getattr(s1_shardings, which)),
-                                        "vq": _specs_of(s1_shardings.vq_state)})
-    if build.text_encoders_built(config):  # (a run reading precomputed embeddings loads none)
-        for name, boxed in abstract_text_encoders(config).items():
-            frozen[name] = _boxed_part(boxed, rules)
-    frozen["VAE"] = _boxed_part(abstract_autoencoder(config), rules)
-    return Components(config, state, frozen)
-
-
-# ----------------------------------------------------------------------------- activations
-
-FROZEN_FORWARD = "frozen forward passes (run first; peak = max)"
-ALWAYS = ("batch", "FSDP")
-
-def _text_forward_peak(config, b: int, s: int, t: int) -> int:
-    """Largest per-layer working set of the frozen text encoders' forward passes."""
-    peaks, clip = [], build.clip_max_length(config)
-    for sec, n, ff, d, h in (
-            (config.clip_l, clip, config.clip_l.intermediate_size, config.clip_l.hidden_size,
-             config.clip_l.num_attention_heads),
-            (config.clip_g, clip, config.clip_g.intermediate_size, config.clip_g.hidden_size,
-             config.clip_g.num_attention_heads),
-            (config.t5, config.text.max_sequence_length, config.t5.d_ff, config.t5.d_model, config.t5.num_heads)):
-        peaks.append(b * (n * (3 * ff * s // t + 3 * d * 4) + -(-h // t) * n * n * (4 + s)))
-    return max(peaks)
-
-
-def _vae_encoder_peak(config, b: int, s: int) -> int:
-    if config.autoencoder != "sd3_vae":
-        return 0
-    chans = tuple(config.vae.block_out_channels)
-    img, lat = config.image_size, config.image_size // 2 ** (len(chans) - 1)
-    return b * max(3 * img * img * chans[0] * s, lat ** 4 * (4 + s) + 4 * lat * lat * chans[-1] * s)
-
-
-def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:
-    """Saved activations (training) or the forward working set of the hyper-encoder."""
-    from perco_jax.models.hyper_encoder import num_stages
-
-    side, _ = build.latent_geometry(config)
-    he, g = config.hyper_encoder, config.codec.grid_side
-    w = he.width
-    if not saved:
-        return 3 * b * side * side * w * s
-    total = side * side * w * s  # conv_in
-    for k in range(num_stages(side, g)):
-        total += (6 * he.depth + 1) * (side // 2 ** k) ** 2 * w * s
-    total += 13 * g * g * w * s + (g ** 4 * (4 + s) if he.attention else 0)
-    return b * total
-
-
-def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
-                text_gather: int = 0) -> list[tuple[str, int]]:
-    """(name, bytes per device) of the activation estimate of one training step of config.stage
-    (the formulas are in the module docstring); `text_gather`: bytes of the largest text-encoder
-    layer all-gathered by FSDP (added to the text encoders' forward working set)."""
-    s, t = jnp.dtype(config.dtype).itemsize, int(tensor)
-    side, ch = build.latent_geometry(config)
-    m_ctx = build.clip_max_length(config) + config.text.max_sequence_length
-    joint = config.mmdit.joint_attention_dim
-    text_peak = _text_forward_peak(config, b, s, t) + text_gather if build.text_encoders_in_step(config) else 0
-    text_in = b * (m_ctx * joint * s + config.mmdit.pooled_projection_dim * s)
-    batch = b * config.image_size ** 2 * 3 * 4 + text_in
-    if config.stage == 2:
-        em, g, k = config.entropy_model, config.codec.grid_side, config.codec.codebook_size
-        n = g * g + (m_ctx if em.conditional else 0)
-        w = em.width
-        scores = 0 if flash_attention else -(-em.num_heads // t) * n * n * (4 + s)
-        block = b * (s * (6 * n * w + (4 + 2 * em.mlp_ratio) * n * w // t) + scores)
-        frozen_fwd = max(_vae_encoder_peak(config, b, s), _hyper_encoder(config, b, s, saved=False),
-                         text_peak if em.conditional else 0)
-        return [(f"entropy model, {em.depth} blocks + cotangents", (em.depth + 1) * block),
-                ("logits, log-softmax, their gradient", b * g * g * k * 4 * 3),
-                (FROZEN_FORWARD, frozen_fwd),
-                ("batch (images, text context)", batch)]
-    mm = config.mmdit
-    n_img = (side // mm.patch_size) ** 2
-    tok = n_img + m_ctx
-    d, h, layers = mm.num_attention_heads * mm.attention_head_dim, mm.num_attention_heads, mm.num_layers
-    q = 2 if mm.qk_norm else 0
-    heads = -(-h // t)
-
-    def block(dual: bool) -> int:
-        resid, split = 7 * tok * d, (12 + q) * tok * d
-        scores = 0 if flash_attention else heads * tok * tok * (4 + s)
-        if dual:
-            resid += 2 * n_img * d
-            split += (4 + q) * n_img * d
-            scores += 0 if flash_attention else heads * n_img * n_img * (4 + s)
-        return b * (s * (resid + split // t) + scores)
-
-    duals = set(mm.dual_attention_layers or ())
-    blocks = [block(i in duals) for i in range(layers)]
-    if config.remat:
-        mmdit = [(f"MM-DiT saved block inputs ({layers} blocks, remat)", layers * b * tok * d * s),
-                 ("MM-DiT one block recomputed + cotangents", 2 * max(blocks))]
-    else:
-        mmdit = [(f"MM-DiT all {layers} blocks (no remat)", sum(blocks)),
-                 ("MM-DiT one block's cotangents", max(blocks))]
-    embed = b * (4 * tok * d * s + 4 * side * side * (ch + config.codec.code_dim) * 4)
-    frozen_fwd = max(_vae_encoder_peak(config, b, s), text_peak)
-    if config.stage == 3:  # the hyper-encoder is frozen; the shortcut targets are forward passes
-        nb = 2 * int(round(b * config.stage3.bootstrap_fraction)) if config.stage3.method == "shortcut" else 0
-        targets = max(blocks) // b * nb  # one block's working set on the target passes' examples
-        frozen_fwd = max(frozen_fwd, _hyper_encoder(config, b, s, saved=False), targets)
-        if config.stage3.method == "reflow":  # the batch is couplings: no image is encoded in the step
-            g = config.codec.grid_side
-            couplings = b * (2 * side * side * ch * 4 + g * g * 4) + text_in  # float32 noise + latent, indices
-            return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
-                            (FROZEN_FORWARD, text_peak),
-                            ("batch (noise, latents, indices, text context)", couplings)]
-        return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
-                        (FROZEN_FORWARD, frozen_fwd),
-                        ("batch (images, text context)", batch)]
-    return mmdit + [("MM-DiT embeddings, output, latents, noise", embed),
-                    ("hyper-encoder (saved for backward)", _hyper_encoder(config, b, s, saved=True)),
-                    (FROZEN_FORWARD, frozen_fwd),
-                    ("batch (images, text context)", batch)]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -497,7 +192,7 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
 
     def in_state(field, pred=lambda keys: True):
         def where(path):
-            keys = _keys(path)
+            keys = path_keys(path)
             return keys[0] == field and pred(keys[1:])
         return st.total(where), st.per_device(mesh, where=where)
 
