@@ -46,18 +46,16 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    import jax
-
     from perco_jax import build
     from perco_jax.codec.report import format_bitrate_presets
     from perco_jax.config import load_config
     from perco_jax.convert.transformer import abstract_params
     from perco_jax.models.mmdit import mmdit_from_config
+    from perco_jax.train.state import count_params
 
     config = load_config(args.config, args.override)
     build.validate(config)
-    model = mmdit_from_config(config.mmdit)
-    n = sum(x.size for x in jax.tree_util.tree_leaves(abstract_params(model)))
+    n = count_params(abstract_params(mmdit_from_config(config.mmdit)))
     print(config)
     print(f"MM-DiT parameters: {n:,} ({n * 4 / 2**30:.2f} GiB in float32)")
     print()
@@ -131,29 +129,18 @@ def _outputs(inputs: list[str], out: str, suffix: str) -> list:
 
 def _captions(args, codec) -> list[str]:
     """The caption z_g of each input: --caption, else the cache / captioner (issue: none -> error),
-    then the text mode (none | full | truncate:N tokens of SD3's T5 tokenizer, else CLIP-L's)."""
-    from perco_jax.captions import captioner as cap
-    from perco_jax.captions.text_modes import apply_text_mode, parse_text_mode
+    then the text mode (captions.captioner.caption_prompts)."""
+    from perco_jax.captions.captioner import caption_prompts
+    from perco_jax.captions.text_modes import parse_text_mode
 
-    name, _ = parse_text_mode(args.text_mode)
-    if name == "none":
-        return [""] * len(args.inputs)
-    given = args.caption
-    if given and len(given) not in (1, len(args.inputs)):
-        raise ValueError(f"give one --caption for all inputs or one per input ({len(args.inputs)})")
-    if given:
-        captions = given * len(args.inputs) if len(given) == 1 else given
-    else:
-        captioner = args.captioner
-        if captioner:
-            captioner = cap.Captioner.load(captioner, trust_remote_code=args.trust_remote_code,
-                                           max_new_tokens=args.caption_tokens)
-        captions = [cap.resolve_caption(p, captioner=captioner, cache=args.caption_cache,
-                                        trust_remote_code=args.trust_remote_code, max_new_tokens=args.caption_tokens)
-                    for p in args.inputs]
-    tokenizers = codec.prompt_encoder.tokenizers
-    tokenizer = tokenizers[2] if tokenizers[2] is not None else tokenizers[0]
-    return [apply_text_mode(c, args.text_mode, tokenizer) for c in captions]
+    given, n = args.caption, len(args.inputs)
+    if given and len(given) not in (1, n) and parse_text_mode(args.text_mode)[0] != "none":
+        raise ValueError(f"give one --caption for all inputs or one per input ({n})")
+    prompts = caption_prompts(args.inputs, text_mode=args.text_mode, tokenizers=codec.prompt_encoder.tokenizers,
+                              captions=given * n if given and len(given) == 1 else given or None,
+                              captioner=args.captioner or None, cache=args.caption_cache,
+                              max_new_tokens=args.caption_tokens, trust_remote_code=args.trust_remote_code)
+    return [p for p, _ in prompts]
 
 
 def _compress(args) -> int:

@@ -384,6 +384,40 @@ def test_caption_cache(blip2_folder, tmp_path):
         cap.resolve_caption(np.zeros((8, 8, 3), np.uint8))
 
 
+def test_caption_prompts_for_compress_and_evaluate(tmp_path):
+    """caption_prompts: the caller's captions, else the cache; a missing one is an error (compress) or
+    ("", "none") (evaluate, missing_ok); then the text mode, truncate:N in T5's tokens else CLIP-L's."""
+    images = [np.full((8, 8, 3), v, np.uint8) for v in (10, 20, 30)]
+    path = tmp_path / "cache.jsonl"
+    CaptionCache(path).put(image_key(images[1]), "a cached grey square", "someone")
+    loaded = []
+
+    def lazy(i):  # an image drawn only when it is looked up
+        return lambda: loaded.append(i) or images[i]
+
+    byte_level = _byte_level_tokenizer()  # one token per byte
+    words = (None, None, None)            # no tokenizer: truncate:N counts words
+    got = cap.caption_prompts([lazy(0), lazy(1), lazy(2)], text_mode="full", tokenizers=words,
+                              captions=["given", None, None], cache=path, missing_ok=True)
+    assert got == [("given", "given"), ("a cached grey square", "cache"), ("", "none")] and loaded == [1, 2]
+    with pytest.raises(cap.CaptionError, match="no caption for"):
+        cap.caption_prompts(images, text_mode="full", tokenizers=words, cache=path)
+    with pytest.raises(cap.CaptionError, match="--caption-cache"):  # nothing to look in either
+        cap.caption_prompts(images[2:], text_mode="full", tokenizers=words)
+    assert cap.caption_prompts(images[2:], text_mode="full", tokenizers=words, missing_ok=True) == [("", "none")]
+    assert cap.caption_prompts(images, text_mode="none", tokenizers=words, captions=["x"]) == [("", "none")] * 3
+    assert cap.caption_prompts(images[1:2], text_mode="truncate:2", tokenizers=words, cache=path) == \
+        [("a cached", "cache")]
+    assert cap.caption_prompts(images[1:2], text_mode="truncate:3", tokenizers=(byte_level, None, None),
+                               cache=path) == [("a c", "cache")]                  # CLIP-L's when no T5
+    assert cap.caption_prompts(images[1:2], text_mode="truncate:3", tokenizers=(None, None, byte_level),
+                               cache=path) == [("a c", "cache")]                  # T5's when there is one
+    assert text_modes.truncation_tokenizer(("clip-l", "clip-g", "t5")) == "t5"
+    assert text_modes.truncation_tokenizer(("clip-l", "clip-g", None)) == "clip-l"
+    with pytest.raises(ValueError, match="2 captions for 3 images"):
+        cap.caption_prompts(images, text_mode="full", tokenizers=words, captions=["a", "b"])
+
+
 def test_image_key(tmp_path):
     from perco_jax.images import save_image
 

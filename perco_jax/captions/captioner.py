@@ -10,6 +10,8 @@
   uint8 RGB once read (`images.to_rgb8`); nothing is downloaded.
 - `resolve_caption(...)`: what `compress` uses: the given caption, else a cached one, else the
   captioner's; a clear `CaptionError` when there is none of them.
+- `caption_prompts(...)`: the prompt of each of several images, as `compress` and `evaluate` send it:
+  the caller's captions, else `resolve_caption`'s, then the text mode (`text_modes`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from perco_jax.captions.cache import CaptionCache, image_key
+from perco_jax.captions.text_modes import apply_text_mode, parse_text_mode, truncation_tokenizer
 from perco_jax.images import to_rgb8
 
 DEFAULT_MAX_NEW_TOKENS = 32   # PerCo's caption budget
@@ -355,3 +358,52 @@ def resolve_caption(image, *, caption: str | None = None, captioner: "Captioner 
     if not isinstance(captioner, Captioner):
         captioner = Captioner.load(captioner, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
     return captioner.caption([image], cache=cache, progress=False)[0]
+
+
+def caption_prompts(images: Sequence, *, text_mode: str, tokenizers, captions: Sequence[str | None] | None = None,
+                    captioner: "Captioner | str | Path | None" = None, cache: CaptionCache | str | Path | None = None,
+                    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, trust_remote_code: bool = False,
+                    missing_ok: bool = False, progress: bool = False) -> list[tuple[str, str]]:
+    """(prompt, caption source) of each image, as `compress` (and `evaluate`) send them.
+
+    text_mode "none": ("", "none") for every image; nothing is looked up, loaded or checked. Else each
+    image's caption is captions[i] when the caller has one (not None; source "given"), else
+    `resolve_caption`'s: the cache's, then the captioner's (added to the cache), source "cache"
+    without a captioner and "captioner" with one. An image with none: CaptionError (compress), or with
+    missing_ok ("", "none") (evaluate). Then the text mode; truncate:N counts the tokens of
+    `text_modes.truncation_tokenizer(tokenizers)` (a prompt encoder's (CLIP-L, CLIP-G, T5) tokenizers).
+
+    images: paths, arrays, or functions of no arguments that return one (called only when the image
+    is looked up). captioner: a loaded Captioner or a checkpoint folder (loaded once, only when a
+    caption is missing); cache: a CaptionCache or a JSONL path. progress: a progress bar while a
+    captioner captions.
+    """
+    mode, _ = parse_text_mode(text_mode)
+    if mode == "none":
+        return [("", "none")] * len(images)
+    captions = [None] * len(images) if captions is None else list(captions)
+    if len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    found = [None if c is None else (c, "given") for c in captions]
+    missing = [i for i, c in enumerate(captions) if c is None]
+    if missing and (captioner is not None or cache is not None or not missing_ok):
+        if captioner is not None and not isinstance(captioner, Captioner):
+            captioner = Captioner.load(captioner, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
+        if cache is not None and not isinstance(cache, CaptionCache):
+            cache = CaptionCache(cache)
+        source = "cache" if captioner is None else "captioner"
+        from tqdm.auto import tqdm
+
+        for i in tqdm(missing, disable=not progress or captioner is None, desc=f"captioning ({source})", unit="img"):
+            image = images[i]() if callable(images[i]) else images[i]
+            try:
+                found[i] = (resolve_caption(image, captioner=captioner, cache=cache, max_new_tokens=max_new_tokens),
+                            source)
+            except CaptionError:  # no captioner, and the cache does not hold this image
+                if not missing_ok:
+                    raise
+    found = [("", "none") if f is None else f for f in found]
+    if mode == "truncate":
+        tokenizer = truncation_tokenizer(tokenizers)
+        found = [(apply_text_mode(c, text_mode, tokenizer), s) for c, s in found]
+    return found

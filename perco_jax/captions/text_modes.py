@@ -3,6 +3,7 @@
     TEXT_MODES = ("none", "full", "truncate:N")
     apply_text_mode(caption, mode, tokenizer) -> prompt: "none" (the empty prompt), "full" (the
         caption), "truncate:N" (the caption's first N tokens of a tokenizer, e.g. SD3's T5)
+    truncation_tokenizer(tokenizers) -> the tokenizer truncate:N counts in for a prompt encoder
 
 Pure functions of strings (and a transformers tokenizer for truncate:N).
 """
@@ -36,6 +37,12 @@ def parse_text_mode(mode: str, n_tokens: int | None = None) -> tuple[str, int | 
             raise ValueError(f"text mode {mode!r} needs a token count N >= 0 (truncate:N)")
         return "truncate", int(n)
     raise ValueError(f"unknown text mode {mode!r} (known: {', '.join(TEXT_MODES)})")
+
+
+def truncation_tokenizer(tokenizers):
+    """The tokenizer whose tokens truncate:N counts, of a prompt encoder's (CLIP-L, CLIP-G, T5)
+    tokenizers: SD3's T5 tokenizer when the encoder has one, else CLIP-L's."""
+    return tokenizers[2] if tokenizers[2] is not None else tokenizers[0]
 
 
 def truncate_tokens(caption: str, n: int, tokenizer=None) -> str:

@@ -24,7 +24,8 @@ Captions, from the sources `compress` has (`captions`, `caption_cache`, `caption
      images (DIR, the file list's folder or each image's folder), or the file `captions` names
      (paths relative to it), matched by path, then by file name; a synthetic scene's own caption.
      captions="none" (--captions none) uses none of them;
-  2. else `captions.captioner.resolve_caption`, as compress calls it: the caption cache (JSONL, keyed by the
+  2. else `captions.captioner.resolve_caption`, as compress calls it (both through
+     `captions.captioner.caption_prompts`): the caption cache (JSONL, keyed by the
      image file's pixels, so compress and evaluate share one), then the captioner (BLIP-2 or
      Molmo-style, greedy, caption_tokens), whose captions are added to the cache (by default
      OUT/caption_cache.jsonl, so a resumed run does not caption again);
@@ -236,40 +237,24 @@ def parse_data(spec: str, *, size: Optional[int] = None, center_crop: bool = Fal
 
 def resolve_captions(ds: Dataset, codec, *, text_mode: str, captioner, cache, caption_tokens: int,
                      trust_remote_code: bool, progress: bool) -> Dataset:
-    """Every item's caption and caption_source, as `compress` finds them: the data's own caption
-    (captions file, scene), else `captions.captioner.resolve_caption` (the caption cache, then the captioner,
-    which adds to the cache), else none; then the text mode (none: no caption at all)."""
-    from perco_jax.captions import cache as caption_cache, captioner as cap, text_modes
+    """Every item's caption and caption_source, as `compress` finds them
+    (`captions.captioner.caption_prompts`): the data's own caption (captions file, scene), else the
+    caption cache, then the captioner (which adds to the cache), else none; then the text mode (none:
+    no caption at all)."""
+    from functools import partial
 
-    mode, _ = text_modes.parse_text_mode(text_mode)
-    items = list(ds.items)
-    missing = [i for i, it in enumerate(items) if not it.caption_source]
-    if mode == "none":
-        missing = []
-        items = [dataclasses.replace(it, caption="", caption_source="none") for it in items]
-    if missing and (captioner is not None or cache is not None):
-        if captioner is not None and not isinstance(captioner, cap.Captioner):
-            captioner = cap.Captioner.load(captioner, trust_remote_code=trust_remote_code,
-                                           max_new_tokens=caption_tokens)
-        if cache is not None and not isinstance(cache, caption_cache.CaptionCache):
-            cache = caption_cache.CaptionCache(cache)
-        source = "cache" if captioner is None else "captioner"
-        from tqdm.auto import tqdm
+    from perco_jax.captions.captioner import caption_prompts
 
-        for i in tqdm(missing, disable=not progress or captioner is None, desc=f"captioning ({source})", unit="img"):
-            it = items[i]
-            try:  # the image as compress sees it: its file (the cache key is the file's pixels), or the scene
-                text = cap.resolve_caption(it.path if it.path is not None else ds.load(it), captioner=captioner,
-                                           cache=cache, max_new_tokens=caption_tokens)
-            except cap.CaptionError:  # (no captioner, and the cache does not hold this image)
-                continue
-            items[i] = dataclasses.replace(it, caption=text, caption_source=source)
-    items = [it if it.caption_source else dataclasses.replace(it, caption="", caption_source="none") for it in items]
-    if mode == "truncate":
-        toks = codec.prompt_encoder.tokenizers
-        tok = toks[2] if toks[2] is not None else toks[0]
-        items = [dataclasses.replace(it, caption=text_modes.apply_text_mode(it.caption, text_mode, tok)) for it in items]
-    return dataclasses.replace(ds, items=items)
+    items = ds.items
+    # the image as compress sees it: its file (the cache key is the file's pixels), or the scene
+    images = [it.path if it.path is not None else partial(ds.load, it) for it in items]
+    prompts = caption_prompts(images, text_mode=text_mode, tokenizers=codec.prompt_encoder.tokenizers,
+                              captions=[it.caption if it.caption_source else None for it in items],
+                              captioner=captioner, cache=cache, max_new_tokens=caption_tokens,
+                              trust_remote_code=trust_remote_code, missing_ok=True, progress=progress)
+    return dataclasses.replace(ds, items=[
+        dataclasses.replace(it, caption=text, caption_source=it.caption_source if source == "given" else source)
+        for it, (text, source) in zip(items, prompts)])
 
 
 def caption_record(ds: Dataset, text_mode: str, identity: dict) -> dict:
