@@ -57,6 +57,27 @@ def test_jax_path_reproduces_the_golden_streams(stored, batch):
     assert golden.reproduces(qm, expected, ec.IntegerTables(qm), batch=batch, specs=golden.SPECS[:2]) == []
 
 
+def test_float_matmuls_only_where_every_partial_sum_is_an_exact_float32_integer(stored):
+    """The JAX path runs a matmul in float32 only where its bound is within 2^24: on the golden
+    models, all of them (so the golden streams above test that path); a dense layer or attention
+    whose bound passes 2^24 stays in int32, where float32 would round (shown on such a sum)."""
+    qm, _ = stored
+    c = qm.config
+    dense = {k[:-2] for k in qm.arrays if k.endswith(".w")}
+    attention = {f"blocks_{i}.{kind}" for i in range(c["depth"]) for kind in ("scores", "attend")}
+    assert iem.float_exact_matmuls(qm) == dense | attention
+    wide = dict(qm.arrays, **{"head.w": np.full((1041, c["codebook_size"]), 127, np.int64)})
+    assert "head" not in iem.float_exact_matmuls(dataclasses.replace(qm, arrays=wide))
+    long = dataclasses.replace(qm, config=dict(c, max_context=1 << 18))
+    attend = {n for n in attention if n.endswith(".attend")}
+    assert iem.float_exact_matmuls(long) == dense | attention - attend
+    x = jnp.full((1, 1041), 127, jnp.int32)   # x @ w = 1041 * 127^2: odd and > 2^24, not a float32
+    w = jnp.full((1041, 1), 127, jnp.int32)
+    exact = 1041 * 127 ** 2
+    assert int(iem.Ops(jnp, jnp.int32).matmul(x, w, "m")[0, 0]) == exact
+    assert int(iem.Ops(jnp, jnp.int32, {"m"}).matmul(x, w, "m")[0, 0]) != exact
+
+
 @pytest.mark.slow
 def test_jax_path_reproduces_the_golden_streams_under_every_setting():
     """In one subprocess with XLA_FLAGS=--xla_backend_optimization_level=0 and 8 host devices: jit,

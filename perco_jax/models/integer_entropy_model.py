@@ -14,7 +14,9 @@ multiplier: scales are powers of two.
   weights    int8 (WEIGHT_BITS), exponent per output channel; LayerNorm's affine and attention's
              1/sqrt(head_dim) are folded into the next dense layer in float before quantising
   matmul in  int8 (ACT_BITS) activations, exponent per tensor from calibration maxima
-  accumulate int32 (x @ w + bias), then a rounding shift per output channel to the next exponent
+  accumulate int32 (x @ w + bias), then a rounding shift per output channel to the next exponent;
+             the JAX path computes a matmul in float32 (full precision) where its partial sums
+             provably stay within 2^24, so they are the exact integers (`float_exact_matmuls`)
   residual  int16 range (RESIDUAL_BITS), one exponent for the whole stream
   LayerNorm  integer mean, variance of the centred row shifted right by a per-row amount so its
              sum of squares fits int32, integer square root (digit by digit), integer division
@@ -67,6 +69,7 @@ LOGIT_BITS = 24       # logits clamp: |l| <= 2^23 - 1
 LN_SUM_BITS = 31      # LayerNorm: sum of squares < 2^31
 MAX_SHIFT = 30
 INT32_MAX = (1 << 31) - 1
+FLOAT_EXACT = 1 << 24  # float32 holds every integer of magnitude <= 2^24 exactly
 
 
 def amax(bits: int) -> int:
@@ -390,25 +393,54 @@ def check_bounds(qm: IntegerEntropyModel) -> None:
         raise ValueError("integer entropy model may overflow int32: " + "; ".join(problems))
 
 
+def float_exact_matmuls(qm: IntegerEntropyModel) -> frozenset:
+    """Names of the matmuls every partial sum of which provably stays within FLOAT_EXACT in
+    magnitude for any input: the dense layers ("blocks_0.query", ..., "head", "ctx") whose
+    sum_i |x|max |w_ic| fits, and each block's attention scores ("blocks_i.scores": head_dim terms
+    of at most 127^2) and weighted values ("blocks_i.attend": weights >= 0 summing to at most
+    2^ATT_BITS + n_tok / 2 after rounding, times |v| <= 127). The JAX path runs these in float32."""
+    c, a = qm.config, qm.arrays
+    x8 = amax(ACT_BITS)
+    n_tok = c["max_grid"] ** 2 + c["max_context"]
+    hd = c["width"] // c["num_heads"]
+    bounds = {k[:-2]: int((np.abs(np.asarray(v, np.int64)) * x8).sum(axis=0).max())
+              for k, v in a.items() if k.endswith(".w")}
+    for i in range(c["depth"]):
+        bounds[f"blocks_{i}.scores"] = hd * x8 * x8
+        bounds[f"blocks_{i}.attend"] = x8 * ((1 << ATT_BITS) + n_tok // 2 + 1)
+    return frozenset(k for k, b in bounds.items() if b <= FLOAT_EXACT)
+
+
 # ----------------------------------------------------------------------------- the integer program
 
 class Ops:
-    """The array operations of one backend: NumPy int64 (the reference) or jax.numpy int32."""
+    """The array operations of one backend: NumPy int64 (the reference) or jax.numpy int32.
 
-    def __init__(self, xp, dtype):
-        self.xp, self.dtype = xp, dtype
+    `float_matmuls`: names of the matmuls (see `float_exact_matmuls`) that the JAX path runs in
+    float32 at full precision: each of their partial sums is an integer within FLOAT_EXACT, so the
+    result is the integer one in any summation order, on any device, and XLA's float matmuls are
+    several times faster than its int32 ones."""
+
+    def __init__(self, xp, dtype, float_matmuls: frozenset = frozenset()):
+        self.xp, self.dtype, self.float_matmuls = xp, dtype, frozenset(float_matmuls)
 
     def arr(self, a):
         return self.xp.asarray(a, self.dtype)
 
-    def matmul(self, x, w):
+    def matmul(self, x, w, name: str = ""):
         if self.xp is np:
             return x @ w
+        if name in self.float_matmuls:
+            return jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST).astype(self.dtype)
         return jnp.matmul(x, w, preferred_element_type=self.dtype)
 
-    def einsum(self, spec, x, y):
+    def einsum(self, spec, x, y, name: str = ""):
         if self.xp is np:
             return np.einsum(spec, x, y)
+        if name in self.float_matmuls:
+            return jnp.einsum(spec, x.astype(jnp.float32), y.astype(jnp.float32),
+                              precision=jax.lax.Precision.HIGHEST).astype(self.dtype)
         return jnp.einsum(spec, x, y, preferred_element_type=self.dtype)
 
     def muldiv(self, e, t: int, s):
@@ -473,7 +505,7 @@ def _layer_norm(x, frac: int, o: Ops):
 
 
 def _apply_dense(x, a, name: str, o: Ops):
-    return rshift(o.matmul(x, a[f"{name}.w"]) + a[f"{name}.b"], a[f"{name}.s"], o)
+    return rshift(o.matmul(x, a[f"{name}.w"], name) + a[f"{name}.b"], a[f"{name}.s"], o)
 
 
 def _exp_lookup(d, lut, shift: int, o: Ops):
@@ -510,11 +542,11 @@ def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: Ops):
         y = _layer_norm(x, c["ln_frac"][2 * i], o)
         q, k, v = (_clamp(_apply_dense(y, a, f"{blk}.{name}", o), ACT_BITS, o).reshape(b, n, heads, hd)
                    for name in ("query", "key", "value"))
-        s = o.einsum("bqhd,bkhd->bhqk", q, k)
+        s = o.einsum("bqhd,bkhd->bhqk", q, k, f"{blk}.scores")
         e = _exp_lookup(xp.max(s, axis=-1, keepdims=True) - s, a[f"{blk}.att_lut"], c["att_shift"][i], o)
         tot = xp.sum(e, axis=-1, keepdims=True, dtype=o.dtype)
         pr = ((e << ATT_BITS) + (tot >> 1)) // tot
-        att = o.einsum("bhqk,bkhd->bqhd", pr, v)
+        att = o.einsum("bhqk,bkhd->bqhd", pr, v, f"{blk}.attend")
         att = rshift(att, o.arr(ATT_BITS), o).reshape(b, n, d)  # back to the value exponent
         x = _clamp(x + _apply_dense(_clamp(att, ACT_BITS, o), a, f"{blk}.out", o), RESIDUAL_BITS, o)
         y = _layer_norm(x, c["ln_frac"][2 * i + 1], o)
@@ -581,12 +613,13 @@ def make_jax_counts(qm: IntegerEntropyModel):
     """The jitted JAX path: counts(indices [B, H, W], mask [B, H, W], context [B, L, C] int8 |
     caption tokens [B, L] | None) -> coding tables [B, H, W, K] int32. Any batch size or sharding: every operation is exact."""
     arrays = {k: np.asarray(v, np.int32) for k, v in qm.arrays.items()}  # (check_bounds: they fit)
+    ops = Ops(jnp, jnp.int32, float_exact_matmuls(qm))
 
     @jax.jit
     def run(arrays, indices, mask, context):
         m = IntegerEntropyModel(qm.config, arrays)
         x = jnp.asarray(indices, jnp.int32)
-        return integer_counts(m, integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, JAX_OPS), JAX_OPS)
+        return integer_counts(m, integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, ops), ops)
 
     def counts(indices, mask, context=None):
         _check_inputs(qm, indices, mask, context)
