@@ -38,14 +38,17 @@ def get_config():
     # the 16 image tokens; a short CLIP part and a word-level T5 part long enough for every caption.
     config.text.update(clip_max_length=8, max_sequence_length=24)
     config.codec = common.codec("tiny_4x4_k64", code_dim=8)
-    config.hyper_encoder.update(width=32, depth=1, out_channels=16, num_groups=8)
+    # The hyper-encoder at a quarter of the full-size width, two blocks per stage as there: at width
+    # 32 / depth 1 the held-out PSNR was 0.2 dB lower and colours present 0.03 lower (a 4-layer
+    # MM-DiT, 5,000 stage-1 steps, an 8-channel latent or SD3's higher-noise sigma mean did not do better)
+    config.hyper_encoder.update(width=64, depth=2, out_channels=16, num_groups=8)
     config.num_train_steps = 3500
     config.batch_size = 16
     config.learning_rate = 2e-3
     config.warmup_steps = 20
     config.ema_decay = 0.99
     config.log_every_steps = 25
-    config.checkpoint_every_steps = 100
+    config.checkpoint_every_steps = 1000  # (a save costs about a second here: 35 of them were 7% of stage 1)
     config.data.update(source="synthetic", image_size=32)
     # 64^2 is below SD3's 256^2 base: no resolution shift in training, none in sampling
     config.sigma_sampling.resolution_shift = False

@@ -280,7 +280,8 @@ def build_text(config, workdir: str | Path):
     clip_l, clip_g, t5 = text_modules(config)
     keys = jax.random.split(jax.random.PRNGKey(config.seed + 1), 3)
     ids = jnp.zeros((1, 8), jnp.int32)
-    params = {name: nn.meta.unbox(m.init(k, ids))["params"]
+    # (jitted: one compiled program instead of op-by-op dispatch, seconds faster per build)
+    params = {name: nn.meta.unbox(jax.jit(m.init)(k, ids))["params"]
               for name, m, k in zip(("text_encoder", "text_encoder_2", "text_encoder_3"), (clip_l, clip_g, t5), keys)}
     encoder = PromptEncoder.from_folder(tok, clip_l, clip_g, t5, joint_attention_dim=config.mmdit.joint_attention_dim,
                                         clip_max_length=clip_max_length(config))
