@@ -95,7 +95,8 @@ def test_step_is_three_trained_forwards_plus_the_frozen_ones():
     s2d = flops.step_flops(load_config("tiny", ["autoencoder=space_to_depth", "space_to_depth_factor=4", "mmdit.in_channels=48",
                                               "mmdit.out_channels=48"]), batch=4)
     assert s2d.autoencoder_forward == 0  # parameter-free
-    assert 0 < s.mmdit_forward < s.trained_forward < 1.1 * s.mmdit_forward  # + hyper-encoder, VQ
+    # + hyper-encoder (about a quarter of the MM-DiT's at tiny size: width 64, two blocks) and VQ
+    assert 0 < s.mmdit_forward < s.trained_forward < 1.3 * s.mmdit_forward
     # backward = 2 x forward, except the cotangents of the network's inputs, which are not needed
     expected = 3 * s.trained_forward + s.autoencoder_forward + s.text_forward
     assert 0.97 * expected < s.step <= expected
