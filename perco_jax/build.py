@@ -156,6 +156,9 @@ def validate_stage3(config) -> None:
                           f"and at most stage3.couplings={s3.couplings}")
     if not 0 <= s3.ema_decay < 1:
         raise ConfigError(f"stage3.ema_decay={s3.ema_decay}: need 0 <= decay < 1")
+    guidance = setting(config, "stage3.guidance")
+    if guidance is not None and not guidance >= 0:
+        raise ConfigError(f"stage3.guidance={guidance}: a guidance scale is >= 0 (1 = the conditional model alone)")
 
 
 STAGE_FIELDS = ("num_train_steps", "batch_size", "learning_rate", "warmup_steps", "ema_decay")

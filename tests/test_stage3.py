@@ -129,6 +129,7 @@ def test_straightness_is_zero_for_straight_paths_only():
     (["stage3.steps=(1, 3)"], "powers of two"),
     (["stage3.levels=1", "stage3.steps=(1, 4)"], "powers of two"),
     (["stage3.bootstrap_fraction=1.5"], "bootstrap_fraction"),
+    (["stage3.guidance=-1.0"], "stage3.guidance"),
     (["stage=3"], "stage1_workdir"),
 ])
 def test_bad_stage3_values_fail_at_start(override, match):
@@ -136,7 +137,7 @@ def test_bad_stage3_values_fail_at_start(override, match):
         build.validate(load_config("tiny", override))
 
 
-def _random_codec_step(tmp_path, fraction):
+def _random_codec_step(tmp_path, fraction, overrides=()):
     """A stage-3 shortcut step on a random tiny codec (teacher = a fresh stage-1 model), its first
     state (started from the teacher), a batch and the frozen inputs."""
     from perco_jax import parallel
@@ -146,7 +147,8 @@ def _random_codec_step(tmp_path, fraction):
     from perco_jax.train.step import init_variables
 
     config = build.stage_config(load_config("tiny", ["stage=3", "stage1_workdir=(unused)", "mmdit.num_layers=1",
-                                                     f"stage3.bootstrap_fraction={fraction}", "stage3.batch_size=4"]))
+                                                     f"stage3.bootstrap_fraction={fraction}", "stage3.batch_size=4",
+                                                     *overrides]))
     teacher, student = build.build_perco(config), stage3.student_model(config)
     autoencoder = build.build_autoencoder(config)
     prompt_encoder, text_params = build.build_text(config, tmp_path)
@@ -194,6 +196,33 @@ def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
     want = flow.flow_matching_loss(v, x0, noise, sigma)
     np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
     assert float(metrics["flow_loss"]) == float(metrics["loss"]) and float(metrics["consistency_loss"]) == 0.0
+
+
+def test_few_step_guidance_is_stage3s_and_the_teachers_for_older_configs():
+    from perco_jax.train.stage3 import few_step_guidance, few_step_settings
+
+    config = load_config("tiny", ["sample.guidance=2.0", "stage3.guidance=3.5"])
+    assert few_step_guidance(config) == 3.5 and few_step_settings(config)["guidance"] == 3.5
+    del config.stage3["guidance"]  # a config written before the field existed
+    assert few_step_guidance(config) == 2.0 and few_step_settings(config)["guidance"] == 2.0
+
+
+@pytest.mark.slow
+def test_self_consistency_targets_follow_stage3_guidance(tmp_path):
+    """The finest self-consistency targets are guided with stage3.guidance, not sample.guidance."""
+    def loss(*overrides):
+        # levels 0: every target is two guided d -> 0 half steps; a perturbed student (a fresh one
+        # starts with zero output layers, which no guidance changes) tells captions apart
+        _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(
+            tmp_path, 1.0, ("stage3.levels=0", "stage3.steps=(1,)") + overrides)
+        leaves, tree = jax.tree_util.tree_flatten(state.params)
+        keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+        params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
+        return float(jax.jit(step)(state.replace(params=params), batch, frozen, empty)[1]["consistency_loss"])
+
+    base = loss("stage3.guidance=3.0", "sample.guidance=2.0")
+    assert loss("stage3.guidance=3.0", "sample.guidance=5.0") == pytest.approx(base, rel=1e-6)
+    assert abs(loss("stage3.guidance=1.0", "sample.guidance=2.0") - base) > 1e-3 * base
 
 
 @pytest.mark.slow

@@ -12,10 +12,10 @@ config.stage3.method picks how:
   two steps of d / 2 of the model itself (`flow.two_step_target`, no gradient through the target),
   for d = 1, 1/2, ..., 2^-levels on the sampler's grid in base time (SD3's sigma = shift(u): the
   sampler of N steps runs u = 1 -> 0 in steps of 1/N). At the finest level the two half steps are
-  the instantaneous velocity with classifier-free guidance (sample.guidance), so every coarser level
+  the instantaneous velocity with classifier-free guidance (stage3.guidance), so every coarser level
   learns the guided flow. No teacher sampling.
 - "reflow" (Liu et al. 2023, "Flow Straight and Fast"): `make_couplings` draws stage3.couplings pairs
-  (noise, latent) once with the guided teacher sampler (sample.steps, sample.guidance) for the
+  (noise, latent) once with the guided teacher sampler (sample.steps, stage3.guidance) for the
   training stream's first images (their z_l and captions); the first `reflow_fraction` of the steps
   train the 2-rectified flow on the straight lines between each pair (d = 0, target noise - latent,
   sigma drawn as in stage 1); the rest distil it to each k of stage3.steps: d = 1 / k at the k grid
@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from perco_jax import build, flow
+from perco_jax.config import setting
 from perco_jax.models.perco import with_step_conditioning
 from perco_jax.codec.transforms import few_step_codec, guided_latents, image_latents, text_context
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
@@ -44,6 +45,13 @@ from perco_jax.train.step import TOKEN_KEYS, init_variables
 
 BATCH_KEYS = {"shortcut": ("image",), "reflow": ("noise", "latent", "indices")}
 COUPLING_ARRAYS = ("noise", "latent", "indices")
+
+
+def few_step_guidance(config) -> float:
+    """The guidance scale the few-step decoder learns: stage3.guidance, or sample.guidance (the
+    teacher's) for a config that predates the field."""
+    g = setting(config, "stage3.guidance")
+    return float(config.sample.guidance if g is None else g)
 
 
 def student_model(config):
@@ -117,7 +125,7 @@ def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
     s3 = config.stage3
     shift = float(config.scheduler_shift)   # the sampler's: the grid the few-step decoder runs on
     finest = 2.0 ** -int(s3.levels)
-    guidance = float(config.sample.guidance)
+    guidance = few_step_guidance(config)
     max_len = config.text.max_sequence_length
     p_drop = float(config.text.caption_dropout)
 
@@ -216,7 +224,7 @@ def _reflow_step(student, prompt_encoder, config, tx):
 def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encoder, frozen: dict, text_of, *,
                    progress: bool = True) -> Path:
     """Draw config.stage3.couplings (noise, latent) pairs with the guided teacher sampler
-    (sample.steps, sample.guidance, scheduler_shift) for the training stream's first images, and
+    (sample.steps, stage3.guidance, scheduler_shift) for the training stream's first images, and
     write folder/{noise, latent, indices}.npy [N, ...] and captions.json (done.json last: a folder
     that has it is reused). model: the stage-1 PerCo (the teacher, without the step input);
     frozen: {"codec", "autoencoder", "text"};
@@ -252,7 +260,7 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
         codes = model.apply(codec, indices, method=model.lookup)
         b = images.shape[0]
         cond, uncond = _text(prompt_encoder, frozen, text, empty, b, max_len)
-        latents = guided_latents(model, codec, codes, cond, uncond, noise, jnp.float32(config.sample.guidance),
+        latents = guided_latents(model, codec, codes, cond, uncond, noise, jnp.float32(few_step_guidance(config)),
                                  steps=int(config.sample.steps), shift=float(config.scheduler_shift))
         return latents, indices
 
@@ -274,7 +282,7 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
         a.flush()
     (folder / "captions.json").write_text(json.dumps(captions))
     (folder / "done.json").write_text(json.dumps({"couplings": n, "steps": int(config.sample.steps),
-                                                  "guidance": float(config.sample.guidance)}))
+                                                  "guidance": few_step_guidance(config)}))
     return folder
 
 
@@ -310,7 +318,7 @@ def coupling_batches(folder: str | Path, batch_size: int, *, start_index: int = 
 def few_step_settings(config) -> dict:
     """What a codec needs to know of its few-step decoder (saved beside its params)."""
     s3 = config.stage3
-    return {"method": str(s3.method), "steps": [int(k) for k in s3.steps], "guidance": float(config.sample.guidance),
+    return {"method": str(s3.method), "steps": [int(k) for k in s3.steps], "guidance": few_step_guidance(config),
             "levels": int(s3.levels)}
 
 
