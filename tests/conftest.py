@@ -72,8 +72,8 @@ def trained_codec(stage1_run, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def few_step_codec(stage1_run, trained_codec, tmp_path_factory):
-    """(config, workdir, codec folder, Codec): stage 3 (the tiny config's: shortcut models) trained
-    on stage1_run, exported with trained_codec's stage 2 and loaded back."""
+    """(config, workdir, codec folder, Codec): stage 3 (the tiny config's: shortcut models, here 300
+    steps) trained on stage1_run, exported with trained_codec's stage 2 and loaded back."""
     from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
     from perco_jax.train.export import export_codec
@@ -81,7 +81,7 @@ def few_step_codec(stage1_run, trained_codec, tmp_path_factory):
 
     config, stage1 = stage1_run
     work = tmp_path_factory.mktemp("stage3")
-    s3 = load_config("tiny", CODEC_OVERRIDES + ["stage=3", f"stage1_workdir={stage1}",
+    s3 = load_config("tiny", CODEC_OVERRIDES + ["stage=3", "stage3.num_train_steps=300", f"stage1_workdir={stage1}",
                                                 f"autoencoder_workdir={config.autoencoder_workdir}"])
     train(s3, work / "stage3", progress=False)
     export_codec(trained_codec[0], stage1, trained_codec[1].parent / "stage2", work / "stage3").save(work / "checkpoint")
