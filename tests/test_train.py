@@ -186,7 +186,8 @@ def test_fields_newer_than_a_saved_config_read_as_their_defaults():
         del (config[section] if section else config)[name]
     assert {k: setting(config, k) for k in LATER_FIELDS} == {"text.cache": False, "text.embeddings": "",
                                                               "frozen_placement": "sharded",
-                                                              "entropy_model.caption_input": "context"}
+                                                              "entropy_model.caption_input": "context",
+                                                              "stage3.guidance": None}
     assert build.text_encoders_built(config) and build.text_encoders_in_step(config)
     assert build.build_entropy_model(config).context_dim == config.mmdit.joint_attention_dim  # (SD3's context)
     build.validate(config)
