@@ -180,5 +180,7 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # frozen text encoders / VAE: "sharded" by the same rules (T5-XXL is 4.7B parameters) or
     # "replicated" (a full copy per device: no gathers in their forward passes)
     config.frozen_placement = "sharded"
-    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0))
+    # the teacher sampler: `steps` guided steps; stochastic=True re-noises the predicted data at every
+    # step (diffusers' FlowMatchEulerDiscreteScheduler stochastic_sampling) instead of SD3's Euler ODE
+    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0, stochastic=False))
     return config

@@ -54,7 +54,11 @@ def get_config():
     # 64^2 is below SD3's 256^2 base: no resolution shift in training, none in sampling
     config.sigma_sampling.resolution_shift = False
     config.scheduler_shift = 1.0
-    config.sample.update(steps=20, guidance=2.0)
+    # The Euler ODE. Stochastic steps (sample.stochastic, `decompress --stochastic`) on the demo codec,
+    # 192 held-out scenes: PSNR 21.34 / colours 0.63 / realism 0.947 against 20.81 / 0.64 / 0.939
+    # (another noise draw: 21.50 / 0.67 / 0.948), but colours 0.55 against 0.65 on the demo's 48,
+    # and the few-step decoder learns the ODE's endpoint: not the default.
+    config.sample.update(steps=20, guidance=2.0, stochastic=False)
     config.codec.coding_batch_size = 4
     config.entropy_model.update(width=128, depth=3, num_heads=4)
     config.stage2.update(num_train_steps=400, batch_size=32, learning_rate=1e-3, warmup_steps=20, ema_decay=0.99)

@@ -87,6 +87,8 @@ def validate(config) -> None:
     need(config.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
     need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
+    need(isinstance(setting(config, "sample.stochastic"), bool),
+         f"sample.stochastic={setting(config, 'sample.stochastic')!r}: True or False")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
     n_clip = clip_max_length(config)
     need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),

@@ -169,7 +169,7 @@ def _decompress(args) -> int:
     codec = Codec.load(args.checkpoint)
     streams = [Path(p).read_bytes() for p in args.inputs]
     images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                    sampler=args.sampler.replace("-", "_"))
+                                    sampler=args.sampler.replace("-", "_"), stochastic=args.stochastic)
     for out, image in zip(outs, images):
         save_image(image, out)
         print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="auto: the few-step decoder for the step counts it serves, else the guided sampler")
     dc.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the config's)")
     dc.add_argument("--seed", type=int, default=0, help="the sampler's noise seed")
+    dc.add_argument("--stochastic", action=argparse.BooleanOptionalAction, default=None,
+                    help="the guided sampler's steps re-noise with fresh noise (--no-stochastic: the Euler ODE; "
+                         "default: the config's sample.stochastic)")
     dc.set_defaults(fn=_decompress)
 
     from perco_jax.eval.command import add_parser as add_evaluate

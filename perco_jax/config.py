@@ -13,7 +13,8 @@ PRESETS = ("tiny", "sd3_medium", "sd35_medium", "sd35_large")
 # older folder lacks them and means what the code did before each existed (the one home of these
 # defaults; read them with `setting`).
 LATER_FIELDS = {"text.cache": False, "text.embeddings": "", "frozen_placement": "sharded",
-                "entropy_model.caption_input": "context", "stage3.guidance": None}
+                "entropy_model.caption_input": "context", "stage3.guidance": None,
+                "sample.stochastic": False}
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

@@ -67,6 +67,35 @@ def euler_sample(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise
     return x
 
 
+def stochastic_step(x: jax.Array, v: jax.Array, sigma, sigma_next, fresh: jax.Array) -> jax.Array:
+    """One step of diffusers' FlowMatchEulerDiscreteScheduler(stochastic_sampling=True): the
+    predicted data x0 = x - sigma v, noised again with fresh noise to sigma_next,
+    (1 - sigma_next) x0 + sigma_next fresh. x, v, fresh [B, ...]."""
+    return (1 - sigma_next) * (x - sigma * v) + sigma_next * fresh
+
+
+def stochastic_sample(velocity_fn: Callable[[jax.Array, jax.Array], jax.Array], noise: jax.Array, keys: jax.Array,
+                      sigmas: jax.Array, timesteps: jax.Array) -> jax.Array:
+    """`euler_sample`'s schedule with `stochastic_step`s: each step re-noises the data predicted so
+    far with fresh noise instead of keeping the starting noise, so a step that predicted blurred data
+    does not carry its error to the end (on the tiny codec: +0.5 dB PSNR, cleaner shapes, see
+    docs/evaluation.md). keys [B, 2] uint32: image j's fresh noise at step i is
+    normal(fold_in(keys[j], i + 1)), so an image's draws do not depend on the others in the batch.
+    The last step (sigma_next = 0) returns the predicted data, as the Euler step does."""
+    b = noise.shape[0]
+
+    def step(carry, inp):
+        x, i = carry
+        sigma, sigma_next, t = inp
+        v = velocity_fn(x, jnp.full((b,), t, jnp.float32)).astype(jnp.float32)
+        fresh = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i + 1), x.shape[1:], jnp.float32))(keys)
+        return (stochastic_step(x, v, sigma, sigma_next, fresh), i + 1), None
+
+    (x, _), _ = jax.lax.scan(step, (noise.astype(jnp.float32), jnp.uint32(0)),
+                             (sigmas[:-1], sigmas[1:], timesteps))
+    return x
+
+
 def uniform_sigmas(num_steps: int, shift: float = 1.0) -> np.ndarray:
     """sigmas [num_steps + 1] of N equal steps in base time, u = 1, 1 - 1/N, ..., 0, shifted (float32).
 

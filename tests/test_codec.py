@@ -21,7 +21,7 @@ from perco_jax.codec.codec import Codec, prepare_image, rate_split
 from perco_jax.codec.report import DEFAULT_SPECS
 from perco_jax.config import load_config
 from perco_jax.data.pipeline import make_dataset
-from perco_jax.images import save_image
+from perco_jax.images import load_image, save_image
 from perco_jax.train.loop import train
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,33 @@ def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(t
     np.testing.assert_allclose(out[2], direct[2], atol=1e-6)
     alone = codec.decompress(streams[2], seed=3)  # another batch: the same image (noise is per image)
     np.testing.assert_allclose(alone, out[2], atol=1e-4)
+
+
+def test_stochastic_sampler_is_the_configs_choice_and_repeats_per_stream(trained, heldout, tmp_path):
+    """sample.stochastic picks the teacher's steps (fresh noise per image and step, drawn from the
+    stream's id): the same stream decodes to the same image in any batch, `decompress --stochastic`
+    and the Python option override the config, and a codec whose config predates the field decodes
+    with the Euler ODE."""
+    _, _, codec = trained
+    images, captions = heldout
+    streams = codec.compress_batch(images[:3], captions[:3])
+    assert not codec.config.sample.stochastic  # (the tiny config's choice)
+    ode = codec.decompress_batch(streams, seed=1)
+    out = codec.decompress_batch(streams, seed=1, stochastic=True)
+    np.testing.assert_allclose(codec.decompress(streams[2], seed=1, stochastic=True), out[2], atol=1e-4)
+    assert min(float(np.abs(a - b).max()) for a, b in zip(out, ode)) > 0.02
+    (tmp_path / "a.perco").write_bytes(streams[0])
+    assert cli(["decompress", "--checkpoint", str(trained[1]), str(tmp_path / "a.perco"), "-o", str(tmp_path / "a.png"),
+                "--seed", "1", "--stochastic"]) == 0
+    np.testing.assert_allclose(load_image(tmp_path / "a.png"), out[0], atol=1 / 255 + 1e-6)
+    stochastic = dataclasses.replace(codec, config=codec.config.copy_and_resolve_references())
+    stochastic.config.sample.stochastic = True
+    for a, b in zip(stochastic.decompress_batch(streams, seed=1), out):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    old = dataclasses.replace(stochastic, config=stochastic.config.copy_and_resolve_references())
+    del old.config.sample["stochastic"]
+    for a, b in zip(old.decompress_batch(streams, seed=1), ode):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_framing_is_at_most_10_bytes_and_long_forms_round_trip(trained, heldout):

@@ -3,6 +3,7 @@ and the full-size codecs build (abstractly) with the right rates."""
 import json
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -187,12 +188,17 @@ def test_fields_newer_than_a_saved_config_read_as_their_defaults():
     assert {k: setting(config, k) for k in LATER_FIELDS} == {"text.cache": False, "text.embeddings": "",
                                                               "frozen_placement": "sharded",
                                                               "entropy_model.caption_input": "context",
-                                                              "stage3.guidance": None}
+                                                              "stage3.guidance": None,
+                                                              "sample.stochastic": False}
     assert build.text_encoders_built(config) and build.text_encoders_in_step(config)
     assert build.build_entropy_model(config).context_dim == config.mmdit.joint_attention_dim  # (SD3's context)
     build.validate(config)
     with pytest.raises(KeyError, match="text.cachee"):
         setting(config, "text.cachee")
+    saved = load_config("tiny").to_dict()  # (as a codec folder's config.json could hold it)
+    saved["sample"]["stochastic"] = "yes"
+    with pytest.raises(build.ConfigError, match="sample.stochastic"):
+        build.validate(ml_collections.ConfigDict(saved))
 
 
 @pytest.mark.slow

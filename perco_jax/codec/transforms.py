@@ -35,13 +35,18 @@ def make_encoder(model, autoencoder):
     return jax.jit(lambda codec, ae_params, images: encode_images(model, autoencoder, codec, ae_params, images))
 
 
-def initial_noise(seed: int, ids, latent_shape) -> jax.Array:
-    """The sampler's starting noise [n, h, w, C] for n images with ids [n] (uint32): image j gets
+def noise_keys(seed: int, ids) -> jax.Array:
+    """The sampler's keys [n, 2] uint32 of n images with ids [n] (uint32): image j's is
     fold_in(key(seed), ids[j]), so its noise depends on its id, not on the others decoded with it
     (the codec uses the CRC of the image's bitstream)."""
     ids = jnp.asarray(np.asarray(ids, np.uint32))
-    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(ids)
-    return jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(keys)
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(seed), i))(ids)
+
+
+def initial_noise(seed: int, ids, latent_shape) -> jax.Array:
+    """The sampler's starting noise [n, h, w, C] for n images with ids [n]: normal draws of their
+    `noise_keys`."""
+    return jax.vmap(lambda k: jax.random.normal(k, tuple(latent_shape), jnp.float32))(noise_keys(seed, ids))
 
 
 def text_context(prompt_encoder, text_params, tokens, *, max_sequence_length: int):
@@ -51,10 +56,13 @@ def text_context(prompt_encoder, text_params, tokens, *, max_sequence_length: in
     return prompt_encoder.encode_tokens(text_params, tokens, max_sequence_length=max_sequence_length)
 
 
-def guided_latents(model, codec, codes, cond, uncond, noise, guidance, *, steps: int, shift: float) -> jax.Array:
+def guided_latents(model, codec, codes, cond, uncond, noise, guidance, *, steps: int, shift: float,
+                   keys=None) -> jax.Array:
     """The teacher sampler: latents [B, h, w, C] from noise [B, h, w, C] by `steps` Euler steps of
     the guided velocity v_u + guidance (v_c - v_u), z_l codes [B, g, g, d] in both branches;
-    cond / uncond = (context [B, L, D], pooled [B, P]) of the caption and of the empty prompt."""
+    cond / uncond = (context [B, L, D], pooled [B, P]) of the caption and of the empty prompt.
+    keys [B, 2] (`noise_keys`): stochastic steps instead (`flow.stochastic_sample`, config
+    sample.stochastic); None: the deterministic Euler ODE (stage 3's couplings need it)."""
     context = jnp.concatenate([uncond[0], cond[0]])
     pooled = jnp.concatenate([uncond[1], cond[1]])
     codes2 = jnp.concatenate([codes, codes])
@@ -63,6 +71,9 @@ def guided_latents(model, codec, codes, cond, uncond, noise, guidance, *, steps:
         return model.apply(codec, x, t, codes2, context, pooled, method=model.velocity)
 
     sigmas, timesteps = flow.sigma_schedule(steps, shift)
+    if keys is not None:
+        return flow.stochastic_sample(flow.guided(velocity, guidance), noise, keys, jnp.asarray(sigmas),
+                                      jnp.asarray(timesteps))
     return flow.euler_sample(flow.guided(velocity, guidance), noise, jnp.asarray(sigmas), jnp.asarray(timesteps))
 
 
@@ -82,15 +93,15 @@ def few_step_latents(student, codec, codes, cond, noise, *, steps: int, shift: f
 
 
 def _decoder(model, autoencoder, prompt_encoder, max_sequence_length: int, sample):
-    """Jitted (codec, frozen, indices, tokens, empty_tokens, noise, guidance, *, steps) -> images
-    [B, H, W, 3] in [0, 1], with sample(codec, codes, cond, uncond, noise, guidance, steps) -> latents."""
-    def decode(codec, frozen, indices, tokens, empty_tokens, noise, guidance, *, steps: int):
+    """Jitted (codec, frozen, indices, tokens, empty_tokens, noise, keys, guidance, *, steps) -> images
+    [B, H, W, 3] in [0, 1], with sample(codec, codes, cond, uncond, noise, keys, guidance, steps) -> latents."""
+    def decode(codec, frozen, indices, tokens, empty_tokens, noise, keys, guidance, *, steps: int):
         b = indices.shape[0]
         codes = model.apply(codec, indices, method=model.lookup)
         cond = text_context(prompt_encoder, frozen["text"], tokens, max_sequence_length=max_sequence_length)
         empty = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in empty_tokens.items()}
         uncond = text_context(prompt_encoder, frozen["text"], empty, max_sequence_length=max_sequence_length)
-        latents = sample(codec, codes, cond, uncond, noise, guidance, steps)
+        latents = sample(codec, codes, cond, uncond, noise, keys, guidance, steps)
         z = unscale_latents(latents, autoencoder.scaling_factor, autoencoder.shift_factor)
         images = autoencoder.apply({"params": frozen["autoencoder"]}, z, method=autoencoder.decode)
         return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
@@ -100,16 +111,18 @@ def _decoder(model, autoencoder, prompt_encoder, max_sequence_length: int, sampl
 
 def make_decoder(model, autoencoder, prompt_encoder, *, max_sequence_length: int, shift: float = 1.0):
     """Jitted (codec {"params", "vq"}, frozen {"autoencoder", "text"}, indices [B, g, g], tokens,
-    empty_tokens, noise [B, h, w, C], guidance, *, steps) -> images [B, H, W, 3] in [0, 1]."""
+    empty_tokens, noise [B, h, w, C], keys [B, 2] or None (stochastic or Euler steps, see
+    `guided_latents`), guidance, *, steps) -> images [B, H, W, 3] in [0, 1]."""
     return _decoder(model, autoencoder, prompt_encoder, max_sequence_length,
-                    lambda codec, codes, cond, uncond, noise, guidance, steps: guided_latents(
-                        model, codec, codes, cond, uncond, noise, guidance, steps=steps, shift=shift))
+                    lambda codec, codes, cond, uncond, noise, keys, guidance, steps: guided_latents(
+                        model, codec, codes, cond, uncond, noise, guidance, steps=steps, shift=shift, keys=keys))
 
 
 def make_few_step_decoder(student, autoencoder, prompt_encoder, *, max_sequence_length: int, shift: float = 1.0):
     """make_decoder's signature for the few-step decoder (`few_step_latents`): codec = {"params"
-    with the student's MM-DiT, "vq"}; empty_tokens and guidance are not used (one pass per step)."""
+    with the student's MM-DiT, "vq"}; empty_tokens, keys and guidance are not used (one
+    deterministic pass per step)."""
     return _decoder(student, autoencoder, prompt_encoder, max_sequence_length,
-                    lambda codec, codes, cond, uncond, noise, guidance, steps: few_step_latents(
+                    lambda codec, codes, cond, uncond, noise, keys, guidance, steps: few_step_latents(
                         student, codec, codes, cond, noise, steps=steps, shift=shift))
 
