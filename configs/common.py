@@ -170,6 +170,9 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.sigma_sampling = ml_collections.ConfigDict(dict(scheme="logit_normal", mean=0.0, std=1.0,
                                                            resolution_shift=True))
     config.loss_weighting = "none"
+    # flow.detail_weight's strength: > 0 weights the flow loss towards latent positions that differ
+    # from the image's mean latent (small objects); 0 = SD3's plain loss
+    config.loss_detail = 0.0
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3

@@ -110,3 +110,28 @@ def test_training_side():
         flow.loss_weight(s, "bogus")
     with pytest.raises(ValueError, match="num_steps"):
         flow.sigma_schedule(0)
+
+
+def test_detail_weight_favours_the_positions_that_differ_from_the_image():
+    """A latent of one bright position on a flat background: the weights average to 1 per image,
+    the bright position gets (1 + s d) / (1 + s) with d its share of the image's contrast, a flat
+    image weighs every position 1, and the loss with detail 0 is the plain loss."""
+    x0 = jnp.zeros((2, 4, 4, 3)).at[0, 1, 2].set(jnp.array([2.0, -1.0, 0.5]))
+    w = flow.detail_weight(x0, 0.5)
+    assert w.shape == (2, 4, 4, 1)
+    np.testing.assert_allclose(jnp.mean(w, axis=(1, 2, 3)), [1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(w[1], 1.0, rtol=1e-6)  # flat: no contrast, no preference
+    # one position of 16 off the mean: d = 15 there and 1/15 elsewhere (distances 15^2/16^2 vs 1/16^2)
+    d = np.full((4, 4), 1 / 15.0)
+    d[1, 2] = 15.0
+    np.testing.assert_allclose(w[0, ..., 0], (1 + 0.5 * d) / 1.5, rtol=1e-4)
+    # the same error costs more on the bright position than on the background
+    noise = jnp.zeros_like(x0)
+    v = flow.velocity_target(x0, noise)
+    sigma = jnp.array([0.5, 0.5])
+    at_detail = v.at[0, 1, 2, 0].add(1.0)
+    at_flat = v.at[0, 3, 0, 0].add(1.0)
+    loss = lambda p, s: float(flow.flow_matching_loss(p[:1], x0[:1], noise[:1], sigma[:1], detail=s))  # noqa: E731
+    assert loss(at_detail, 0.5) > 5 * loss(at_flat, 0.5)
+    assert loss(at_detail, 0.0) == loss(at_flat, 0.0)
+    np.testing.assert_allclose(loss(at_flat, 0.0), 1.0 / 48, rtol=1e-6)

@@ -124,6 +124,7 @@ def _update(state: TrainState, grads, config, tx) -> TrainState:
 def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
     s3 = config.stage3
     shift = float(config.scheduler_shift)   # the sampler's: the grid the few-step decoder runs on
+    detail = float(setting(config, "loss_detail"))  # stage 1's weighting for the flow-matching part
     finest = 2.0 ** -int(s3.levels)
     guidance = few_step_guidance(config)
     max_len = config.text.max_sequence_length
@@ -173,7 +174,7 @@ def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
         def loss_fn(params):
             v = student.apply(few_step_codec(codec, params["mmdit"]), x_t, sigma * 1000.0, codes, ctx, pooled, d,
                               method=student.velocity)
-            fm = (flow.flow_matching_loss(v[nb:], x0[nb:], noise[nb:], sigma_fm, config.loss_weighting)
+            fm = (flow.flow_matching_loss(v[nb:], x0[nb:], noise[nb:], sigma_fm, config.loss_weighting, detail)
                   if nb < b else jnp.float32(0))
             sc = jnp.mean(jnp.square(v[:nb].astype(jnp.float32) - target)) if nb else jnp.float32(0)
             return (nb * sc + (b - nb) * fm) / b, (fm, sc)

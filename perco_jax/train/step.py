@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from perco_jax import build, flow
+from perco_jax.config import setting
 from perco_jax.models.vae import latents_from_moments, scale_latents
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
@@ -24,6 +25,7 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
              if config.sigma_sampling.resolution_shift else 1.0)
     max_len = config.text.max_sequence_length
     p_drop = float(config.text.caption_dropout)
+    detail = float(setting(config, "loss_detail"))
 
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
@@ -47,7 +49,7 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
         def loss_fn(params):
             (v, q), updates = model.apply({"params": params, "vq": state.vq_state}, x0, x_t, sigma * 1000.0,
                                           context, pooled, train=True, mutable=["vq"], rngs={"vq": k_vq})
-            fm = flow.flow_matching_loss(v, x0, noise, sigma, config.loss_weighting)
+            fm = flow.flow_matching_loss(v, x0, noise, sigma, config.loss_weighting, detail)
             return fm + q["loss"], (fm, q, updates["vq"])
 
         (loss, (fm, q, vq_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
