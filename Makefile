@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/perco-jax demo --workdir demo
 
-# `make test`: everything but the tests marked slow (each ~15 s or more; about 11 minutes
+# `make test`: everything but the tests marked slow (each ~15 s or more; about 17 minutes
 # together), which `make test-slow` runs; CI (.ci/run) runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests

@@ -172,7 +172,8 @@ def _random_codec_step(tmp_path, fraction, overrides=()):
 @pytest.mark.slow
 def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
     """With no self-consistency examples, the first stage-3 loss is stage 1's flow-matching loss
-    of the teacher on the same draw (the step embedder starts at zero, d = 0 is flow matching)."""
+    (with its detail weighting) of the teacher on the same draw (the step embedder starts at zero,
+    d = 0 is flow matching)."""
     from perco_jax.codec.transforms import image_latents
     from perco_jax.train.state import step_key
 
@@ -193,7 +194,8 @@ def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
     noise = jax.random.normal(step_key(state, 2), x0.shape)
     v = teacher.apply(codec, flow.interpolate(x0, noise, sigma), sigma * 1000.0, codes, ctx, pooled,
                       method=teacher.velocity)
-    want = flow.flow_matching_loss(v, x0, noise, sigma)
+    assert config.loss_detail > 0  # (tiny's: stage 3 weights its flow matching as stage 1 does)
+    want = flow.flow_matching_loss(v, x0, noise, sigma, config.loss_weighting, config.loss_detail)
     np.testing.assert_allclose(float(metrics["loss"]), float(want), rtol=1e-5)
     assert float(metrics["flow_loss"]) == float(metrics["loss"]) and float(metrics["consistency_loss"]) == 0.0
 
