@@ -134,7 +134,7 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # stage 0's and stage 2's own optimisation settings (the other training fields are shared)
     config.stage0 = ml_collections.ConfigDict(dict(
         num_train_steps=20_000, batch_size=64, learning_rate=2e-3, warmup_steps=100, ema_decay=0.999,
-        latent_noise=0.05, latent_l2=1e-3, stats_decay=0.99))
+        latent_noise=0.05, latent_l2=1e-3, stats_decay=0.99, loss_detail=0.0))
     config.stage2 = ml_collections.ConfigDict(dict(
         num_train_steps=50_000, batch_size=256, learning_rate=3e-4, warmup_steps=1000, ema_decay=0.999,
         schedules=TRAINING_SCHEDULES))

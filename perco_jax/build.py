@@ -89,9 +89,10 @@ def validate(config) -> None:
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
     need(isinstance(setting(config, "sample.stochastic"), bool),
          f"sample.stochastic={setting(config, 'sample.stochastic')!r}: True or False")
-    detail = setting(config, "loss_detail")
-    need(isinstance(detail, (int, float)) and not isinstance(detail, bool) and detail >= 0,
-         f"loss_detail={detail!r}: a number >= 0 (0 = the plain loss)")
+    for key in ("loss_detail", "stage0.loss_detail"):
+        detail = setting(config, key)
+        need(isinstance(detail, (int, float)) and not isinstance(detail, bool) and detail >= 0,
+             f"{key}={detail!r}: a number >= 0 (0 = the plain loss)")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
     n_clip = clip_max_length(config)
     need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),

@@ -226,10 +226,10 @@ def loss_weight(sigma: jax.Array, scheme: str = "none") -> jax.Array:
 
 
 def detail_weight(x0: jax.Array, strength: float) -> jax.Array:
-    """Per-position loss weights [B, h, w, 1] of latents x0 [B, h, w, C] that favour detail:
-    (1 + strength * d) / (1 + strength), d = the squared distance of a position's latent from the
-    image's mean latent (summed over channels), divided by its mean over the image. Every image's
-    weights average to 1, so strength 0 is the plain loss.
+    """Per-position loss weights [B, h, w, 1] of latents (or images) x0 [B, h, w, C] that favour
+    detail: (1 + strength * d) / (1 + strength), d = the squared distance of a position's value from
+    the image's mean (summed over channels), divided by its mean over the image. Every image's
+    weights average to 1, so strength 0 is the plain loss. (Stage 0 weights its pixels with it.)
 
     Why: a uniform loss gives a small object the share of its few latent positions, and the tiny
     codec learned to leave small shapes faint; on its scenes strength 0.5 raised the caption colours

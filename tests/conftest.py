@@ -19,43 +19,41 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-# The tiny codec the end-to-end tests share (trained once per session): stage 0 (the tiny
-# autoencoder) for STAGE0_STEPS steps, stage 1 on it for 700 steps, stage 2 for 100 steps on its
-# indices, exported and reloaded. (`make demo` trains the same with the tiny config's full budget.)
+# Two tiny codecs, each trained once per session. The quick one (stage 0: QUICK_STAGE0_STEPS, stage 1:
+# QUICK_STAGE1_STEPS) serves the tests of the mechanics (coding, the CLI, evaluation, export), which
+# need a trained codec but not a good one; `make test` trains only this one. The learned one
+# (stage 0: 1,000 steps, stage 1: 700) serves the slow tests that judge what training learned (the
+# learning test, the autoencoder's quality, stage 3). Each: stage 2 for 100 steps on its indices,
+# exported and reloaded. (`make demo` trains the same with the tiny config's full budget.)
+QUICK_STAGE0_STEPS, QUICK_STAGE1_STEPS = 300, 200
 STAGE0_STEPS = 1000
 STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]
-CODEC_OVERRIDES = STAGE1_OVERRIDES + ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64",
-                                      "entropy_model.depth=2", "stage2.num_train_steps=100", "stage2.batch_size=16"]
+CODEC_OVERRIDES = ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64", "entropy_model.depth=2",
+                   "stage2.num_train_steps=100", "stage2.batch_size=16"]
 
 
-@pytest.fixture(scope="session")
-def stage0_run(tmp_path_factory):
-    """(config, workdir) of a finished stage-0 run (the tiny autoencoder)."""
+def _stage0(tmp_path_factory, steps: int):
     from perco_jax.config import load_config
     from perco_jax.train.loop import train
 
     work = tmp_path_factory.mktemp("stage0")
-    config = load_config("tiny", ["stage=0", f"stage0.num_train_steps={STAGE0_STEPS}", "log_every_steps=100",
+    config = load_config("tiny", ["stage=0", f"stage0.num_train_steps={steps}", "log_every_steps=100",
                                   "checkpoint_every_steps=10000"])
     train(config, work, progress=False)
     return config, work
 
 
-@pytest.fixture(scope="session")
-def stage1_run(stage0_run, tmp_path_factory):
-    """(config, workdir) of a finished stage-1 run of the tiny config on stage0_run's autoencoder."""
+def _stage1(stage0_run, tmp_path_factory, overrides: list[str]):
     from perco_jax.config import load_config
     from perco_jax.train.loop import train
 
     work = tmp_path_factory.mktemp("stage1")
-    config = load_config("tiny", STAGE1_OVERRIDES + [f"autoencoder_workdir={stage0_run[1]}"])
+    config = load_config("tiny", overrides + [f"autoencoder_workdir={stage0_run[1]}"])
     train(config, work, progress=False)
     return config, work
 
 
-@pytest.fixture(scope="session")
-def trained_codec(stage1_run, tmp_path_factory):
-    """(config, codec folder, Codec): stage 2 trained on stage1_run, exported, loaded back."""
+def _codec(stage1_run, tmp_path_factory, overrides: list[str]):
     from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
     from perco_jax.train.export import export_codec
@@ -63,26 +61,66 @@ def trained_codec(stage1_run, tmp_path_factory):
 
     _, stage1 = stage1_run
     work = tmp_path_factory.mktemp("codec")
-    config = load_config("tiny", CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}",
-                                                    f"autoencoder_workdir={stage1_run[0].autoencoder_workdir}"])
+    config = load_config("tiny", overrides + CODEC_OVERRIDES + [
+        "stage=2", f"stage1_workdir={stage1}", f"autoencoder_workdir={stage1_run[0].autoencoder_workdir}"])
     train(config, work / "stage2", progress=False)
     export_codec(config, stage1, work / "stage2").save(work / "checkpoint")
     return config, work / "checkpoint", Codec.load(work / "checkpoint")
 
 
+QUICK_STAGE1 = [f"num_train_steps={QUICK_STAGE1_STEPS}", "log_every_steps=50", "checkpoint_every_steps=1000"]
+
+
 @pytest.fixture(scope="session")
-def few_step_codec(stage1_run, trained_codec, tmp_path_factory):
+def stage0_run(tmp_path_factory):
+    """(config, workdir) of a finished quick stage-0 run (the tiny autoencoder, QUICK_STAGE0_STEPS)."""
+    return _stage0(tmp_path_factory, QUICK_STAGE0_STEPS)
+
+
+@pytest.fixture(scope="session")
+def stage1_run(stage0_run, tmp_path_factory):
+    """(config, workdir) of a finished quick stage-1 run of the tiny config on stage0_run's autoencoder."""
+    return _stage1(stage0_run, tmp_path_factory, QUICK_STAGE1)
+
+
+@pytest.fixture(scope="session")
+def trained_codec(stage1_run, tmp_path_factory):
+    """(config, codec folder, Codec): the quick codec, stage 2 trained on stage1_run, exported, loaded back."""
+    return _codec(stage1_run, tmp_path_factory, QUICK_STAGE1)
+
+
+@pytest.fixture(scope="session")
+def learned_stage0(tmp_path_factory):
+    """(config, workdir) of a stage-0 run at the learning tests' budget (STAGE0_STEPS)."""
+    return _stage0(tmp_path_factory, STAGE0_STEPS)
+
+
+@pytest.fixture(scope="session")
+def learned_stage1(learned_stage0, tmp_path_factory):
+    """(config, workdir) of a stage-1 run at the learning tests' budget on learned_stage0's autoencoder."""
+    return _stage1(learned_stage0, tmp_path_factory, STAGE1_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def learned_codec(learned_stage1, tmp_path_factory):
+    """(config, codec folder, Codec): stage 2 trained on learned_stage1, exported, loaded back."""
+    return _codec(learned_stage1, tmp_path_factory, STAGE1_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def few_step_codec(learned_stage1, learned_codec, tmp_path_factory):
     """(config, workdir, codec folder, Codec): stage 3 (the tiny config's: shortcut models, here 300
-    steps) trained on stage1_run, exported with trained_codec's stage 2 and loaded back."""
+    steps) trained on learned_stage1, exported with learned_codec's stage 2 and loaded back."""
     from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
     from perco_jax.train.export import export_codec
     from perco_jax.train.loop import train
 
-    config, stage1 = stage1_run
+    config, stage1 = learned_stage1
     work = tmp_path_factory.mktemp("stage3")
-    s3 = load_config("tiny", CODEC_OVERRIDES + ["stage=3", "stage3.num_train_steps=300", f"stage1_workdir={stage1}",
-                                                f"autoencoder_workdir={config.autoencoder_workdir}"])
+    s3 = load_config("tiny", STAGE1_OVERRIDES + CODEC_OVERRIDES + [
+        "stage=3", "stage3.num_train_steps=300", f"stage1_workdir={stage1}",
+        f"autoencoder_workdir={config.autoencoder_workdir}"])
     train(s3, work / "stage3", progress=False)
-    export_codec(trained_codec[0], stage1, trained_codec[1].parent / "stage2", work / "stage3").save(work / "checkpoint")
+    export_codec(learned_codec[0], stage1, learned_codec[1].parent / "stage2", work / "stage3").save(work / "checkpoint")
     return s3, work / "stage3", work / "checkpoint", Codec.load(work / "checkpoint")

@@ -278,14 +278,14 @@ def test_tiny_student_one_step_error_is_well_below_a_plain_step(few_step_codec):
 
 
 @pytest.mark.slow
-def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(few_step_codec, trained_codec,
+def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(few_step_codec, learned_codec,
                                                                                 tmp_path):
     from perco_jax.cli import main
     from perco_jax.data.synthetic import synthetic_example
     from perco_jax.images import load_image
 
     _, _, folder, codec = few_step_codec
-    plain = trained_codec[2]
+    plain = learned_codec[2]
     assert codec.few_step_counts == (1, 2, 4) and plain.few_step_counts == ()
     assert codec.fingerprint == plain.fingerprint
     image, caption = synthetic_example(0, HELDOUT_SEED, codec.config.image_size)
@@ -304,20 +304,20 @@ def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(fe
 
 
 @pytest.mark.slow
-def test_reflow_straightens_the_flow(stage1_run, trained_codec, tmp_path):
+def test_reflow_straightens_the_flow(learned_stage1, learned_codec, tmp_path):
     """2-rectified flow on the teacher's couplings: the straightness E ||(x_1 - x_0) - v||^2 of the
     decoder's flow (20 Euler steps from held-out noise) falls well below the teacher's."""
     from perco_jax.eval.few_step import flow_straightness, heldout_scenes
     from perco_jax.train.export import export_codec
     from perco_jax.train.loop import train
 
-    config, stage1 = stage1_run
+    config, stage1 = learned_stage1
     s3 = load_config("tiny", ["stage=3", f"stage1_workdir={stage1}", f"autoencoder_workdir={config.autoencoder_workdir}",
                               "stage3.method=reflow", "stage3.couplings=128", "stage3.num_train_steps=150",
                               "stage3.reflow_fraction=1.0", "log_every_steps=50"])
     train(s3, tmp_path / "reflow", progress=False)
     assert (tmp_path / "reflow" / "couplings" / "done.json").exists()
-    codec = export_codec(trained_codec[0], stage1, trained_codec[1].parent / "stage2", tmp_path / "reflow")
+    codec = export_codec(learned_codec[0], stage1, learned_codec[1].parent / "stage2", tmp_path / "reflow")
     assert codec.few_step["config"]["method"] == "reflow"
     _, images, captions = heldout_scenes(16, config.image_size, HELDOUT_SEED)
     before = flow_straightness(codec, images, captions, student=False, steps=20)

@@ -1,9 +1,12 @@
 """Stage 0: the learned autoencoder (config.autoencoder = "patch"), trained once on the images and
 then frozen, as SD3's VAE is; and `autoencoder_params`, the frozen autoencoder of later stages.
 
-The step minimises |x - D(E(x) + n)| + (x - D(E(x) + n))^2 + latent_l2 * E(x)^2 with a little
+The step minimises w (|x - D(E(x) + n)| + (x - D(E(x) + n))^2) + latent_l2 * E(x)^2 with a little
 Gaussian noise n (latent_noise) on the raw latents, so the decoder tolerates the flow sampler's
-small errors and the latent keeps a bounded scale. The latent statistics that `encode` normalises
+small errors and the latent keeps a bounded scale. w = `flow.detail_weight(x, loss_detail)`, the
+weighting stage 1 gives latent positions, here on pixels (1 with loss_detail 0): a small object's
+few pixels get a small share of a uniform loss, and the tiny autoencoder learned to blur small
+shapes into their background. The latent statistics that `encode` normalises
 with ("latent_mean", "latent_std" in the params, see models/patch_autoencoder.py) are running
 averages (decay stats_decay) of each batch's per-channel mean and standard deviation, updated by
 the step itself, so they are part of the checkpoint and a resumed run is exact.
@@ -22,6 +25,8 @@ import optax
 from flax import linen as nn
 
 from perco_jax import build
+from perco_jax.config import setting
+from perco_jax.flow import detail_weight
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
 STATS = ("latent_mean", "latent_std")
@@ -45,6 +50,7 @@ def make_train_step(autoencoder, config, tx):
     one signature). Metrics: loss, psnr of the noisy-latent reconstruction, latent_std."""
     s0 = config.stage0
     noise_std, l2, decay = float(s0.latent_noise), float(s0.latent_l2), float(s0.stats_decay)
+    detail = float(setting(config, "stage0.loss_detail"))
 
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         x = batch["image"]
@@ -54,7 +60,10 @@ def make_train_step(autoencoder, config, tx):
             noisy = z + noise_std * jax.random.normal(step_key(state, 0), z.shape, z.dtype)
             y = autoencoder.apply({"params": params}, noisy, method=autoencoder.decode_raw)
             mse = jnp.mean((y - x) ** 2)
-            return jnp.mean(jnp.abs(y - x)) + mse + l2 * jnp.mean(z ** 2), (mse, z)
+            err = jnp.abs(y - x) + (y - x) ** 2
+            if detail:
+                err = err * detail_weight(x, detail)
+            return jnp.mean(err) + l2 * jnp.mean(z ** 2), (mse, z)
 
         (loss, (mse, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
