@@ -56,11 +56,12 @@ def test_tiny_codec_draws_the_scenes_and_beats_the_equal_bits_thumbnail(learned_
     recon = codec.decode_images(indices, list(captions), steps=config.sample.steps, guidance=config.sample.guidance)
     ours = _scene_scores(recon, originals, scenes)
     thumb = _scene_scores([thumbnail_baseline(x, g, k) for x in originals], originals, scenes)
-    # (measured: PSNR +1.78 dB, colours 0.65 against 0.07, realism 0.90 against 0.70; the detail-weighted
-    # loss trades a little PSNR at this budget for the colours, see docs/evaluation.md)
-    assert ours["psnr"] > thumb["psnr"] + 1.5, (ours, thumb)
+    # (measured with the weighted autoencoder and stage-1 loss_detail 0.2: PSNR +1.53 dB, colours 0.85
+    # against 0.07, realism 0.91 against 0.70; the plain autoencoder with 0.5 gave +1.78 dB, colours
+    # 0.65: the weightings trade a little PSNR for the shapes' colours, see docs/evaluation.md)
+    assert ours["psnr"] > thumb["psnr"] + 1.0, (ours, thumb)
     assert ours["realism"] > max(0.88, thumb["realism"] + 0.15), (ours, thumb)
-    assert ours["colours_present"] > max(0.5, 5 * thumb["colours_present"]), (ours, thumb)
+    assert ours["colours_present"] > max(0.75, 5 * thumb["colours_present"]), (ours, thumb)
     assert ours["background_right"] >= 0.95, ours
     # shapes roughly in place: each reconstruction's 8x8-pixel cells are closer to its own original
     # than to the other scenes'
