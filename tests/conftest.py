@@ -28,6 +28,7 @@ import pytest  # noqa: E402
 QUICK_STAGE0_STEPS, QUICK_STAGE1_STEPS = 300, 200
 STAGE0_STEPS = 1000
 STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]
+QUICK_STAGE1 = [f"num_train_steps={QUICK_STAGE1_STEPS}", "log_every_steps=50", "checkpoint_every_steps=1000"]
 CODEC_OVERRIDES = ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64", "entropy_model.depth=2",
                    "stage2.num_train_steps=100", "stage2.batch_size=16"]
 
@@ -53,22 +54,21 @@ def _stage1(stage0_run, tmp_path_factory, overrides: list[str]):
     return config, work
 
 
-def _codec(stage1_run, tmp_path_factory, overrides: list[str]):
+def _codec(stage1_run, tmp_path_factory):
+    """Stage 2 on the stage-1 run, its config that run's plus CODEC_OVERRIDES."""
     from perco_jax.codec.codec import Codec
-    from perco_jax.config import load_config
+    from perco_jax.config import apply_override
     from perco_jax.train.export import export_codec
     from perco_jax.train.loop import train
 
-    _, stage1 = stage1_run
+    config, stage1 = stage1_run
     work = tmp_path_factory.mktemp("codec")
-    config = load_config("tiny", overrides + CODEC_OVERRIDES + [
-        "stage=2", f"stage1_workdir={stage1}", f"autoencoder_workdir={stage1_run[0].autoencoder_workdir}"])
+    config = config.copy_and_resolve_references()
+    for item in CODEC_OVERRIDES + ["stage=2", f"stage1_workdir={stage1}"]:
+        apply_override(config, item)
     train(config, work / "stage2", progress=False)
     export_codec(config, stage1, work / "stage2").save(work / "checkpoint")
     return config, work / "checkpoint", Codec.load(work / "checkpoint")
-
-
-QUICK_STAGE1 = [f"num_train_steps={QUICK_STAGE1_STEPS}", "log_every_steps=50", "checkpoint_every_steps=1000"]
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def stage1_run(stage0_run, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_codec(stage1_run, tmp_path_factory):
     """(config, codec folder, Codec): the quick codec, stage 2 trained on stage1_run, exported, loaded back."""
-    return _codec(stage1_run, tmp_path_factory, QUICK_STAGE1)
+    return _codec(stage1_run, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +104,7 @@ def learned_stage1(learned_stage0, tmp_path_factory):
 @pytest.fixture(scope="session")
 def learned_codec(learned_stage1, tmp_path_factory):
     """(config, codec folder, Codec): stage 2 trained on learned_stage1, exported, loaded back."""
-    return _codec(learned_stage1, tmp_path_factory, STAGE1_OVERRIDES)
+    return _codec(learned_stage1, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
