@@ -184,6 +184,7 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # "replicated" (a full copy per device: no gathers in their forward passes)
     config.frozen_placement = "sharded"
     # the teacher sampler: `steps` guided steps; stochastic=True re-noises the predicted data at every
-    # step (diffusers' FlowMatchEulerDiscreteScheduler stochastic_sampling) instead of SD3's Euler ODE
-    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0, stochastic=False))
+    # step (diffusers' FlowMatchEulerDiscreteScheduler stochastic_sampling) instead of SD3's Euler ODE;
+    # temperature scales the sampler's noise (starting noise and fresh draws; 1 = as trained)
+    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0, stochastic=False, temperature=1.0))
     return config

@@ -72,7 +72,14 @@ def get_config():
     # Stochastic steps give back the PSNR the weighting costs: with the weightings above the Euler ODE
     # gave 19.42 / 0.87 / 0.928 (PSNR / colours / realism) against 20.37 / 0.88 / 0.94. Guidance 1.5 /
     # 2.5 with them: 20.56 / 0.87 / 0.942, 20.16 / 0.875 / 0.939.
-    config.sample.update(steps=20, guidance=2.0, stochastic=True)
+    # A sampler temperature below 1 (its starting noise and fresh draws scaled) draws closer to the
+    # model's most likely image, which here is a cleaner one: on the demo's codec, 192 held-out scenes,
+    # temperature 1 / 0.8 / 0.6 / 0.4 / 0.2 / 0: PSNR 20.40 / 20.59 / 20.77 / 20.91 / 21.01 / 21.08,
+    # colours 0.873 / 0.873 / 0.870 / 0.878 / 0.880 / 0.882, realism 0.942 / 0.945 / 0.947 / 0.948 /
+    # 0.949 / 0.949. 0.3 keeps the decoder a sampler (0 draws no noise at all) for most of the gain;
+    # the few-step decoder's starting noise too (its 1 step at 1 / 0.5 / 0.3 / 0: PSNR 19.44 / 20.49 /
+    # 20.76 / 20.92, realism 0.913 / 0.926 / 0.927 / 0.929).
+    config.sample.update(steps=20, guidance=2.0, stochastic=True, temperature=0.3)
     config.codec.coding_batch_size = 4
     config.entropy_model.update(width=128, depth=3, num_heads=4)
     config.stage2.update(num_train_steps=400, batch_size=32, learning_rate=1e-3, warmup_steps=20, ema_decay=0.99)

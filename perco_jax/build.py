@@ -89,10 +89,11 @@ def validate(config) -> None:
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
     need(isinstance(setting(config, "sample.stochastic"), bool),
          f"sample.stochastic={setting(config, 'sample.stochastic')!r}: True or False")
-    for key in ("loss_detail", "stage0.loss_detail"):
-        detail = setting(config, key)
-        need(isinstance(detail, (int, float)) and not isinstance(detail, bool) and detail >= 0,
-             f"{key}={detail!r}: a number >= 0 (0 = the plain loss)")
+    for key, zero in (("loss_detail", "the plain loss"), ("stage0.loss_detail", "the plain loss"),
+                      ("sample.temperature", "no noise; 1 = the trained distribution")):
+        value = setting(config, key)
+        need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+             f"{key}={value!r}: a number >= 0 (0 = {zero})")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
     n_clip = clip_max_length(config)
     need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),

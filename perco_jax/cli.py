@@ -169,7 +169,8 @@ def _decompress(args) -> int:
     codec = Codec.load(args.checkpoint)
     streams = [Path(p).read_bytes() for p in args.inputs]
     images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                    sampler=args.sampler.replace("-", "_"), stochastic=args.stochastic)
+                                    sampler=args.sampler.replace("-", "_"), stochastic=args.stochastic,
+                                    temperature=args.temperature)
     for out, image in zip(outs, images):
         save_image(image, out)
         print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--stochastic", action=argparse.BooleanOptionalAction, default=None,
                     help="the guided sampler's steps re-noise with fresh noise (--no-stochastic: the Euler ODE; "
                          "default: the config's sample.stochastic)")
+    dc.add_argument("--temperature", type=float, help="the guided sampler's noise scale (1: as trained; lower: "
+                                                      "closer to the most likely image; default: the config's)")
     dc.set_defaults(fn=_decompress)
 
     from perco_jax.eval.command import add_parser as add_evaluate

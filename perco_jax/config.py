@@ -14,7 +14,8 @@ PRESETS = ("tiny", "sd3_medium", "sd35_medium", "sd35_large")
 # defaults; read them with `setting`).
 LATER_FIELDS = {"text.cache": False, "text.embeddings": "", "frozen_placement": "sharded",
                 "entropy_model.caption_input": "context", "stage3.guidance": None,
-                "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0}
+                "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0,
+                "sample.temperature": 1.0}
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

@@ -131,6 +131,33 @@ def test_stochastic_sampler_is_the_configs_choice_and_repeats_per_stream(trained
         sample.stochastic = True
 
 
+def test_sampler_temperature_is_the_configs_choice_and_scales_all_its_noise(trained, heldout):
+    """sample.temperature scales the teacher's starting noise and fresh draws: the Python option
+    overrides the config; at 0 the decoder draws no noise (every seed gives the same image), at 1
+    seeds differ; a codec whose config predates the field decodes at 1; a negative one is refused."""
+    _, _, codec = trained
+    images, captions = heldout
+    streams = codec.compress_batch(images[:2], captions[:2])
+    t = codec.config.sample.temperature
+    assert 0 < t < 1  # (the tiny config's choice)
+    for a, b in zip(codec.decompress_batch(streams, seed=1), codec.decompress_batch(streams, seed=1, temperature=t)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    cold = [codec.decompress_batch(streams, seed=s, temperature=0.0) for s in (1, 2)]
+    for a, b in zip(*cold):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    warm = [codec.decompress_batch(streams, seed=s, temperature=1.0) for s in (1, 2)]
+    assert min(float(np.abs(a - b).max()) for a, b in zip(*warm)) > 0.02
+    sample = codec.config.sample  # (the session's codec: its config is restored below)
+    try:
+        del sample["temperature"]
+        for a, b in zip(codec.decompress_batch(streams, seed=1), warm[0]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+    finally:
+        sample.temperature = t
+    with pytest.raises(ValueError, match="temperature"):
+        codec.decompress_batch(streams, temperature=-1.0)
+
+
 def test_framing_is_at_most_10_bytes_and_long_forms_round_trip(trained, heldout):
     """Versions 3 and 4 send only what the codec does not know: at its native size under its
     default schedule a stream spends 9 bytes on framing (the target is at most 10); other sizes
@@ -310,6 +337,10 @@ def test_cli_compress_decompress(trained, heldout, tmp_path, capsys):
                 "-o", str(tmp_path / "in0_rec.png"), "--steps", "2", "--no-stochastic"]) == 0
     stream = (tmp_path / "out" / "in0.perco").read_bytes()
     np.testing.assert_allclose(load_image(tmp_path / "in0_rec.png"), codec.decompress(stream, steps=2, stochastic=False),
+                               atol=1 / 255 + 1e-6)
+    assert cli(["decompress", "--checkpoint", str(folder), str(tmp_path / "out" / "in0.perco"),
+                "-o", str(tmp_path / "in0_hot.png"), "--steps", "2", "--temperature", "1.5"]) == 0
+    np.testing.assert_allclose(load_image(tmp_path / "in0_hot.png"), codec.decompress(stream, steps=2, temperature=1.5),
                                atol=1 / 255 + 1e-6)
     # no caption and no captioner: one clear error, unless the text mode asks for none
     assert cli(["compress", "--checkpoint", str(folder), str(tmp_path / "in0.png"), "-o", str(tmp_path / "n.perco")]) == 2

@@ -22,5 +22,6 @@ def test_demo_runs_every_stage_and_writes_what_a_user_reads(tmp_path, capsys):
     assert few.shape == (8 * 128, 4 * 128, 3)  # original | teacher | few-step 1 step | plain 1 step
     assert (tmp_path / "checkpoint" / "perco.json").is_file()
     assert len(list((tmp_path / "eval" / "streams").glob("*.perco"))) == 8
-    # a second run reuses every finished stage and the evaluation
-    assert run_demo(str(tmp_path), SMALL, heldout=8) == 0
+    # a second run reuses every finished stage, and measures afresh, here with another sampler temperature
+    assert run_demo(str(tmp_path), SMALL + ["sample.temperature=1.0"], heldout=8) == 0
+    assert "T 1)" in capsys.readouterr().out

@@ -160,6 +160,15 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
 
     with pytest.raises(ValueError, match="guidance"):  # another setting into the same folder
         ev.evaluate(c, f"folder:{folder}", out, guidance=5.0, progress=False)
+    assert json.loads((out / "setting.json").read_text())["temperature"] == c.config.sample.temperature
+    with pytest.raises(ValueError, match="temperature"):
+        ev.evaluate(c, f"folder:{folder}", out, temperature=0.5, progress=False)
+    # a setting.json written before the temperature existed meant 1: it resumes at 1
+    setting = json.loads((out / "setting.json").read_text())
+    del setting["temperature"]
+    (out / "setting.json").write_text(json.dumps(setting))
+    ev.evaluate(c, f"folder:{folder}", out, metrics_weights=weights, temperature=1.0, batch_size=3, progress=False)
+    assert calls.decompressed == len(SIZES) + 1
 
 
 def _subset(folder, tmp_path, names, captions=None):

@@ -226,7 +226,7 @@ def test_fields_newer_than_a_saved_config_read_as_their_defaults():
                                                               "entropy_model.caption_input": "context",
                                                               "stage3.guidance": None,
                                                               "sample.stochastic": False, "loss_detail": 0.0,
-                                                              "stage0.loss_detail": 0.0}
+                                                              "stage0.loss_detail": 0.0, "sample.temperature": 1.0}
     assert build.text_encoders_built(config) and build.text_encoders_in_step(config)
     assert build.build_entropy_model(config).context_dim == config.mmdit.joint_attention_dim  # (SD3's context)
     build.validate(config)
@@ -244,6 +244,10 @@ def test_fields_newer_than_a_saved_config_read_as_their_defaults():
         saved = load_config("tiny").to_dict()
         saved["stage0"]["loss_detail"] = bad
         with pytest.raises(build.ConfigError, match="stage0.loss_detail"):
+            build.validate(ml_collections.ConfigDict(saved))
+        saved = load_config("tiny").to_dict()
+        saved["sample"]["temperature"] = bad
+        with pytest.raises(build.ConfigError, match="sample.temperature"):
             build.validate(ml_collections.ConfigDict(saved))
 
 

@@ -357,14 +357,15 @@ class Codec:
 
     def decode_images(self, indices, captions: Sequence[str], noise_ids=None, *, steps: Optional[int] = None,
                       guidance: Optional[float] = None, seed: int = 0, sampler: str = "auto",
-                      stochastic: Optional[bool] = None) -> np.ndarray:
+                      stochastic: Optional[bool] = None, temperature: Optional[float] = None) -> np.ndarray:
         """images [B, S, S, 3] in [0, 1] from indices [B, g, g] and captions (the flow sampler);
         image j starts from the noise of (seed, noise_ids[j]) (default ids 0..B-1). sampler: "auto"
         (the few-step decoder for the step counts it serves, else the guided teacher sampler),
         "teacher" or "few_step" (whose guidance was fixed in training: `guidance` is not used).
         stochastic: the teacher's steps re-noise with fresh noise of (seed, noise_ids[j]) instead of
         following the Euler ODE (`flow.stochastic_sample`); default the config's sample.stochastic.
-        The few-step decoder is always deterministic."""
+        temperature: the samplers' noise scale (`transforms.guided_latents`, `few_step_latents`);
+        default the config's sample.temperature. The few-step decoder is always deterministic."""
         steps = int(steps or self.config.sample.steps)
         if sampler not in ("auto", "teacher", "few_step"):
             raise ValueError(f"sampler={sampler!r}: auto, teacher or few_step")
@@ -374,6 +375,9 @@ class Codec:
         decode, params = (self._decode_few, self._few_step_codec) if few else (self._decode, self.codec_params)
         guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
         stochastic = bool(setting(self.config, "sample.stochastic") if stochastic is None else stochastic)
+        temperature = jnp.float32(setting(self.config, "sample.temperature") if temperature is None else temperature)
+        if not temperature >= 0:
+            raise ValueError(f"temperature={float(temperature)}: need a number >= 0")
         from perco_jax.codec.transforms import initial_noise, noise_keys
 
         n = len(captions)
@@ -390,21 +394,21 @@ class Codec:
                 entropy_coding.pad_batch(noise[sl], self.batch),
                 None if keys is None else entropy_coding.pad_batch(keys[sl], self.batch)))
             x = decode(params, {"autoencoder": self.ae_params, "text": self.text_params},
-                       idx, tokens, empty, z, k, guidance, steps=steps)
+                       idx, tokens, empty, z, k, guidance, temperature, steps=steps)
             out.append(np.asarray(x)[: sl.stop - sl.start])
         side = self.config.image_size
         return np.concatenate(out) if out else np.zeros((0, side, side, 3), np.float32)
 
     def decompress_batch(self, streams: Sequence[bytes], *, steps: Optional[int] = None,
                          guidance: Optional[float] = None, seed: int = 0, sampler: str = "auto",
-                         stochastic: Optional[bool] = None) -> list[np.ndarray]:
+                         stochastic: Optional[bool] = None, temperature: Optional[float] = None) -> list[np.ndarray]:
         """Images [H, W, 3] float32 in [0, 1], each at its original size. An image's sampler noise
         comes from (seed, CRC32 of its stream): the same stream and seed give the same image in
         any batch (up to float rounding). Options as `decode_images`'."""
         headers, captions, indices = self.read_batch(streams)
         ids = [zlib.crc32(bytes(s)) for s in streams]
         images = self.decode_images(indices, captions, ids, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
-                                    stochastic=stochastic)
+                                    stochastic=stochastic, temperature=temperature)
         out = []
         for h, im in zip(headers, images):
             if (h.image_height, h.image_width) != im.shape[:2]:

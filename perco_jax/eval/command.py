@@ -25,7 +25,7 @@ def run(args) -> int:
     codec = Codec.load(args.checkpoint)
     result = evaluate(codec, args.data, args.out, metrics_weights=weights,
                       guidance=guidance[0] if len(guidance) == 1 else None,
-                      steps=steps[0] if len(steps) == 1 else None, sweep=sweep or None,
+                      steps=steps[0] if len(steps) == 1 else None, sweep=sweep or None, temperature=args.temperature,
                       batch_size=args.batch_size, resume=not args.no_resume, progress=not args.quiet,
                       seed=args.seed, schedule=args.schedule, size=args.size, center_crop=args.center_crop,
                       published=args.published, text_mode=args.text_mode, captions=args.captions,
@@ -33,7 +33,8 @@ def run(args) -> int:
                       trust_remote_code=args.trust_remote_code, published_protocol=args.published_protocol)
     for s in result.get("settings", [result]):
         m = s["mean"]
-        parts = [f"guidance={s['guidance']:g} steps={s['steps']}", f"bpp={m['bpp']:.5f}"]
+        parts = [f"guidance={s['guidance']:g} steps={s['steps']} temperature={s['temperature']:g}",
+                 f"bpp={m['bpp']:.5f}"]
         parts += [f"{k}={m[k]:.4f}" for k in IMAGE_METRICS if m.get(k) is not None]
         parts += [f"{k}={s[k]:.4f}" for k in SET_METRICS if s.get(k) is not None]
         print("  ".join(parts))
@@ -67,6 +68,8 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
                    help="guidance scale(s); several values sweep them (default: the codec config's)")
     p.add_argument("--steps", type=int, nargs="+", metavar="N",
                    help="sampler step count(s); several values sweep them (default: the codec config's)")
+    p.add_argument("--temperature", type=float, help="the guided sampler's noise scale (default: the codec config's "
+                                                     "sample.temperature)")
     p.add_argument("--center-crop", action="store_true", help="crop the largest centred square first")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE (bicubic; default: native, "
                                             f"{COCO30K_SIZE} for coco30k, the codec's for synthetic)")

@@ -1,7 +1,7 @@
 """The evaluation driver: rate-distortion-perception of a trained codec on an image set.
 
     evaluate(codec, "kodak:DIR" | "folder:DIR" | "coco30k:FILELIST", out_dir,
-             metrics_weights={...}, guidance=None, steps=None, sweep=None) -> summary dict
+             metrics_weights={...}, guidance=None, steps=None, temperature=None, sweep=None) -> summary dict
     perco-jax evaluate --checkpoint W --data SPEC --out DIR [...]     (perco_jax.eval.command)
 
 Every image goes through the real bitstream: it is compressed (`Codec.compress_batch`, caption
@@ -55,7 +55,7 @@ guidance or steps) are shared in OUT/streams.
 
 Resuming (resume=True): an image whose row is in per_image.csv and whose reconstruction PNG exists
 is skipped, and saved bitstreams are reused; OUT/run.json (codec fingerprint, data, protocol,
-schedule, seed) and each setting's setting.json (guidance, steps) must match the new run, otherwise
+schedule, seed) and each setting's setting.json (guidance, steps, temperature) must match the new run, otherwise
 ValueError (use another out_dir, or resume=False to recompute and overwrite).
 
 Determinism: `Codec.decompress_batch` draws an image's sampler noise from (seed, CRC of its
@@ -76,6 +76,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from perco_jax import build
+from perco_jax.config import setting as setting_of
 from perco_jax.eval import metrics
 from perco_jax.eval.datasets import Dataset, Item, caption_record, data_protocol, parse_data, resolve_captions
 from perco_jax.eval.networks import Networks, load_networks
@@ -258,17 +259,19 @@ def format_scene_summary(summary: dict) -> str:
     if not settings or not settings[0].get("scene"):
         return ""
     first = settings[0]
-    head = f"  {'':<30}{'bpp':>8}{'PSNR':>8}{'colours present':>17}{'realism':>9}{'background right':>18}"
+    head = f"  {'':<36}{'bpp':>8}{'PSNR':>8}{'colours present':>17}{'realism':>9}{'background right':>18}"
     lines = [head]
 
     def row(label, bpp, psnr, vals):
-        cells = "".join(f"{'–' if v is None else f'{v:.2f}':>{w}}" for v, w in zip(vals, (17, 9, 18)))
-        lines.append(f"  {label:<30}{'' if bpp is None else f'{bpp:.4f}':>8}"
+        # (3 decimals: the targets sit at 0.90 / 0.95, which 2 would round across)
+        cells = "".join(f"{'–' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(vals, (17, 9, 18)))
+        lines.append(f"  {label:<36}{'' if bpp is None else f'{bpp:.4f}':>8}"
                      f"{'–' if psnr is None else f'{psnr:.2f}':>8}{cells}")
 
     for s in settings:
         m = s["mean"]
-        row(f"codec (guidance {s['guidance']:g}, {s['steps']} steps)", m.get("bpp"), m.get("psnr"),
+        row(f"codec (guidance {s['guidance']:g}, {s['steps']} steps, T {s.get('temperature', 1.0):g})", m.get("bpp"),
+            m.get("psnr"),
             [m.get(k) for k in SCENE_METRICS])
     t = first["scene"]["thumbnail"]
     m = first["mean"]
@@ -289,7 +292,7 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: Ne
                       published: list, label: str, captions: dict, protocol: str) -> dict:
     from perco_jax.images import save_image
 
-    check_identity(out / "setting.json", setting, resume, "guidance / steps setting")
+    check_identity(out / "setting.json", setting, resume, "guidance / steps / temperature setting")
     recon_dir = out / "recon"
     recon_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out / "per_image.csv"
@@ -312,7 +315,8 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: Ne
             items = [ds.items[j] for j in todo[k:k + batch_size]]
             images = [ds.load(it) for it in items]
             streams = _streams(codec, items, images, streams_dir, schedule, reuse=resume)
-            recons = codec.decompress_batch(streams, steps=setting["steps"], guidance=setting["guidance"], seed=seed)
+            recons = codec.decompress_batch(streams, steps=setting["steps"], guidance=setting["guidance"], seed=seed,
+                                            temperature=setting["temperature"])
             new = 0
             for it, image, stream, recon in zip(items, images, streams, recons):
                 if it.name in rows:
@@ -339,7 +343,8 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: Ne
                  "miou": summary["miou"]}
     why = plot_rd(out / "rd.png", [{"label": "perco-jax (per image)", "points": points, "scatter": True},
                                    {"label": "perco-jax (mean)", "points": [(set_point["bpp"], set_point)]}],
-                  published, protocol, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']}")
+                  published, protocol, title=f"{ds.spec}  guidance={setting['guidance']:g} steps={setting['steps']} "
+                                             f"temperature={setting['temperature']:g}")
     summary["files"] = {"per_image": "per_image.csv", "recon": "recon/", "streams": os.path.relpath(streams_dir, out),
                         "plot": None if why else "rd.png"}
     if why:
@@ -358,6 +363,7 @@ def _evaluate_setting(codec, ds: Dataset, out: Path, streams_dir: Path, nets: Ne
 def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None, guidance: Optional[float] = None,
              steps: Optional[int] = None, sweep: Optional[Mapping] = None, batch_size: int = 8, resume: bool = True,
              progress: bool = True, seed: int = 0, schedule: Optional[str] = None, size: Optional[int] = None,
+             temperature: Optional[float] = None,
              center_crop: bool = False, published: str | os.PathLike | None = None, text_mode: str = "full",
              captions: str | os.PathLike | None = None, captioner=None, caption_cache=None,
              caption_tokens: int = 32, trust_remote_code: bool = False,
@@ -393,6 +399,9 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     out.mkdir(parents=True, exist_ok=True)
     default_g = float(cfg.sample.guidance if guidance is None else guidance)
     default_s = int(cfg.sample.steps if steps is None else steps)
+    temp = float(setting_of(cfg, "sample.temperature") if temperature is None else temperature)
+    if not temp >= 0:
+        raise ValueError(f"temperature={temperature!r}: need a number >= 0")
     gs, ss = sweep_settings(sweep, default_g, default_s)
     if captioner is not None and caption_cache is None:
         caption_cache = out / CAPTION_CACHE
@@ -421,12 +430,14 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     kw = dict(seed=int(seed), schedule=schedule, batch_size=batch_size, resume=resume, progress=progress,
               published=rows, captions=record, protocol=published_protocol or data_protocol(ds))
     if not sweep:
-        return _evaluate_setting(codec, ds, out, streams_dir, nets, setting={"guidance": gs[0], "steps": ss[0]},
+        return _evaluate_setting(codec, ds, out, streams_dir, nets, setting={"guidance": gs[0], "steps": ss[0],
+                                                                             "temperature": temp},
                                  label=ds.kind, **kw)
     summaries = []
     for g, s in itertools.product(gs, ss):
         sub = setting_dir(g, s)
-        summ = _evaluate_setting(codec, ds, out / sub, streams_dir, nets, setting={"guidance": g, "steps": s},
+        summ = _evaluate_setting(codec, ds, out / sub, streams_dir, nets,
+                                 setting={"guidance": g, "steps": s, "temperature": temp},
                                  label=f"{ds.kind} {sub}", **kw)
         summ["dir"] = sub
         summaries.append(summ)

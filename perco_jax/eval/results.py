@@ -19,7 +19,7 @@ CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_in
                *IMAGE_METRICS, *SCENE_COLUMNS, "caption", "caption_source")
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
 SET_METRICS = ("fid", "kid", "miou")
-IDENTITY_DEFAULTS = {"captions_file": "data", "captioner": None, "caption_cache": None}
+IDENTITY_DEFAULTS = {"captions_file": "data", "captioner": None, "caption_cache": None, "temperature": 1.0}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -77,7 +77,7 @@ def check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
     """Write `want` to path; with resume, a different stored identity is an error."""
     have = _read_json(path) if resume and path.exists() else None
     if isinstance(have, dict):  # caption_sources is a record, not identity; results written before the
-        # caption-source keys existed used what their defaults mean
+        # caption-source keys (or a setting's temperature) existed used what their defaults mean
         have = {**{k: v for k, v in IDENTITY_DEFAULTS.items() if k in want},
                 **{k: v for k, v in have.items() if k != "caption_sources"}}
     if have is not None and have != want:
