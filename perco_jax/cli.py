@@ -289,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--stochastic", action=argparse.BooleanOptionalAction, default=None,
                     help="the guided sampler's steps re-noise with fresh noise (--no-stochastic: the Euler ODE; "
                          "default: the config's sample.stochastic)")
-    dc.add_argument("--temperature", type=float, help="the guided sampler's noise scale (1: as trained; lower: "
-                                                      "closer to the most likely image; default: the config's)")
+    dc.add_argument("--temperature", type=float, help="the samplers' noise scale (guided and few-step; 1: as "
+                                                      "trained; lower: closer to the most likely image; default: "
+                                                      "the config's)")
     dc.set_defaults(fn=_decompress)
 
     from perco_jax.eval.command import add_parser as add_evaluate

@@ -68,7 +68,7 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
                    help="guidance scale(s); several values sweep them (default: the codec config's)")
     p.add_argument("--steps", type=int, nargs="+", metavar="N",
                    help="sampler step count(s); several values sweep them (default: the codec config's)")
-    p.add_argument("--temperature", type=float, help="the guided sampler's noise scale (default: the codec config's "
+    p.add_argument("--temperature", type=float, help="the samplers' noise scale (default: the codec config's "
                                                      "sample.temperature)")
     p.add_argument("--center-crop", action="store_true", help="crop the largest centred square first")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE (bicubic; default: native, "
