@@ -11,9 +11,10 @@
 5. The codec is exported to WORKDIR/checkpoint (what `perco-jax compress/decompress --checkpoint`
    take); held-out scenes (a seed no training or test uses) are compressed to .perco files and
    decompressed; WORKDIR/reconstructions.png shows original | equal-bits thumbnail | reconstruction
-   (upscaled x4, nearest neighbour); the scene metrics of codec, thumbnail and originals, the rate
-   per masking schedule against uniform coding, and the time taken are printed. Photos are left
-   out: a codec trained on drawn shapes only turns them into noise whatever else is right.
+   (upscaled x4, nearest neighbour); the scene metrics of codec, thumbnail, autoencoder alone and
+   originals, the rate per masking schedule against uniform coding, and the time taken are printed.
+   Photos are left out: a codec trained on drawn shapes only turns them into noise whatever else is
+   right.
 6. Stage 3: the few-step decoder trains on the stage-1 decoder, is added to WORKDIR/checkpoint, and is
    compared at 1 step with the teacher (default steps) and a plain 1-step guided Euler step on the same
    held-out scenes; WORKDIR/few_step.png shows original | teacher | few-step decoder | plain 1 step.

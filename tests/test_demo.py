@@ -14,7 +14,8 @@ def test_demo_runs_every_stage_and_writes_what_a_user_reads(tmp_path, capsys):
     assert run_demo(str(tmp_path), SMALL, heldout=8) == 0
     out = capsys.readouterr().out
     for part in ("[1/6] SD3 port", "[2/6] stage 0", "[3/6] stage 1", "[4/6] stage 2", "[6/6] stage 3",
-                 "[5/6] codec exported", "student (shortcut)", "thumbnail", "originals", "PSNR gain over the thumbnail", "qlds:8", "demo OK"):
+                 "[5/6] codec exported", "student (shortcut)", "thumbnail", "autoencoder alone (the ceiling)",
+                 "originals", "PSNR gain over the thumbnail", "qlds:8", "demo OK"):
         assert part in out, part
     picture = load_image(tmp_path / "reconstructions.png")
     assert picture.shape == (8 * 128, 3 * 128, 3)  # 8 scenes x (original | thumbnail | reconstruction), x4

@@ -11,6 +11,7 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -272,9 +273,25 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
                                            "bits": g * g * 3 * np.log2(scenes.thumbnail_levels(k)),
                                            "index_bits_uniform": g * g * np.log2(k)}
     assert saved["scene"]["originals"]["background_right"] == 1.0 and saved["scene"]["originals"]["realism"] > 0.9
+    # the learned autoencoder alone (its own encode / decode, 8-bit), independently of Codec.autoencode's batching
+    originals = np.stack([render_scene(synthetic_scene(i, datasets.SYNTHETIC_SEED), size) for i in range(6)])
+    mean, _ = c.autoencoder.apply({"params": c.ae_params}, jnp.asarray(originals * 2 - 1), method=c.autoencoder.encode)
+    trip = np.asarray(c.autoencoder.apply({"params": c.ae_params}, mean, method=c.autoencoder.decode))
+    trip = [ev.quantise(t / 2 + 0.5) for t in trip]
+    ae = saved["scene"]["autoencoder"]
+    assert ae["psnr"] == pytest.approx(np.mean([10 * np.log10(1 / np.mean((o.astype(np.float64) - t) ** 2))
+                                                for o, t in zip(originals, trip)]), abs=1e-3)
+    for m in scenes.SCENE_METRICS:
+        assert ae[m] == pytest.approx(np.mean([scenes.scene_metrics(t, synthetic_scene(i, datasets.SYNTHETIC_SEED))[m]
+                                               for i, t in enumerate(trip)]))
+    assert ae["psnr"] > saved["mean"]["thumb_psnr"] + 5  # the trained autoencoder keeps far more than 96 bits
     assert summary["mean"] == saved["mean"]
     table = ev.format_scene_summary(saved)
     assert "thumbnail 4x4, 96 bits" in table and "originals" in table and "PSNR gain over the thumbnail" in table
+    (line,) = [ln for ln in table.splitlines() if "autoencoder alone (the ceiling)" in ln]
+    assert line.split()[-4:] == [f"{ae['psnr']:.2f}"] + [f"{ae[m]:.3f}" for m in scenes.SCENE_METRICS]
+    del saved["scene"]["autoencoder"]  # a summary written before the ceiling was measured: no row
+    assert "autoencoder alone" not in ev.format_scene_summary(saved)
 
     # the CLI prints the table; resuming into the same folder codes nothing again
     monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))

@@ -103,7 +103,7 @@ class Codec:
     integer_model: object = None     # the integer entropy model (integer_export; version-4 streams) or None
 
     def __post_init__(self):
-        from perco_jax.codec.transforms import make_decoder, make_encoder
+        from perco_jax.codec.transforms import make_autoencoder_round_trip, make_decoder, make_encoder
 
         c = self.config
         self.model = build.build_perco(c)
@@ -112,6 +112,7 @@ class Codec:
         self.grid = (c.codec.grid_side, c.codec.grid_side)
         self.batch = int(c.codec.coding_batch_size)
         self._encode = make_encoder(self.model, self.autoencoder)
+        self._round_trip = make_autoencoder_round_trip(self.autoencoder)
         self._apply = entropy_coding.make_apply_fn(self.entropy_model, {"params": self.entropy_params})
         self._integer = None if self.integer_model is None else entropy_coding.IntegerTables(self.integer_model)
         self._decode = make_decoder(self.model, self.autoencoder, self.prompt_encoder,
@@ -227,14 +228,26 @@ class Codec:
         sharding = NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), P("data"))
         return jax.device_put(tree, sharding)
 
-    def encode_images(self, images) -> np.ndarray:
-        """indices [B, g, g] int32 of prepared images [B, S, S, 3] in [-1, 1]."""
+    def _per_chunk(self, fn, images, tail: tuple) -> np.ndarray:
+        """fn applied to prepared images [B, S, S, 3] in chunks of the coding batch (padded): [B, *tail]."""
         images = np.asarray(images, np.float32)
         out = []
         for sl in self._chunks(images.shape[0]):
             x = self._local_batch(entropy_coding.pad_batch(images[sl], self.batch))
-            out.append(np.asarray(self._encode(self.codec_params, self.ae_params, x))[: sl.stop - sl.start])
-        return np.concatenate(out) if out else np.zeros((0,) + self.grid, np.int32)
+            out.append(np.asarray(fn(x))[: sl.stop - sl.start])
+        return np.concatenate(out) if out else np.zeros((0,) + tail, np.float32)
+
+    def encode_images(self, images) -> np.ndarray:
+        """indices [B, g, g] int32 of prepared images [B, S, S, 3] in [-1, 1]."""
+        return self._per_chunk(lambda x: self._encode(self.codec_params, self.ae_params, x), images,
+                               self.grid).astype(np.int32)
+
+    def autoencode(self, images) -> np.ndarray:
+        """images [B, S, S, 3] in [0, 1] through the codec's autoencoder alone (encode, decode; no z_l,
+        no sampler) from prepared images [B, S, S, 3] in [-1, 1]: the ceiling of what any latent the
+        flow model draws can show."""
+        images = np.asarray(images, np.float32)
+        return self._per_chunk(lambda x: self._round_trip(self.ae_params, x), images, images.shape[1:])
 
     def context(self, captions: Sequence[str]):
         """The entropy model's caption input: the captions' T5 token ids [n, L] int32 (caption_input

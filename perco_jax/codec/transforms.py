@@ -30,6 +30,20 @@ def encode_images(model, autoencoder, codec: dict, ae_params, images: jax.Array)
     return model.apply(codec, image_latents(autoencoder, ae_params, images), method=model.encode)["indices"]
 
 
+def latent_images(autoencoder, ae_params, latents: jax.Array) -> jax.Array:
+    """Scaled latents [B, h, w, C] (as the flow model sees them) -> images [B, H, W, 3] in [0, 1]."""
+    z = unscale_latents(latents, autoencoder.scaling_factor, autoencoder.shift_factor)
+    images = autoencoder.apply({"params": ae_params}, z, method=autoencoder.decode)
+    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def make_autoencoder_round_trip(autoencoder):
+    """Jitted (ae_params, images [B, H, W, 3] in [-1, 1]) -> images [B, H, W, 3] in [0, 1] through the
+    autoencoder alone (encode to the latent mean, decode): the best any latent the flow model draws can do."""
+    return jax.jit(lambda ae_params, images: latent_images(autoencoder, ae_params,
+                                                           image_latents(autoencoder, ae_params, images)))
+
+
 def make_encoder(model, autoencoder):
     """Jitted (codec {"params", "vq"}, ae_params, images [B, H, W, 3] in [-1, 1]) -> indices [B, g, g]."""
     return jax.jit(lambda codec, ae_params, images: encode_images(model, autoencoder, codec, ae_params, images))
@@ -109,9 +123,7 @@ def _decoder(model, autoencoder, prompt_encoder, max_sequence_length: int, sampl
         empty = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in empty_tokens.items()}
         uncond = text_context(prompt_encoder, frozen["text"], empty, max_sequence_length=max_sequence_length)
         latents = sample(codec, codes, cond, uncond, noise, keys, guidance, temperature, steps)
-        z = unscale_latents(latents, autoencoder.scaling_factor, autoencoder.shift_factor)
-        images = autoencoder.apply({"params": frozen["autoencoder"]}, z, method=autoencoder.decode)
-        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+        return latent_images(autoencoder, frozen["autoencoder"], latents)
 
     return jax.jit(decode, static_argnames=("steps",))
 

@@ -35,7 +35,9 @@ gives the numbers a fresh one would):
             the same for the equal-bits thumbnail (`scenes.thumbnail_baseline` at the codec's
             grid_side and codebook_size: the bits of the uniformly coded indices spent on pixels).
             summary.json has their means, `psnr_gain_over_thumbnail` (mean PSNR - mean thumb_psnr)
-            and a `scene` block (the thumbnail's bits, the originals' scene metrics);
+            and a `scene` block (the thumbnail's bits, the originals' scene metrics, and PSNR and
+            scene metrics of the originals through the codec's learned autoencoder alone: the
+            ceiling of the flow model's latents);
             `format_scene_summary(summary)` prints them as a table (the CLI and the demo do)
 
 Outputs (one setting): per_image.csv (CSV_COLUMNS, one row per image; an empty cell = metric not
@@ -238,23 +240,37 @@ def _summarise(ds: Dataset, rows: Sequence[dict], nets: Networks, setting: dict,
 
 def _scene_summary(ds: Dataset, mean: dict, codec) -> dict:
     """The synthetic set's scene block: the thumbnail baseline's bits, the originals' scene metrics
-    (the ceiling: anti-aliased edges keep realism just under 1) and the PSNR gain over the thumbnail."""
+    (the ceiling: anti-aliased edges keep realism just under 1), the PSNR gain over the thumbnail, and
+    `autoencoder`: PSNR and scene metrics of the originals through the codec's learned autoencoder
+    alone (`Codec.autoencode`, 8-bit as a saved reconstruction): the ceiling of any latent the flow
+    model draws (None for a space-to-depth codec, whose autoencoder is exact)."""
+    from perco_jax.codec.codec import prepare_image
     from perco_jax.eval import scenes
+    from perco_jax.images import resize
 
     g, k = codec.grid[0], int(codec.config.codec.codebook_size)
     levels = scenes.thumbnail_levels(k)
-    originals = [scenes.scene_metrics(ds.load(it), it.scene) for it in ds.items]
+    images = [ds.load(it) for it in ds.items]
+    originals = [scenes.scene_metrics(im, it.scene) for im, it in zip(images, ds.items)]
     gain = None if mean.get("psnr") is None or mean.get("thumb_psnr") is None else mean["psnr"] - mean["thumb_psnr"]
+    ae = None
+    if codec.ae_params and images:
+        size = int(codec.config.image_size)
+        rt = codec.autoencode(np.stack([prepare_image(im, size) for im in images]))
+        rt = [quantise(resize(r, *im.shape[:2])) for r, im in zip(rt, images)]
+        rows = [{"psnr": metrics.image_psnr(im, r), **scenes.scene_metrics(r, it.scene)}
+                for im, r, it in zip(images, rt, ds.items)]
+        ae = {m: float(np.mean([r[m] for r in rows])) for m in ("psnr",) + SCENE_METRICS}
     return {"thumbnail": {"grid_side": g, "levels_per_channel": levels,
                           "bits": g * g * 3 * math.log2(levels), "index_bits_uniform": build.uniform_index_bits(g * g, k)},
             "originals": {m: float(np.mean([o[m] for o in originals])) for m in SCENE_METRICS},
-            "psnr_gain_over_thumbnail": gain}
+            "autoencoder": ae, "psnr_gain_over_thumbnail": gain}
 
 
 def format_scene_summary(summary: dict) -> str:
     """The scene metrics of a synthetic evaluation (a summary from `evaluate`, one setting or a sweep)
-    as a small text table: the codec per setting, the equal-bits thumbnail, the originals. "" for
-    other data."""
+    as a small text table: the codec per setting, the equal-bits thumbnail, the learned autoencoder
+    alone (when there is one), the originals. "" for other data."""
     settings = summary.get("settings", [summary])
     if not settings or not settings[0].get("scene"):
         return ""
@@ -279,6 +295,9 @@ def format_scene_summary(summary: dict) -> str:
     row(f"thumbnail {t['grid_side']}x{t['grid_side']}, {t['bits']:.0f} bits", side and t["bits"] / side ** 2,
         m.get("thumb_psnr"),
         [m.get(f"thumb_{k}") for k in SCENE_METRICS])
+    ae = first["scene"].get("autoencoder")  # (absent from summaries written before it was measured)
+    if ae:
+        row("autoencoder alone (the ceiling)", None, ae["psnr"], [ae[k] for k in SCENE_METRICS])
     row("originals", None, None, [first["scene"]["originals"][k] for k in SCENE_METRICS])
     gains = ", ".join("–" if s["psnr_gain_over_thumbnail"] is None else f"{s['psnr_gain_over_thumbnail']:+.2f} dB"
                       for s in settings)
