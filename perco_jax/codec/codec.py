@@ -246,8 +246,7 @@ class Codec:
         """images [B, S, S, 3] in [0, 1] through the codec's autoencoder alone (encode, decode; no z_l,
         no sampler) from prepared images [B, S, S, 3] in [-1, 1]: the ceiling of what any latent the
         flow model draws can show."""
-        images = np.asarray(images, np.float32)
-        return self._per_chunk(lambda x: self._round_trip(self.ae_params, x), images, images.shape[1:])
+        return self._per_chunk(lambda x: self._round_trip(self.ae_params, x), images, np.shape(images)[1:])
 
     def context(self, captions: Sequence[str]):
         """The entropy model's caption input: the captions' T5 token ids [n, L] int32 (caption_input
