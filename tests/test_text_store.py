@@ -62,7 +62,7 @@ def test_store_errors(encoded, tmp_path):
         TextEmbeddingStore(tmp_path)
     with pytest.raises(ValueError, match=r"other text encoders.*seed: 0 vs 1"):
         TextEmbeddingStore(folder, load_config("tiny", OVER + ["seed=1"]))
-    with pytest.raises(ValueError, match="max_sequence_length: 8 vs 24"):
+    with pytest.raises(ValueError, match="max_sequence_length: 8 vs 20"):
         TextEmbeddingStore(folder, load_config("tiny", []))
     with pytest.raises(KeyError, match="not in the text embeddings"):
         TextEmbeddingStore(folder)(["a caption nobody embedded"])

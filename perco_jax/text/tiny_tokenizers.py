@@ -1,5 +1,5 @@
 """The tiny preset's tokenizers, built offline (nothing is downloaded): a character-level CLIP
-tokenizer (514 tokens, for CLIP-L and bigG) and a small Unigram T5 tokenizer (138 tokens), written
+tokenizer (514 tokens, for CLIP-L and bigG) and a small Unigram T5 tokenizer (140 tokens), written
 as the tokenizer/, tokenizer_2/, tokenizer_3/ folders of a weights folder. `build.build_text` uses
 them for the tiny config's random text encoders; `tiny_sd3` puts them in its random SD3 pipeline.
 """
@@ -51,7 +51,7 @@ def save_t5_tokenizer(folder: str | Path) -> Path:
     folder = Path(folder)
     words = ("a an the of on in above below left right big small large tiny red green blue yellow "
              "white black grey gray orange purple circle square triangle star background photo "
-             "image picture cat dog house tree sky and with near").split()
+             "image picture cat dog house tree sky and with near brown pink").split()
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [("\u2581" + w, -3.0) for w in words]
     vocab += [(c, -8.0) for c in string.ascii_letters + string.digits + string.punctuation]
