@@ -299,7 +299,8 @@ def test_stage3_reflow_batch_is_its_couplings(tiny):
     reflow = plan.make_plan(load_config("tiny", ["stage3.method=reflow"]), {"data": 1}, stage=3)
     b, g = 16, tiny.codec.grid_side  # stage3.batch_size
     side, ch = build.latent_geometry(tiny)
-    text = b * (8 + 24) * tiny.mmdit.joint_attention_dim * 4 + b * tiny.mmdit.pooled_projection_dim * 4  # float32
+    context = build.clip_max_length(tiny) + tiny.text.max_sequence_length  # CLIP's tokens, then T5's
+    text = b * context * tiny.mmdit.joint_attention_dim * 4 + b * tiny.mmdit.pooled_projection_dim * 4  # float32
     rows, sc_rows = dict(reflow.activation_rows), dict(shortcut.activation_rows)
     assert rows["batch (noise, latents, indices, text context)"] == b * (2 * side * side * ch * 4 + g * g * 4) + text
     assert sc_rows["batch (images, text context)"] == b * tiny.image_size ** 2 * 3 * 4 + text
