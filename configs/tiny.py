@@ -104,10 +104,10 @@ def get_config():
     # the teacher's 1.25: on the demo's codec (192 held-out scenes, 1 step against the 20-step teacher)
     # guidance 3 / 2 gave PSNR -0.70 / +0.01 dB, colours present -0.014 / -0.021, realism -0.021 /
     # -0.017. Before, with the teacher at 2, it learned 3: at 300 steps and guidance 2 its 1-step
-    # colours were 0.076 below the teacher's,
-    # at guidance 3 0.049, at 3 with 500 steps 0.017 (PSNR +0.19 dB, realism -0.009); guidance 4
-    # lost realism (-0.016), a bootstrap fraction of 0.75 helped less (-0.059). (Those against the ODE
-    # teacher of a codec without the detail weighting; on today's codec 400 steps match 500, see README.)
+    # colours were 0.076 below the teacher's, at guidance 3 0.049, at 3 with 500 steps 0.017 (PSNR
+    # +0.19 dB, realism -0.009); guidance 4 lost realism (-0.016), a bootstrap fraction of 0.75 helped
+    # less (-0.059). (Those against the ODE teacher of a codec without the detail weighting; on the
+    # previous demo codec 400 steps matched 500, see README.)
     config.stage3.update(method="shortcut", num_train_steps=400, batch_size=16, learning_rate=5e-4, warmup_steps=20,
                          ema_decay=0.99, steps=(1, 2, 4), levels=3, bootstrap_fraction=0.5, couplings=512,
                          guidance=2.0)
