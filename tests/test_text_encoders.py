@@ -287,3 +287,20 @@ def test_prompt_encoder_from_folder_reads_the_folders_tokenizers(tmp_path):
     assert without.tokenizers[2] is None and without.t5 is None and "t5" not in without.tokenize(caption)
     with pytest.raises(OSError):  # a folder without the tokenizers
         PromptEncoder.from_folder(tmp_path / "empty", clip_l, clip_g, joint_attention_dim=32)
+
+
+def test_tiny_t5_tokenizer_fits_every_synthetic_caption(tmp_path):
+    """The tiny T5 vocabulary has every word a synthetic caption can contain as one piece (none
+    spelled letter by letter), so every caption and its end token fit the tiny config's T5 length."""
+    from transformers import AutoTokenizer
+
+    from perco_jax.config import load_config
+    from perco_jax.data.synthetic import VOCABULARY, synthetic_example
+    from perco_jax.text.tiny_tokenizers import save_t5_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(save_t5_tokenizer(tmp_path / "t5")))
+    assert len(tok) == load_config("tiny").t5.vocab_size
+    for word in VOCABULARY:
+        assert len(tok(word, add_special_tokens=False)["input_ids"]) == 1, word
+    longest = max(len(tok(synthetic_example(i, 7, 32)[1])["input_ids"]) for i in range(500))
+    assert longest <= load_config("tiny").text.max_sequence_length
