@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch is pinned: a plain `torch` would pull a multi-GB CUDA build.
 STAMP := $(VENV)/.installed
+# .venv is a CPU install; its libtpu (the '.[tpu]' extra) only compiles for TPU slices ahead of time
+# (`perco-jax plan --compile`). Without this, jax would try to start a TPU here and log the failure.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test test-slow install clean bench
 
@@ -13,7 +16,7 @@ $(PY):
 
 $(STAMP): $(PY) setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,tpu]'
 	# the LPIPS reference; --no-deps: its torchvision requirement would not load with the CPU torch
 	$(PY) -m pip install --quiet --no-deps lpips==0.1.4
 	touch $(STAMP)

@@ -1,7 +1,12 @@
-"""Stage-1 training step at any config: step time, model FLOPs and MFU on the devices at hand.
+"""Stage-1 or stage-3 training step at any config: step time, model FLOPs and MFU on the devices at hand.
 
     python benchmarks/train_step.py                                  # tiny on whatever is there
     python benchmarks/train_step.py --config sd3_medium --batch 8    # on a GPU / TPU host (512^2, bf16)
+    python benchmarks/train_step.py --recipe sd3_medium-stage1-v5e-256   # a pod recipe on this host's devices
+
+--recipe runs a pod recipe (perco_jax.configs.recipes, docs/training.md) at a reduced slice: its
+config, overrides, stage and batch per chip on the devices at hand (FSDP over at most the
+recipe's fsdp, data over the rest); a stage-3 recipe's teacher is a random stage-1 codec.
 
 Builds the config's real shapes with random weights (MM-DiT + hyper-encoder + VQ trained; the VAE
 and, with --text encode, CLIP-L/G + T5 frozen, placed as config.frozen_placement says), runs the
@@ -29,11 +34,11 @@ from perco_jax import build, parallel
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
 from perco_jax.train.flops import step_flops
-from perco_jax.train.loop import frozen_shardings
-from perco_jax.train.step import init_state
+from perco_jax.train import stage2, stage3
+from perco_jax.train.loop import frozen_shardings, jit_step, make_step
 from perco_jax.train.stage0 import autoencoder_params
 from perco_jax.train.state import make_optimizer
-from perco_jax.train.step import TOKEN_KEYS, make_train_step
+from perco_jax.train.step import TOKEN_KEYS, init_state
 
 # Dense bf16 / fp16 peak per device, TFLOP/s (vendor data sheets, without sparsity). Matched in
 # order against jax's device_kind, so the more specific names come first.
@@ -46,23 +51,51 @@ def peak_tflops(device_kind: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS if k.lower() in device_kind.lower()), None)
 
 
+def recipe_run(name: str, devices: int) -> tuple[str, list[str], int]:
+    """(preset, overrides, global batch) of pod recipe `name` at a reduced slice of `devices`
+    devices: its batch per chip, its overrides, FSDP over at most its own fsdp (the rest data)."""
+    from perco_jax.configs.recipes import RECIPES
+    from perco_jax.train.aot import parse_topology
+    from perco_jax.train.plan import parse_mesh
+
+    r = RECIPES[name]
+    mesh = parse_mesh(r["mesh"], parse_topology(r["topology"]).chips)
+    per_chip = r["batch"] // (mesh["data"] * mesh["fsdp"])
+    fsdp = min(mesh["fsdp"], devices)
+    over = list(r["overrides"]) + [f"stage={r['stage']}", "mesh.data=-1", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
+    return r["config"], over, per_chip * devices
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
-    ap.add_argument("--batch", type=int, default=8, help="global batch")
+    ap.add_argument("--recipe", help="a pod recipe (perco_jax.configs.recipes) at this host's devices: its "
+                                     "config, overrides, stage and batch per chip")
+    ap.add_argument("--batch", type=int, default=None, help="global batch (default 8, or the recipe's per chip)")
     ap.add_argument("--image", type=int, default=None, help="image side (default: the config's)")
     ap.add_argument("--text", choices=("cache", "encode"), default="cache")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device kind)")
     ap.add_argument("-o", "--override", action="append", default=[], help="config override, e.g. remat=False")
     args = ap.parse_args()
-    over = [f"batch_size={args.batch}", f"text.cache={args.text == 'cache'}"] + args.override
+    preset, over, batch = args.config, [], args.batch or 8
+    if args.recipe:
+        preset, over, per_recipe = recipe_run(args.recipe, jax.device_count())
+        batch = args.batch or per_recipe
+    if not any(o.startswith("text.embeddings=") for o in over):  # (a recipe reads stored embeddings)
+        over.append(f"text.cache={args.text == 'cache'}")
+    over += args.override
     if args.image:
         over += [f"image_size={args.image}", f"data.image_size={args.image}"]
-    config = build.stage_config(load_config(args.config, over))
+    config = load_config(preset, over)
+    if config.stage == 3 and not config.stage1_workdir:
+        config.stage1_workdir = "(benchmark: a random stage-1 codec)"
+    config = build.stage_config(config)
+    config.batch_size = batch
     mesh = parallel.make_mesh(config.mesh.to_dict())
     rules = parallel.rules_from_config(config.sharding_rules)
-    model, ae = build.build_perco(config), build.build_autoencoder(config)
+    model = stage3.student_model(config) if config.stage == 3 else build.build_perco(config)
+    ae = build.build_autoencoder(config)
     length = config.text.max_sequence_length
     t0 = time.time()
     flops = step_flops(config)
@@ -70,44 +103,53 @@ def main():
           f"{flops.mmdit_forward / 1e12:.3f} T, trained forward {flops.trained_forward / 1e12:.3f} T, VAE encoder "
           f"{flops.autoencoder_forward / 1e12:.3f} T, text encoders {flops.text_forward / 1e12:.3f} T")
     t0 = time.time()
-    encoder, text_params = build.build_text(config, "/tmp/perco-bench")
-    if args.text == "cache":
-        text_params = {}
+    encoder, text_params = None, {}  # precomputed text: the step runs no encoder (none is built)
+    if args.text == "encode":
+        if not build.text_encoders_built(config):
+            raise SystemExit("--text encode: this config reads stored embeddings (text.embeddings)")
+        encoder, text_params = build.build_text(config, "/tmp/perco-bench")
     tx = make_optimizer(config)
     with jax.set_mesh(mesh):
-        state, shardings = init_state(config, model, tx, mesh, rules)
         frozen = {"autoencoder": autoencoder_params(config, ae), "text": text_params}
-        frozen = parallel.place(frozen, frozen_shardings(config, frozen, encoder, ae, mesh, rules))
-        print(f"built in {time.time() - t0:.0f} s; codec params "
+        if config.stage == 3:  # the teacher: a random stage-1 codec (the step's work is the same)
+            s1 = config.copy_and_resolve_references()
+            s1.stage = 1
+            s1_state, _ = init_state(s1, build.build_perco(s1), make_optimizer(s1), mesh, rules)
+            frozen["codec"] = stage2.codec_params(s1_state)
+            state, shardings = stage3.init_state(config, model, tx, mesh, rules)
+        else:
+            state, shardings = init_state(config, model, tx, mesh, rules)
+        placed = frozen_shardings(config, frozen, encoder, ae, mesh, rules)
+        frozen = parallel.place(frozen, placed)
+        print(f"built in {time.time() - t0:.0f} s; trained params "
               f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e9:.3f} B")
-        ex = [synthetic_example(i, 0, config.image_size) for i in range(args.batch)]
+        ex = [synthetic_example(i, 0, config.image_size) for i in range(batch)]
         images = np.stack([im for im, _ in ex]).astype(np.float32) * 2 - 1
         if args.text == "cache":  # random stand-ins of the right shapes: the step's work is the same
             rng = np.random.default_rng(0)
             j, p = config.mmdit.joint_attention_dim, config.mmdit.pooled_projection_dim
-            text = {"context": rng.standard_normal((args.batch, 77 + length, j), np.float32),
-                    "pooled": rng.standard_normal((args.batch, p), np.float32)}
+            m = build.clip_max_length(config) + length
+            text = {"context": rng.standard_normal((batch, m, j), np.float32),
+                    "pooled": rng.standard_normal((batch, p), np.float32)}
             empty = {k: jnp.asarray(v[:1]) for k, v in text.items()}
         else:
             tokens = encoder.tokenize([c for _, c in ex], length)
             text = {k: tokens[k] for k in TOKEN_KEYS}
             empty = {k: jnp.asarray(v[:1]) for k, v in encoder.tokenize([""], length).items()}
-        batch = parallel.global_batch({"image": images, **text}, mesh)
-        step = jax.jit(make_train_step(model, ae, encoder, config, tx),
-                       in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
-                       out_shardings=(shardings, None), donate_argnums=(0,))
+        batch_arrays = parallel.global_batch({"image": images, **text}, mesh)
+        step = jit_step(make_step(config, model, ae, encoder, tx), shardings, mesh)
         t0 = time.time()
-        compiled = step.lower(state, batch, frozen, empty).compile()
+        compiled = step.lower(state, batch_arrays, frozen, empty).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-        state, m = compiled(state, batch, frozen, empty)
+        state, m = compiled(state, batch_arrays, frozen, empty)
         jax.block_until_ready(m)
         print(f"compile + first step {time.time() - t0:.0f} s, loss {float(m['loss']):.4f}")
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            state, m = compiled(state, batch, frozen, empty)
+            state, m = compiled(state, batch_arrays, frozen, empty)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
     t = statistics.median(times)
@@ -120,8 +162,8 @@ def main():
           f"= {xla_flops * n / flops.step:.2f} x model FLOPs / devices")
     mfu = f"MFU {achieved / (n * peak):.1%} of {n} x {peak:.0f} TFLOP/s" if peak else \
         "MFU: unknown peak for this device (give --peak-tflops)"
-    print(f"{config.name} stage-1 step, batch {args.batch} at {config.image_size}^2, {config.dtype}, text "
-          f"{args.text}, on {n} x {kind}: {t * 1e3:.1f} ms/step, {args.batch / t:.1f} images/s, "
+    print(f"{config.name} stage-{config.stage} step, batch {batch} at {config.image_size}^2, {config.dtype}, text "
+          f"{args.text}, on {n} x {kind}: {t * 1e3:.1f} ms/step, {batch / t:.1f} images/s, "
           f"{achieved:.2f} TFLOP/s model; {mfu}")
 
 

@@ -90,7 +90,31 @@ def _embed_text(args) -> int:
     return 0
 
 
+def _apply_recipe(args) -> None:
+    """Fills the plan's config, overrides, stage, batch, mesh and topology from --recipe (the
+    command line's own --stage / --batch / --mesh / --topology win; its -o come after the recipe's)."""
+    if args.recipe:
+        from perco_jax.configs.recipes import RECIPES
+
+        if args.recipe not in RECIPES:
+            raise ValueError(f"--recipe {args.recipe!r}: one of {', '.join(sorted(RECIPES))}")
+        r = RECIPES[args.recipe]
+        args.config, args.override = r["config"], list(r["overrides"]) + list(args.override)
+        args.stage = args.stage or r["stage"]
+        args.batch = args.batch or r["batch"]
+        args.mesh = args.mesh or r["mesh"]
+        args.topology = args.topology or r["topology"]
+        args.flash_attention = True  # a recipe runs on TPU: the splash kernel stores no logits
+    if not args.mesh:
+        raise ValueError("give --mesh (e.g. data=8,fsdp=8,tensor=1) or --recipe")
+
+
 def _plan(args) -> int:
+    _apply_recipe(args)
+    if args.compile:
+        return _plan_compile(args)
+    if (args.topology and not args.recipe) or args.programs or args.attention or args.num_slices != 1:
+        raise ValueError("--topology, --num-slices, --programs and --attention go with --compile")
     from perco_jax.train import plan
     from perco_jax.config import load_config
 
@@ -101,6 +125,49 @@ def _plan(args) -> int:
                        flash_attention=args.flash_attention)
     print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
     return 0
+
+
+def _plan_compile(args) -> int:
+    import json
+
+    from perco_jax.train import aot
+
+    aot.compile_environment()  # (before jax picks a backend: the host's stays the CPU)
+    from perco_jax.config import load_config
+    from perco_jax.train import plan
+
+    if not args.topology:
+        raise ValueError("--compile needs --topology, e.g. v5e-256, v5p-128 or v6e-256")
+    topology = aot.parse_topology(args.topology, args.num_slices)
+    mesh = plan.parse_mesh(args.mesh, topology.chips)
+    memory = plan.parse_bytes(args.device_memory) if args.device_memory else topology.hbm_bytes
+    config = load_config(args.config, args.override)
+    programs = [p.strip() for p in (args.programs or "train,decode").split(",") if p.strip()]
+    unknown = set(programs) - {"train", "decode"}
+    if unknown:
+        raise ValueError(f"--programs {args.programs!r}: choose from train, decode")
+    attention = None if args.attention in (None, "auto") else args.attention
+    p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
+                       flash_attention=attention != "xla")
+    if not args.json:
+        print(f"topology {topology.describe()}")
+        print(plan.format_plan(p, memory))
+    compiled = []
+    if "train" in programs:
+        compiled.append(aot.compile_training(config, topology, mesh, stage=args.stage, batch=args.batch,
+                                             frozen=args.frozen, attention=attention))
+        if not args.json:
+            print(aot.format_program(compiled[-1], memory, p))
+    if "decode" in programs:
+        samplers = ["teacher"] + (["few_step"] if config.stage3.steps else [])
+        for sampler in samplers:
+            compiled.append(aot.compile_decoding(config, topology, sampler=sampler, attention=attention))
+            if not args.json:
+                print(aot.format_program(compiled[-1], memory))
+    if args.json:
+        print(json.dumps({"topology": topology.to_dict(), "plan": p.to_dict(memory),
+                          "programs": [c.to_dict(memory) for c in compiled]}, indent=2))
+    return 0 if all(c.fits(memory) for c in compiled) else 1
 
 
 def _export(args) -> int:
@@ -237,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="memory per device of a training run on a mesh, from shapes only "
                                      "(params, gradients, optimiser, EMA, frozen encoders, activations)")
     _add_config_flags(pl)
-    pl.add_argument("--mesh", required=True, help="mesh shape, e.g. data=8,fsdp=8,tensor=1 (missing axes = 1; "
-                                                  "one axis may be -1 with --devices)")
+    pl.add_argument("--mesh", help="mesh shape, e.g. data=8,fsdp=8,tensor=1 (missing axes = 1; "
+                                   "one axis may be -1 with --devices or --topology)")
+    pl.add_argument("--recipe", help="a pod recipe of perco_jax.configs.recipes (its config, overrides, stage, "
+                                     "batch, mesh and topology; docs/training.md lists them)")
     pl.add_argument("--devices", type=int, help="total device count (resolves a -1 mesh axis; checks the mesh)")
     pl.add_argument("--device-memory", help="memory of one device, e.g. 16GB (10^9 bytes) or 80GiB (2^30): "
                                             "says whether the run fits")
@@ -250,6 +319,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--flash-attention", action="store_true",
                     help="fused attention (cuDNN on GPUs): attention logits are not stored")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes)")
+    pl.add_argument("--compile", action="store_true",
+                    help="also compile the run's programs for --topology with XLA's TPU compiler, without a TPU "
+                         "(pip install -e '.[tpu]'): the compiler's memory per chip beside the plan, the "
+                         "collectives and the verdict; exit 1 when a program does not fit")
+    pl.add_argument("--topology", help="with --compile: a Cloud TPU slice, e.g. v5e-256, v6e-256 (N = chips), "
+                                       "v5p-128, v4-64 (N = TensorCores, 2 per chip), or a grid such as v5e:16x16")
+    pl.add_argument("--num-slices", type=int, default=1, help="with --compile: slices of --topology (multi-slice)")
+    pl.add_argument("--programs", help="with --compile: train, decode or train,decode (default both: the "
+                                       "training step, and the guided and few-step decoders of decompress_batch)")
+    pl.add_argument("--attention", choices=("auto", "xla", "splash"),
+                    help="with --compile: the MM-DiT's attention (auto: the splash kernel on TPU; xla stores "
+                         "the logits)")
     pl.set_defaults(fn=_plan)
 
     e = sub.add_parser("export", help="a trained codec folder from a stage-1 and a stage-2 run")

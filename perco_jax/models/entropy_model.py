@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from perco_jax.models.attention import attention, attention_implementation
 from perco_jax.models.layers import dense, layer_norm
-from perco_jax.models.mmdit import attention_implementation
 
 Dtype = Any
 _EMBED_INIT = nn.initializers.normal(stddev=0.02)
@@ -50,7 +50,9 @@ class SelfAttention(nn.Module):
                 b, n, self.num_heads, head_dim)
 
         q, k, v = proj("query"), proj("key"), proj("value")
-        o = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(None, q))
+        # Never splash: the sequences are short (g^2 + caption tokens), and the float coding
+        # tables must not change with the implementation (cuDNN on GPUs, else XLA, as before).
+        o = attention(q, k, v, implementation=attention_implementation(None, q, allow_splash=False))
         return dense(d, ("heads", "embed"), name="out", dtype=self.dtype)(o.reshape(b, n, d))
 
 

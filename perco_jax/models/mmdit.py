@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from perco_jax.models.attention import attention
 from perco_jax.models.layers import RMSNorm, conv, dense, layer_norm
 
 Dtype = Any
@@ -88,6 +89,8 @@ class JointAttention(nn.Module):
     x [B, N, D], c [B, M, D] or None -> (x_out [B, N, D], c_out [B, M, D] or None).
     With `context_pre_only` the context stream only provides keys/values (no context output), so
     only the image queries attend: the image output is the same as attending with all queries.
+    `attention_impl`: None (automatic: splash on TPU, cuDNN on GPU for 16-bit compute, else XLA),
+    "xla", "cudnn" or "splash" (`perco_jax.models.attention`).
     """
     num_heads: int
     head_dim: int
@@ -127,26 +130,13 @@ class JointAttention(nn.Module):
             v = jnp.concatenate([v, cv], axis=1)
             if not self.context_pre_only:
                 q = jnp.concatenate([q, cq], axis=1)
-        o = jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(self.attention_impl, q))
+        o = attention(q, k, v, implementation=self.attention_impl)
         o = o.reshape(b, o.shape[1], self.num_heads * self.head_dim)
         x_out = dense(d, ("heads", "embed"), name="to_out", dtype=self.dtype)(o[:, :n])
         c_out = None
         if c is not None and not self.context_pre_only:
             c_out = dense(c.shape[-1], ("heads", "embed"), name="to_add_out", dtype=self.dtype)(o[:, n:])
         return x_out, c_out
-
-
-def attention_implementation(requested: Optional[str], q: jax.Array) -> Optional[str]:
-    """cuDNN's fused (flash) kernel on GPUs for 16-bit compute, else XLA's; an explicit choice wins.
-
-    XLA's generic path materialises the [heads, N, N] scores, which at 1024^2 (4096 image tokens)
-    makes the model memory-bound; cuDNN needs 16-bit inputs and head_dim <= 128.
-    """
-    if requested is not None:
-        return requested  # "xla" or "cudnn"
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128:
-        return "cudnn"
-    return None
 
 
 def _modulate(x, shift, scale):
@@ -221,6 +211,10 @@ class MMDiT(nn.Module):
     `step_conditioning` adds a step-size embedding (a few-step decoder's d, `step_sizes` [B] in 0..1;
     0 = the instantaneous velocity) to the timestep embedding; its output layer starts at zero, so
     the model is unchanged at the start of few-step training, as it is for the z_l input.
+    `attention_impl` picks every block's attention, the dual (attn2) one too: None (automatic: the
+    Pallas splash kernel when compiling for TPU, cuDNN on GPUs for 16-bit compute, else XLA's),
+    "xla", "cudnn" or "splash" (off TPU: Pallas interpret mode, for tests); see
+    `perco_jax.models.attention`.
     """
     sample_size: int = 128
     patch_size: int = 2

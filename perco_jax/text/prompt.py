@@ -47,6 +47,15 @@ class PromptEncoder:
                    load_tokenizer(tok_t5) if t5 is not None else None, t5,
                    joint_attention_dim=joint_attention_dim, clip_max_length=clip_max_length)
 
+    @classmethod
+    def without_tokenizers(cls, clip_l, clip_g, t5=None, *, joint_attention_dim: int,
+                           clip_max_length: int = CLIP_MAX_LENGTH) -> "PromptEncoder":
+        """The encoder modules alone, for tracing `encode_tokens` on abstract token ids (compiling a
+        program ahead of time, `train/compile.py`): `tokenize` raises."""
+        marker = _NoTokenizer()
+        return cls(marker, marker, clip_l, clip_g, marker if t5 is not None else None, t5,
+                   joint_attention_dim=joint_attention_dim, clip_max_length=clip_max_length)
+
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, np.ndarray]:
         """Token ids [B, 77] for each CLIP and [B, max_sequence_length] for T5 (if present)."""
         prompts = list(prompts)
@@ -82,6 +91,13 @@ class PromptEncoder:
     def __call__(self, params: dict, prompts: Sequence[str], max_sequence_length: int = 256):
         ids = self.tokenize(prompts, max_sequence_length)
         return self.encode_tokens(params, ids, max_sequence_length=max_sequence_length)
+
+
+class _NoTokenizer:
+    """The tokenizer of an encoder built `without_tokenizers`: any use is an error."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("this PromptEncoder was built without tokenizers (for compiling only)")
 
 
 def _ids(tokenizer: Any, prompts: list[str], length: int, add_special_tokens: bool = True) -> np.ndarray:

@@ -137,22 +137,17 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
                   "text": text_params}
         if config.stage == 0:
             state, shardings = stage0.init_state(config, autoencoder, tx, mesh, rules)
-            step = stage0.make_train_step(autoencoder, config, tx)
             postfix = {"psnr": "psnr"}
         elif config.stage == 1:
             state, shardings = init_state(config, model, tx, mesh, rules)
-            step = make_train_step(model, autoencoder, prompt_encoder, config, tx)
             postfix = {"loss": "loss", "usage": "codebook_usage"}
         elif config.stage == 2:
-            entropy_model = build.build_entropy_model(config)
             frozen["codec"] = stage2.codec_params(stage2.restore_stage1(config, config.stage1_workdir, mesh, rules))
-            state, shardings = stage2.init_state(config, entropy_model, tx, mesh, rules)
-            step = stage2.make_train_step(entropy_model, model, autoencoder, prompt_encoder, config, tx)
+            state, shardings = stage2.init_state(config, build.build_entropy_model(config), tx, mesh, rules)
             postfix = {"bits/index": "bits_per_index"}
         else:
             frozen["codec"] = stage2.codec_params(stage2.restore_stage1(config, config.stage1_workdir, mesh, rules))
             state, shardings = stage3.init_state(config, model, tx, mesh, rules)
-            step = stage3.make_train_step(model, autoencoder, prompt_encoder, config, tx)
             postfix = {"loss": "loss"}
         mngr = _checkpoint_manager(workdir, config)
         state, examples_seen = _restore(mngr, state, shardings)
@@ -195,8 +190,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             data = stage3.coupling_batches(couplings, config.batch_size, start_index=examples_seen,
                                            process_index=jax.process_index(), process_count=jax.process_count(),
                                            seed=config.seed)
-        step_fn = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
-                          out_shardings=(shardings, None), donate_argnums=(0,))
+        step_fn = jit_step(make_step(config, model, autoencoder, prompt_encoder, tx), shardings, mesh)
         start = int(jax.device_get(state.step))
         writer.write_hparams({"stage": config.stage, "params_trainable_and_frozen": count_params(state.params),
                               "bpp_uniform": build.bits_per_pixel(config)})
@@ -241,6 +235,28 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
     if jax.process_index() == 0:
         hist_path.write_text(json.dumps(history))
     return state
+
+
+def make_step(config, model, autoencoder, prompt_encoder, tx):
+    """The training step of config.stage: (state, batch, frozen, empty) -> (state, metrics); `model`
+    is the stage-1 PerCo (stage 3: its student, `stage3.student_model`)."""
+    from perco_jax.train import stage0, stage2, stage3
+
+    if config.stage == 0:
+        return stage0.make_train_step(autoencoder, config, tx)
+    if config.stage == 1:
+        return make_train_step(model, autoencoder, prompt_encoder, config, tx)
+    if config.stage == 2:
+        return stage2.make_train_step(build.build_entropy_model(config), model, autoencoder, prompt_encoder,
+                                      config, tx)
+    return stage3.make_train_step(model, autoencoder, prompt_encoder, config, tx)
+
+
+def jit_step(step, shardings, mesh):
+    """The step as the loop runs it: the state in and out on its shardings (donated), the batch
+    split over the batch axes, the frozen params and the empty prompt where they were placed."""
+    return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None, None),
+                   out_shardings=(shardings, None), donate_argnums=(0,))
 
 
 def _build_text(config, workdir: Path):

@@ -1,0 +1,112 @@
+"""The pod recipes (`perco_jax.configs.recipes`) compiled for their TPU slices by XLA's TPU compiler,
+without a TPU: memory per chip (the compiler's beside `perco-jax plan`'s), headroom, compile time,
+and XLA's FLOP count beside the model FLOPs of `perco_jax.train.flops`.
+
+    python benchmarks/compile.py                               # every recipe (minutes each on 2 cores)
+    python benchmarks/compile.py --recipe sd3_medium-stage1-v5e-256
+    python benchmarks/compile.py --recipe sd35_large-stage1-v5p-128 --layers 4,8   # fewer layers, scaled
+    python benchmarks/compile.py --recipe sd35_large-stage1-v5p-128 --attention xla  # logits stored
+
+--layers L1,L2 compiles the MM-DiT with L1 and with L2 blocks instead of all of them and scales
+each figure linearly in the block count to the config's (per chip: a + b x blocks; exact for the
+blocks' params, optimiser state and remat-saved inputs, which grow by one block each, and for the
+temporaries while one block's working set is the peak). A full compile of SD3.5-large takes about
+15 minutes on 2 cores; two of 4 and 8 blocks take a few.
+
+Model FLOPs against XLA's count: the training step has no loop (its blocks are unrolled), so XLA's
+count is the whole step per chip. It exceeds model FLOPs / chips by the rematerialised forward of
+the MM-DiT (about a third of a forward + backward) and the elementwise work model FLOPs leave out.
+"""
+import argparse
+import json
+import time
+
+from perco_jax.train import aot
+
+aot.compile_environment()  # before jax picks its backend
+
+from perco_jax.config import load_config  # noqa: E402
+from perco_jax.configs.recipes import RECIPES  # noqa: E402
+from perco_jax.train import plan as planning  # noqa: E402
+from perco_jax.train.flops import step_flops  # noqa: E402
+
+
+def compile_recipe(name: str, layers=None, attention=None, decode: bool = False) -> dict:
+    r = RECIPES[name]
+    topology = aot.parse_topology(r["topology"])
+    mesh = planning.parse_mesh(r["mesh"], topology.chips)
+    config = load_config(r["config"], list(r["overrides"]))
+    full = int(config.mmdit.num_layers)
+    counts = [full] if not layers else list(layers)
+    figures = []
+    for n in counts:
+        c = load_config(r["config"], list(r["overrides"]) + [f"mmdit.num_layers={n}"])
+        p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], flash_attention=attention != "xla")
+        prog = aot.compile_training(c, topology, mesh, stage=r["stage"], batch=r["batch"], attention=attention)
+        print(aot.format_program(prog, topology.hbm_bytes, p), flush=True)
+        figures.append((n, p, prog))
+    n2, p2, c2 = figures[-1]
+
+    def scaled(f):  # the figure at `full` blocks, linear through the compiled counts
+        if len(figures) == 1:
+            return f(figures[0])
+        (a, fa), (b, fb) = (figures[0][0], f(figures[0])), (figures[-1][0], f(figures[-1]))
+        return fb + (fb - fa) * (full - b) / (b - a)
+
+    if any(prog.error for _, _, prog in figures):
+        compiled, plan_total = None, None
+    else:
+        compiled = scaled(lambda t: t[2].per_device)
+        plan_total = scaled(lambda t: t[1].per_device)
+    full_plan = planning.make_plan(config, mesh, stage=r["stage"], batch=r["batch"], flash_attention=attention != "xla")
+    model = step_flops(config, batch=r["batch"], stage=r["stage"]).step / topology.chips
+    xla = None if any(prog.flops is None for _, _, prog in figures) else scaled(lambda t: t[2].flops)
+    out = {"recipe": name, "topology": topology.describe(), "mesh": mesh, "batch": r["batch"],
+           "batch_per_chip": r["batch"] // (mesh["data"] * mesh["fsdp"]), "attention": attention or "auto",
+           "layers_compiled": counts, "plan_bytes": full_plan.per_device, "plan_bytes_scaled": plan_total,
+           "compiled_bytes": compiled, "hbm_bytes": topology.hbm_bytes,
+           "headroom": None if compiled is None else 1 - compiled / topology.hbm_bytes,
+           "compile_seconds": sum(prog.seconds for _, _, prog in figures),
+           "model_tflops_per_chip": model / 1e12, "xla_tflops_per_chip": None if xla is None else xla / 1e12,
+           "error": next((prog.error for _, _, prog in figures if prog.error), None)}
+    if decode:
+        out["decoding"] = [aot.compile_decoding(config, topology, sampler=s, attention=attention).to_dict(
+            topology.hbm_bytes) for s in ("teacher", "few_step")]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", action="append", choices=sorted(RECIPES), help="(repeatable; default: all)")
+    ap.add_argument("--layers", help="L1,L2: compile that many MM-DiT blocks and scale to the config's")
+    ap.add_argument("--attention", choices=("auto", "xla", "splash"), default="auto")
+    ap.add_argument("--decode", action="store_true", help="also compile the recipe's decoders")
+    ap.add_argument("--json", help="write the figures to this file")
+    args = ap.parse_args()
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    attention = None if args.attention == "auto" else args.attention
+    rows = []
+    for name in args.recipe or sorted(RECIPES):
+        t0 = time.time()
+        rows.append(compile_recipe(name, layers, attention, args.decode))
+        print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
+    gib = 2 ** 30
+    print(f"\n{'recipe':<34}{'per chip':>9}{'plan':>9}{'compiler':>10}{'plan/comp':>10}{'headroom':>9}"
+          f"{'model TF':>10}{'XLA TF':>8}{'compile':>9}")
+    for r in rows:
+        comp = r["compiled_bytes"]
+        plan_total = r["plan_bytes_scaled"] or r["plan_bytes"]
+        print(f"{r['recipe']:<34}{r['batch_per_chip']:>9}{r['plan_bytes'] / gib:>8.2f}G"
+              f"{(comp / gib if comp else float('nan')):>9.2f}G"
+              f"{(plan_total / comp if comp else float('nan')):>10.2f}"
+              f"{(r['headroom'] if comp else float('nan')):>9.0%}{r['model_tflops_per_chip']:>10.1f}"
+              f"{(r['xla_tflops_per_chip'] or float('nan')):>8.1f}{r['compile_seconds']:>8.0f}s"
+              + (f"  (scaled from {r['layers_compiled']} blocks)" if len(r['layers_compiled']) > 1 else "")
+              + (f"  DOES NOT FIT: {r['error'][:80]}" if r['error'] else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

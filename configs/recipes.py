@@ -1,0 +1,43 @@
+"""Pod recipes: a preset, a stage, a TPU slice, a mesh, a global batch and the overrides that make the
+run fit with at least 20% of each chip's HBM to spare, found with XLA's TPU compiler
+(`perco-jax plan --recipe NAME --compile`; `benchmarks/compile.py` compiles them all). The compiler's
+figures and how each recipe was chosen are in docs/training.md.
+
+    perco-jax plan --recipe sd3_medium-stage1-v5e-256 --compile
+    perco-jax train --config sd3_medium -o text.embeddings=emb ...   # the recipe's overrides, batch, mesh
+
+Every recipe reads the text embeddings `perco-jax embed-text` precomputed (`text.embeddings`: the
+frozen CLIP-L / CLIP-G / T5-XXL are not on the chips; give the folder embed-text wrote) and keeps
+`remat` on. The MM-DiT's attention is the splash kernel (automatic on TPU).
+"""
+
+EMBEDDINGS = ["text.embeddings=embeddings"]
+AT_1024 = ["image_size=1024", "data.image_size=1024"]
+
+
+def _mesh(chips: int, fsdp: int) -> str:
+    return f"data={chips // fsdp},fsdp={fsdp},tensor=1"
+
+
+RECIPES = {
+    # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips keeps one block's gathered weights small
+    "sd3_medium-stage1-v5e-256": dict(config="sd3_medium", stage=1, topology="v5e-256", mesh=_mesh(256, 16),
+                                      batch=256 * 16, overrides=EMBEDDINGS),
+    "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
+                                      batch=64 * 64, overrides=EMBEDDINGS),
+    "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
+                                      batch=256 * 32, overrides=EMBEDDINGS),
+    "sd3_medium-stage3-v5e-256": dict(config="sd3_medium", stage=3, topology="v5e-256", mesh=_mesh(256, 16),
+                                      batch=256 * 8, overrides=EMBEDDINGS),
+    "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),
+                                      batch=64 * 32, overrides=EMBEDDINGS),
+    "sd3_medium-stage3-v6e-256": dict(config="sd3_medium", stage=3, topology="v6e-256", mesh=_mesh(256, 16),
+                                      batch=256 * 16, overrides=EMBEDDINGS),
+    # SD3.5-large (8B MM-DiT) at 1024^2
+    "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),
+                                      batch=256 * 1, overrides=EMBEDDINGS + AT_1024),
+    "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
+                                      batch=64 * 8, overrides=EMBEDDINGS + AT_1024),
+    "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 32),
+                                      batch=256 * 2, overrides=EMBEDDINGS + AT_1024),
+}

@@ -1,0 +1,509 @@
+"""Ahead-of-time compilation for TPU slices without a TPU: `perco-jax plan --compile --topology NAME`.
+
+    topo = parse_topology("v5e-256")                   # Cloud TPU's name -> Topology (256 chips)
+    report = compile_training(config, topo, {"data": 16, "fsdp": 16})
+    report.per_device, report.collectives, report.error   # the compiler's figures, or its OOM
+
+XLA's TPU compiler (the `libtpu` package: `pip install -e '.[tpu]'`) compiles for a slice it is not
+running on: `jax.experimental.topologies.get_topology_desc` gives the slice's chips as compile-only
+devices, and `jax.jit(...).lower(<ShapeDtypeStructs sharded on a mesh of them>).compile()` is the real
+program, its memory per chip and its collectives, or the compiler's RESOURCE_EXHAUSTED when it does
+not fit in HBM. Nothing is allocated: every tree comes from `shapes.abstract_components`
+(jax.eval_shape), so SD3.5-large's 8B-parameter MM-DiT and T5-XXL are shapes only.
+
+The programs are the ones a run executes:
+  training   the loop's jitted step of config.stage (`loop.make_step`, `loop.jit_step`: the state
+             donated and sharded by the logical-axis rules, the batch split over data x fsdp, the
+             frozen text encoders / VAE / stage-1 codec placed as `loop.frozen_shardings` places them)
+  decoding   `Codec.decompress_batch`'s jitted decoders (`codec.transforms.make_decoder`, the guided
+             sampler at config.sample.steps, and `make_few_step_decoder` at the fewest steps of
+             config.stage3.steps) on a coding batch (config.codec.coding_batch_size) split over one
+             host's chips, parameters replicated, as a `Codec` runs them.
+
+A process that compiles for TPU runs with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 (the CLI sets
+both when unset): the host's own backend stays the CPU, and libtpu does not look for a TPU or its
+metadata server; ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several compiling processes load libtpu at once.
+Nothing else in the package touches libtpu.
+
+Topology names follow Cloud TPU's accelerator types: v5e-N and v6e-N count chips (v5litepod-N is
+v5e-N), v4-N and v5p-N count TensorCores, two per chip (v5p-128 is 64 chips); a literal topology
+("v5e:16x16", "v5p:4x4x4") is accepted too; `num_slices` > 1 is a multi-slice job over DCN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any, Mapping
+
+# (generation) -> (dimensions of its torus, TensorCores counted per chip in its accelerator-type
+# name, HBM per chip in bytes (Cloud TPU's system-architecture pages), jax device kind)
+GENERATIONS = {
+    "v4": (3, 2, 32 * 2**30, "TPU v4"),
+    "v5e": (2, 1, 16 * 2**30, "TPU v5 lite"),
+    "v5p": (3, 2, 95 * 2**30, "TPU v5"),
+    "v6e": (2, 1, 32 * 2**30, "TPU v6 lite"),
+}
+ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def compile_environment() -> None:
+    """Sets the environment a deviceless TPU compile needs, before jax initialises a backend: the
+    host's backend the CPU unless JAX_PLATFORMS says otherwise (jax reads the variable when it is
+    imported, hence the config update), and no query of a TPU VM's metadata server."""
+    import jax
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    # libtpu's lockfile keeps a second process off a host's TPU chips; a compile-only process opens
+    # none, and several may run at once (a test beside a long compile)
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+# ----------------------------------------------------------------------------- topologies
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice (or `num_slices` of them): generation, chip grid and HBM per chip."""
+    name: str            # as given: "v5e-256", "v5p:4x4x4"
+    generation: str      # v4, v5e, v5p, v6e
+    grid: tuple[int, ...]
+    num_slices: int = 1
+
+    @property
+    def chips(self) -> int:
+        """Chips of all slices (one jax device each: v4 and v5p as megacore)."""
+        return math.prod(self.grid) * self.num_slices
+
+    @property
+    def hbm_bytes(self) -> int:
+        return GENERATIONS[self.generation][2]
+
+    @property
+    def topology_name(self) -> str:
+        return f"{self.generation}:{'x'.join(map(str, self.grid))}"
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "topology": self.topology_name, "chips": self.chips,
+                "hbm_bytes": self.hbm_bytes}
+
+    def describe(self) -> str:
+        slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
+        return (f"{self.name} ({self.topology_name}{slices}: {self.chips} chips of {self.hbm_bytes / 2**30:g} GiB HBM, "
+                f"{GENERATIONS[self.generation][3]})")
+
+    def devices(self) -> list:
+        """The slice's chips as compile-only jax devices (needs libtpu; no TPU)."""
+        import importlib.util
+
+        if importlib.util.find_spec("libtpu") is None:
+            raise RuntimeError(f"compiling for {self.name} needs XLA's TPU compiler: pip install -e '.[tpu]'")
+        compile_environment()
+        from jax.experimental import topologies
+
+        kw = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
+        if self.generation == "v4":
+            kw["chip_config_name"] = "megacore"  # one device per chip, as v4 pods run
+        return list(topologies.get_topology_desc(topology_name=self.topology_name, platform="tpu", **kw).devices)
+
+
+def _grid(generation: str, chips: int) -> tuple[int, ...]:
+    """Cloud TPU's chip grid of a slice: 2D (v5e, v6e) a x b with b in (a, 2a); 3D (v4, v5p) the
+    most cubic power-of-two box, v5p-8 / v4-8 being 2x2x1."""
+    dims = GENERATIONS[generation][0]
+    if chips < 1 or chips & (chips - 1):
+        raise ValueError(f"{generation}: {chips} chips is not a power of two")
+    if dims == 2:
+        a = 2 ** (int(math.log2(chips)) // 2)
+        return (a, chips // a)
+    if chips < 4:
+        raise ValueError(f"{generation}: the smallest slice is 4 chips (2x2x1)")
+    grid = [1, 1, 1]
+    while math.prod(grid) < chips:
+        i = grid.index(min(grid[:2])) if min(grid[:2]) < min(grid) * 2 and grid[2] == 1 else grid.index(min(grid))
+        grid[i] *= 2
+    return tuple(sorted(grid)) if grid[2] > 1 else (grid[0], grid[1], 1)
+
+
+def parse_topology(text: str, num_slices: int = 1) -> Topology:
+    """"v5e-256" / "v5p-128" / "v4-64" / "v6e-16" / "v5litepod-8", or "v5e:16x16" / "v5p:4x4x4"."""
+    t = str(text).strip().lower()
+    if int(num_slices) < 1:
+        raise ValueError(f"num_slices={num_slices}: need >= 1")
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v6litepod)-(\d+)", t)
+    if m:
+        gen = ALIASES.get(m.group(1), m.group(1))
+        n = int(m.group(2))
+        per_chip = GENERATIONS[gen][1]
+        if n % per_chip:
+            raise ValueError(f"topology {text!r}: {gen}-N counts TensorCores ({per_chip} per chip); {n} is odd")
+        return Topology(str(text), gen, _grid(gen, n // per_chip), int(num_slices))
+    m = re.fullmatch(r"(v4|v5e|v5p|v6e|v5litepod|v6litepod):(\d+(?:x\d+)+)", t)
+    if m:
+        gen = ALIASES.get(m.group(1), m.group(1))
+        grid = tuple(int(x) for x in m.group(2).split("x"))
+        if len(grid) != GENERATIONS[gen][0]:
+            raise ValueError(f"topology {text!r}: {gen} grids have {GENERATIONS[gen][0]} dimensions")
+        return Topology(str(text), gen, grid, int(num_slices))
+    raise ValueError(f"topology {text!r}: give a Cloud TPU type such as v5e-256, v5p-128 (TensorCores), v4-64, "
+                     f"v6e-256, or a grid such as v5e:16x16 / v5p:4x4x4; generations: {', '.join(GENERATIONS)}")
+
+
+# ----------------------------------------------------------------------------- the report
+
+@dataclasses.dataclass
+class CompiledProgram:
+    """One program compiled for a topology: the compiler's bytes per chip, or its error."""
+    name: str
+    mesh: dict[str, int]
+    seconds: float
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0        # outputs written into donated arguments (the train state)
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    flops: float | None = None  # XLA's count: a loop body (the samplers' steps) is counted once
+    collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    attention: str = ""         # the MM-DiT's attention in the program
+    error: str | None = None    # the compiler's message (RESOURCE_EXHAUSTED: does not fit)
+
+    @property
+    def per_device(self) -> int:
+        """Peak bytes on one chip: arguments + outputs not written in place + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def out_of_memory(self) -> bool:
+        return self.error is not None and "RESOURCE_EXHAUSTED" in self.error
+
+    def fits(self, hbm: int) -> bool:
+        return self.error is None and self.per_device <= hbm
+
+    def to_dict(self, hbm: int | None = None) -> dict:
+        d = dataclasses.asdict(self)
+        d["per_device_bytes"] = self.per_device if self.error is None else None
+        if hbm is not None:
+            d.update(hbm_bytes=hbm, fits=self.fits(hbm),
+                     headroom=None if self.error else 1 - self.per_device / hbm)
+        return d
+
+
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([0-9,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{op: {"count", "bytes"}} of the collectives in a compiled module's text (async pairs counted
+    once, at their -start; bytes of the result shapes). A loop body's collectives are counted once."""
+    out: dict[str, dict[str, int]] = {}
+    op_re = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    for line in hlo_text.splitlines():
+        m = op_re.search(line)
+        if not m:
+            continue
+        result = m.group(1)
+        if m.group(3):  # an async start returns (operands, results[, contexts]): count the results
+            shapes = _SHAPE.findall(result)
+            shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
+        else:
+            shapes = _SHAPE.findall(result)
+        nbytes = sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in shapes)
+        e = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+        e["count"] += 1
+        e["bytes"] += nbytes
+    return out
+
+
+def _compile(name: str, fn, args, mesh_shape: Mapping[str, int], mesh, attention: str) -> CompiledProgram:
+    """Lowers and compiles jitted `fn` on abstract `args` under the mesh; the compiler's figures."""
+    import jax
+
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args).compile()
+    except Exception as e:  # the compiler's own message: RESOURCE_EXHAUSTED names HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return CompiledProgram(name, dict(mesh_shape), time.perf_counter() - t0, attention=attention, error=str(e))
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return CompiledProgram(
+        name, dict(mesh_shape), seconds, argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
+        flops=float(cost.get("flops", 0.0)) if cost else None, collectives=collectives(compiled.as_text()),
+        attention=attention)
+
+
+# ----------------------------------------------------------------------------- abstract trees
+
+def _sharded(shapes, specs, mesh, replicated: bool = False):
+    """ShapeDtypeStructs of `shapes` carrying NamedShardings of their mesh-axis `specs` (matched by
+    path, as `shapes.Part.leaves`) on `mesh`, or replicated."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    by_path = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+            mesh, PartitionSpec() if replicated else by_path[p])), shapes)
+
+
+def _shardings_of(structs):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: x.sharding, structs)
+
+
+def _token_inputs(config, b: int) -> dict:
+    """Abstract token ids [b, length] int32 of CLIP-L, CLIP-G and T5."""
+    import jax
+    import jax.numpy as jnp
+
+    from perco_jax import build
+
+    clip = build.clip_max_length(config)
+    return {"clip_l": jax.ShapeDtypeStruct((b, clip), jnp.int32), "clip_g": jax.ShapeDtypeStruct((b, clip), jnp.int32),
+            "t5": jax.ShapeDtypeStruct((b, config.text.max_sequence_length), jnp.int32)}
+
+
+def _text_inputs(config, prompt_encoder, b: int) -> dict:
+    """Abstract text inputs of b examples as the loop feeds them: precomputed embeddings (text.cache
+    or text.embeddings) {"context" [b, M, D], "pooled" [b, P]} float32, else token ids (int32)."""
+    import jax
+    import jax.numpy as jnp
+
+    from perco_jax import build
+    from perco_jax.config import setting
+
+    m = build.clip_max_length(config) + config.text.max_sequence_length
+    if prompt_encoder is None or setting(config, "text.cache"):
+        return {"context": jax.ShapeDtypeStruct((b, m, config.mmdit.joint_attention_dim), jnp.float32),
+                "pooled": jax.ShapeDtypeStruct((b, config.mmdit.pooled_projection_dim), jnp.float32)}
+    return _token_inputs(config, b)
+
+
+def _prompt_encoder(config):
+    """The modules of the frozen text encoders (no tokenizers: the programs take token ids)."""
+    from perco_jax import build
+    from perco_jax.text.prompt import PromptEncoder
+
+    clip_l, clip_g, t5 = build.text_modules(config)
+    return PromptEncoder.without_tokenizers(clip_l, clip_g, t5, joint_attention_dim=config.mmdit.joint_attention_dim,
+                                            clip_max_length=build.clip_max_length(config))
+
+
+def _with_attention(model, attention: str | None):
+    """The PerCo model with its MM-DiT's attention implementation set (None: the automatic choice,
+    the splash kernel when compiling for TPU)."""
+    return model if attention is None else model.clone(mmdit=model.mmdit.clone(attention_impl=attention))
+
+
+def _attention_name(attention: str | None) -> str:
+    return attention or "auto (splash on TPU)"
+
+
+def training_mesh(topology: Topology, mesh_shape: Mapping[str, int]):
+    from perco_jax import parallel
+
+    if math.prod(mesh_shape.values()) != topology.chips:
+        raise ValueError(f"mesh {dict(mesh_shape)} has {math.prod(mesh_shape.values())} devices; {topology.name} "
+                         f"has {topology.chips} chips")
+    return parallel.make_mesh(mesh_shape, topology.devices())
+
+
+def compile_training(config, topology: Topology, mesh_shape: Mapping[str, int], *, stage: int | None = None,
+                     batch: int | None = None, frozen: str | None = None,
+                     attention: str | None = None) -> CompiledProgram:
+    """Compiles the loop's training step of `config` (stage / batch / frozen placement override the
+    config's) for `topology` on a mesh of `mesh_shape` ({axis: size}, product = its chips)."""
+    import jax
+
+    from perco_jax import build, parallel
+    from perco_jax.config import setting
+    from perco_jax.train import loop, stage3
+    from perco_jax.train.shapes import abstract_components
+    from perco_jax.train.state import make_optimizer
+
+    comp = abstract_components(config, stage, batch)
+    cfg = comp.config
+    frozen = frozen or setting(cfg, "frozen_placement")
+    if frozen not in build.FROZEN_PLACEMENTS:
+        raise ValueError(f"frozen={frozen!r}: choose one of {build.FROZEN_PLACEMENTS}")
+    data_fsdp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
+    if cfg.batch_size % data_fsdp:
+        raise ValueError(f"batch size {cfg.batch_size} is not divisible by data x fsdp = {data_fsdp}")
+    mesh = training_mesh(topology, mesh_shape)
+    b = cfg.batch_size
+    model = stage3.student_model(cfg) if cfg.stage == 3 else build.build_perco(cfg)
+    model = _with_attention(model, attention)
+    autoencoder = build.build_autoencoder(cfg)
+    prompt_encoder = _prompt_encoder(cfg) if build.text_encoders_built(cfg) else None
+    step = loop.make_step(cfg, model, autoencoder, prompt_encoder, make_optimizer(cfg))
+
+    state = _sharded(comp.state.shapes, comp.state.specs, mesh)
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.BATCH_AXES))
+    replicated = frozen == "replicated"
+    place = lambda name: _sharded(comp.frozen[name].shapes, comp.frozen[name].specs, mesh, replicated)  # noqa: E731
+    frozen_args = {"autoencoder": place("VAE"), "text": {}}
+    if prompt_encoder is not None:
+        frozen_args["text"] = {k: place(n) for k, n in (("text_encoder", "CLIP-L"), ("text_encoder_2", "CLIP-G"),
+                                                          ("text_encoder_3", "T5"))}
+    if "stage-1 codec" in comp.frozen:  # restored on the state's shardings, whatever the placement
+        c = comp.frozen["stage-1 codec"]
+        frozen_args["codec"] = {"params": _sharded(c.shapes["params"], c.specs["params"], mesh),
+                                "vq": _sharded(c.shapes["vq"], c.specs["vq"], mesh)}
+    side, channels = build.latent_geometry(cfg)
+    f32 = jax.numpy.float32
+    if cfg.stage == 3 and cfg.stage3.method == "reflow":
+        g = cfg.codec.grid_side
+        data = {"noise": ((b, side, side, channels), f32), "latent": ((b, side, side, channels), f32),
+                "indices": ((b, g, g), jax.numpy.int32)}
+    else:
+        data = {"image": ((b, cfg.image_size, cfg.image_size, 3), f32)}
+    text = _text_inputs(cfg, prompt_encoder, b) if cfg.stage else {}
+    batch_args = {k: jax.ShapeDtypeStruct(s, d, sharding=split) for k, (s, d) in data.items()}
+    batch_args.update({k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in text.items()})
+    rep = parallel.replicated(mesh)
+    empty = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=rep) for k, v in text.items()}
+    fn = loop.jit_step(step, _shardings_of(state), mesh)
+    return _compile(f"stage {cfg.stage} training step (batch {b})", fn, (state, batch_args, frozen_args, empty),
+                    mesh_shape, mesh, _attention_name(attention))
+
+
+def host_devices(topology: Topology) -> list:
+    """The chips of one host (process 0's) of the slice: what a `Codec` decodes on."""
+    devices = topology.devices()
+    return [d for d in devices if d.process_index == devices[0].process_index
+            and getattr(d, "slice_index", 0) == getattr(devices[0], "slice_index", 0)]
+
+
+def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", steps: int | None = None,
+                     batch: int | None = None, attention: str | None = None) -> CompiledProgram:
+    """Compiles `Codec.decompress_batch`'s decoder for `topology`: sampler "teacher" (the guided
+    sampler, config.sample.steps) or "few_step" (the stage-3 decoder, its fewest steps) on
+    config.codec.coding_batch_size images (or `batch`), split over one host's chips when they divide
+    it (as `Codec` places a chunk), every parameter replicated."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from perco_jax import build
+    from perco_jax.codec import transforms
+    from perco_jax.config import setting
+    from perco_jax.models.perco import with_step_conditioning
+    from perco_jax.train.shapes import abstract_components
+
+    if sampler not in ("teacher", "few_step"):
+        raise ValueError(f"sampler={sampler!r}: teacher or few_step")
+    comp = abstract_components(config, 1, None)
+    cfg = comp.config
+    b = int(batch or cfg.codec.coding_batch_size)
+    devices = host_devices(topology)
+    n = len(devices) if b % len(devices) == 0 else 1
+    mesh = Mesh(np.array(devices[:n]), ("data",))
+    split, rep = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    model = _with_attention(build.build_perco(cfg), attention)
+    autoencoder = build.build_autoencoder(cfg)
+    prompt_encoder = _prompt_encoder(cfg)
+    st = comp.state.shapes
+    codec_params = {"params": st.ema_params if st.ema_params is not None else st.params, "vq": st.vq_state}
+    kw = dict(max_sequence_length=cfg.text.max_sequence_length, shift=cfg.scheduler_shift)
+    if sampler == "few_step":
+        student = with_step_conditioning(model)
+        s3 = abstract_components(config, 3, None).state.shapes.params["mmdit"]
+        codec_params = transforms.few_step_codec(codec_params, s3)
+        decode = transforms.make_few_step_decoder(student, autoencoder, prompt_encoder, **kw)
+        steps = int(steps or min(int(k) for k in cfg.stage3.steps))
+    else:
+        decode = transforms.make_decoder(model, autoencoder, prompt_encoder, **kw)
+        steps = int(steps or cfg.sample.steps)
+    text_shapes = {name: comp_part.shapes for name, comp_part in comp.frozen.items()}
+    frozen = {"autoencoder": text_shapes["VAE"],
+              "text": {"text_encoder": text_shapes["CLIP-L"], "text_encoder_2": text_shapes["CLIP-G"],
+                       "text_encoder_3": text_shapes["T5"]}}
+    on = lambda tree, sh: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree)  # noqa: E731
+    side, channels = build.latent_geometry(cfg)
+    g = cfg.codec.grid_side
+    tokens = _token_inputs(cfg, b)  # (a Codec tokenizes the captions: its decoder takes ids)
+    empty = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in tokens.items()}
+    stochastic = sampler == "teacher" and bool(setting(cfg, "sample.stochastic"))
+    args = (on(codec_params, rep), on(frozen, rep), on(jax.ShapeDtypeStruct((b, g, g), jnp.int32), split),
+            on(tokens, split), on(empty, rep), on(jax.ShapeDtypeStruct((b, side, side, channels), jnp.float32), split),
+            on(jax.ShapeDtypeStruct((b, 2), jnp.uint32), split) if stochastic else None,
+            on(jax.ShapeDtypeStruct((), jnp.float32), rep), on(jax.ShapeDtypeStruct((), jnp.float32), rep))
+    lowered = _StaticSteps(decode, steps)
+    name = (f"decoding, {'guided sampler' if sampler == 'teacher' else 'few-step decoder'}, {steps} steps "
+            f"(batch {b} on {n} chip{'s' if n > 1 else ''})")
+    return _compile(name, lowered, args, {"data": n}, mesh, _attention_name(attention))
+
+
+class _StaticSteps:
+    """decode.lower(*args, steps=steps) behind the `lower(*args)` that `_compile` calls."""
+
+    def __init__(self, fn, steps: int):
+        self.fn, self.steps = fn, steps
+
+    def lower(self, *args):
+        return self.fn.lower(*args, steps=self.steps)
+
+
+# ----------------------------------------------------------------------------- printing
+
+def comparison_rows(plan, program: CompiledProgram) -> list[tuple[str, int | None, int]]:
+    """(term, the analytic plan's bytes per device or None, the compiler's) of a training step: the
+    plan's persistent rows (state, frozen encoders, the batch) are the program's arguments, its
+    gradients and activations its temporaries."""
+    batch = sum(v for n, v in plan.activation_rows if n.startswith("batch"))
+    grads = plan.row("gradients (float32, all params)")[1]
+    persistent = sum(r[2] for r in plan.rows) - grads + batch
+    return [("arguments: state, frozen encoders, batch", persistent, program.argument_bytes),
+            ("outputs not written in place", 0, program.output_bytes - program.alias_bytes),
+            ("temporaries: gradients, activations, buffers", plan.per_device - persistent, program.temp_bytes),
+            ("generated code", None, program.code_bytes),
+            ("total per chip", plan.per_device, program.per_device)]
+
+
+def verdict(program: CompiledProgram, hbm: int) -> str:
+    if program.error is not None:
+        return f"does not fit: {program.error.strip()}"
+    headroom = 1 - program.per_device / hbm
+    if headroom < 0:
+        return f"does not fit: {-headroom:.0%} over the chip's HBM"
+    return f"fits, {headroom:.0%} headroom"
+
+
+def format_program(program: CompiledProgram, hbm: int, plan=None) -> str:
+    from perco_jax.train.plan import human
+
+    mesh = " x ".join(f"{a}={n}" for a, n in program.mesh.items())
+    lines = [f"compiled: {program.name}, mesh {mesh}, attention {program.attention}, "
+             f"{program.seconds:.0f} s to compile"]
+    if program.error is None:
+        if plan is not None:
+            lines.append(f"  {'':<48}{'plan':>12}{'compiler':>12}{'compiler/plan':>15}")
+            for name, est, got in comparison_rows(plan, program):
+                ratio = f"{got / est:.2f}" if est else "-"
+                lines.append(f"  {name:<48}{human(est) if est is not None else '-':>12}{human(got):>12}{ratio:>15}")
+        else:
+            for name, got in (("arguments", program.argument_bytes),
+                              ("outputs not written in place", program.output_bytes - program.alias_bytes),
+                              ("temporaries", program.temp_bytes), ("generated code", program.code_bytes),
+                              ("total per chip", program.per_device)):
+                lines.append(f"  {name:<48}{human(got):>12}")
+        coll = ", ".join(f"{op} x{c['count']} ({human(c['bytes'])})" for op, c in program.collectives.items())
+        lines.append(f"  collectives (a loop body counted once): {coll or 'none'}")
+        if program.flops is not None:
+            lines.append(f"  XLA's FLOP count per chip (a loop body counted once): {program.flops / 1e12:.3f} T")
+    lines.append(f"  {verdict(program, hbm)}")
+    return "\n".join(lines)

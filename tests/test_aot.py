@@ -1,0 +1,92 @@
+"""Ahead-of-time compilation for TPU slices (`perco-jax plan --compile`, train/aot.py) with XLA's TPU
+compiler (libtpu, the '.[tpu]' extra) on this CPU machine: topology names, the collectives read
+from the compiled program, the real tiny programs compiled for a v5e:2x2 slice, and a run too large
+for its chips reported with the compiler's own out-of-memory message."""
+import json
+
+import pytest
+
+from perco_jax import cli
+from perco_jax.train import aot
+
+
+@pytest.mark.parametrize("name,generation,grid,chips", [
+    ("v5e-256", "v5e", (16, 16), 256), ("v5litepod-16", "v5e", (4, 4), 16), ("v6e-8", "v6e", (2, 4), 8),
+    ("v5p-128", "v5p", (4, 4, 4), 64), ("v5p-8", "v5p", (2, 2, 1), 4), ("v4-16", "v4", (2, 2, 2), 8),
+    ("v5p-256", "v5p", (4, 4, 8), 128), ("v5e:2x4", "v5e", (2, 4), 8), ("v5p:4x4x8", "v5p", (4, 4, 8), 128)])
+def test_cloud_tpu_names(name, generation, grid, chips):
+    """v5e / v6e count chips, v4 / v5p TensorCores (two per chip); literal grids pass through."""
+    t = aot.parse_topology(name)
+    assert (t.generation, t.grid, t.chips) == (generation, grid, chips)
+    assert aot.parse_topology(name, num_slices=2).chips == 2 * chips
+
+
+@pytest.mark.parametrize("name,message", [("v5p-127", "TensorCores"), ("v7-8", "Cloud TPU type"),
+                                          ("v5e-12", "power of two"), ("v5p:4x4", "3 dimensions")])
+def test_bad_topology_names(name, message):
+    with pytest.raises(ValueError, match=message):
+        aot.parse_topology(name)
+
+
+@pytest.mark.parametrize("name", ["v5e-8", "v5p-16", "v4-16", "v6e-4"])
+def test_topology_devices_are_the_chips(name):
+    """The compile-only devices libtpu gives are one per chip (v4 and v5p as megacore)."""
+    t = aot.parse_topology(name)
+    devices = t.devices()
+    assert len(devices) == t.chips
+    assert {d.platform for d in devices} == {"tpu"}
+    assert devices[0].device_kind == aot.GENERATIONS[t.generation][3]
+
+
+def test_collectives_of_hlo_text():
+    hlo = "\n".join([
+        "  %all-gather.1 = bf16[16,1536]{1,0} all-gather(bf16[1,1536]{1,0} %p), dimensions={0}",
+        "  %ags = (f32[8]{0}, f32[64]{0}) all-gather-start(f32[8]{0} %x), dimensions={0}",
+        "  %agd = f32[64]{0} all-gather-done((f32[8]{0}, f32[64]{0}) %ags)",
+        "  %ar = f32[] all-reduce(f32[] %y), to_apply=%add",
+        "  %fusion = f32[4]{0} fusion(f32[4]{0} %all-reduce.3), kind=kLoop",
+    ])
+    got = aot.collectives(hlo)
+    assert got == {"all-gather": {"count": 2, "bytes": 16 * 1536 * 2 + 64 * 4}, "all-reduce": {"count": 1, "bytes": 4}}
+
+
+def test_compile_flags_need_compile(capsys):
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--topology", "v5e-4"]) == 2
+    assert "go with --compile" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--compile"]) == 2
+    assert "needs --topology" in capsys.readouterr().err
+    assert cli.main(["plan", "--config", "tiny", "--mesh", "data=8", "--compile", "--topology", "v5e-4"]) == 2
+    assert "has 8 devices, not 4" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_tiny_programs_compile_for_a_v5e_slice(capsys):
+    """`plan --compile` compiles the tiny stage-1 step (FSDP over 2 chips) and both decoders for
+    v5e:2x2: the compiler's arguments hold at least the state's shards that the plan counts, the
+    step all-gathers the FSDP-sharded params, and the MM-DiT uses the splash kernel."""
+    code = cli.main(["plan", "--config", "tiny", "--mesh", "data=2,fsdp=2", "--compile", "--topology", "v5e-4",
+                     "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    train, teacher, few = out["programs"]
+    assert "stage 1 training step" in train["name"] and "guided sampler" in teacher["name"]
+    assert "few-step decoder" in few["name"]
+    for p in out["programs"]:
+        assert p["error"] is None and p["fits"] and 0 < p["per_device_bytes"] < out["topology"]["hbm_bytes"]
+    state = sum(r["per_device_bytes"] for r in out["plan"]["rows"]
+                if r["what"].startswith(("params", "optimiser", "EMA")))
+    assert train["argument_bytes"] >= state
+    assert train["alias_bytes"] > 0.9 * state  # the donated state is updated in place
+    assert train["collectives"]["all-gather"]["count"] > 0
+    assert out["plan"]["flash_attention"] is True
+
+
+@pytest.mark.slow
+def test_a_run_too_large_for_its_chips_is_reported(capsys):
+    """A tiny stage-1 run of 16,384 images on four 16 GiB chips: the compiler's RESOURCE_EXHAUSTED
+    message, the verdict, and exit status 1."""
+    code = cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--batch", "16384", "--compile",
+                     "--topology", "v5e:2x2", "--programs", "train"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "does not fit: RESOURCE_EXHAUSTED" in out and "HBM" in out
