@@ -20,24 +20,24 @@ def _mesh(chips: int, fsdp: int) -> str:
 
 
 RECIPES = {
-    # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips keeps one block's gathered weights small
+    # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips, data parallel over the rest
     "sd3_medium-stage1-v5e-256": dict(config="sd3_medium", stage=1, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 16, overrides=EMBEDDINGS),
-    "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 64, overrides=EMBEDDINGS),
-    "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 32, overrides=EMBEDDINGS),
+                                      batch=256 * 24, overrides=EMBEDDINGS),
     "sd3_medium-stage3-v5e-256": dict(config="sd3_medium", stage=3, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 8, overrides=EMBEDDINGS),
+                                      batch=256 * 24, overrides=EMBEDDINGS),
+    "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
+                                      batch=64 * 192, overrides=EMBEDDINGS),
     "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 32, overrides=EMBEDDINGS),
+                                      batch=64 * 192, overrides=EMBEDDINGS),
+    "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
+                                      batch=256 * 48, overrides=EMBEDDINGS),
     "sd3_medium-stage3-v6e-256": dict(config="sd3_medium", stage=3, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 16, overrides=EMBEDDINGS),
-    # SD3.5-large (8B MM-DiT) at 1024^2
+                                      batch=256 * 48, overrides=EMBEDDINGS),
+    # SD3.5-large (8B MM-DiT) at 1024^2: FSDP over 64 chips
     "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 1, overrides=EMBEDDINGS + AT_1024),
-    "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 8, overrides=EMBEDDINGS + AT_1024),
-    "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 32),
-                                      batch=256 * 2, overrides=EMBEDDINGS + AT_1024),
+                                      batch=256 * 3, overrides=EMBEDDINGS + AT_1024),
+    "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 64),
+                                      batch=64 * 32, overrides=EMBEDDINGS + AT_1024),
+    "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 64),
+                                      batch=256 * 8, overrides=EMBEDDINGS + AT_1024),
 }

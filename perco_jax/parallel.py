@@ -55,11 +55,43 @@ def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
     return tuple((str(k), (None if v in (None, "", "none") else v)) for k, v in rules)
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> P:
+    """`spec` for an array of `shape`, without the mesh axes that do not divide their dimension (a
+    dimension keeps its axes in order while their product divides it). jax places no array
+    unevenly (IndivisibleError), so a leaf too small for its axes stays whole along that dimension:
+    SD3's VAE output bias (32 channels, "conv_out" -> fsdp) on fsdp = 64."""
+    out = []
+    for i, dim in enumerate(shape):
+        entry = spec[i] if i < len(spec) else None
+        axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+        kept, n = [], 1
+        for a in axes:
+            if int(dim) % (n * int(mesh_shape[a])) == 0:
+                kept.append(a)
+                n *= int(mesh_shape[a])
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def fitted(shardings: Any, shapes: Any) -> Any:
+    """NamedShardings of `shapes` (arrays or ShapeDtypeStructs; the same tree) with each spec
+    `fit_spec`-ted to its leaf's shape."""
+    def fit(s, x):  # (an empty node of `shapes`, optax's MaskedNode, holds a sharding but no array)
+        if not hasattr(x, "shape"):
+            return s
+        return NamedSharding(s.mesh, fit_spec(s.spec, x.shape, dict(s.mesh.shape)))
+
+    return jax.tree_util.tree_map(fit, shardings, shapes, is_leaf=lambda s: isinstance(s, NamedSharding))
+
+
 def param_shardings(boxed_tree: Any, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Any:
     """NamedShardings for a tree of (possibly abstract) params carrying nn.Partitioned boxes;
-    unannotated leaves are replicated."""
+    unannotated leaves are replicated, axes that do not divide a leaf's dimension dropped
+    (`fit_spec`)."""
     specs = nn.get_partition_spec(boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    return fitted(nn.logical_to_mesh_sharding(specs, mesh, rules), nn.meta.unbox(boxed_tree))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

@@ -167,6 +167,8 @@ class CompiledProgram:
     alias_bytes: int = 0        # outputs written into donated arguments (the train state)
     temp_bytes: int = 0
     code_bytes: int = 0
+    resident_bytes: int = 0     # on the chips but not in the program: the text encoders a run with
+                                # text.cache keeps placed (jit drops arguments a program never reads)
     flops: float | None = None  # XLA's count: a loop body (the samplers' steps) is counted once
     collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     attention: str = ""         # the MM-DiT's attention in the program
@@ -174,8 +176,10 @@ class CompiledProgram:
 
     @property
     def per_device(self) -> int:
-        """Peak bytes on one chip: arguments + outputs not written in place + temporaries + code."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+        """Peak bytes on one chip: arguments + outputs not written in place + temporaries + code, and
+        what the run keeps on the chips outside the program."""
+        return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+                + self.resident_bytes)
 
     @property
     def out_of_memory(self) -> bool:
@@ -252,10 +256,12 @@ def _sharded(shapes, specs, mesh, replicated: bool = False):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from perco_jax.parallel import fit_spec
+
     by_path = dict(jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, PartitionSpec)))
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-            mesh, PartitionSpec() if replicated else by_path[p])), shapes)
+            mesh, PartitionSpec() if replicated else fit_spec(by_path[p], x.shape, dict(mesh.shape)))), shapes)
 
 
 def _shardings_of(structs):
@@ -376,8 +382,14 @@ def compile_training(config, topology: Topology, mesh_shape: Mapping[str, int], 
     rep = parallel.replicated(mesh)
     empty = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=rep) for k, v in text.items()}
     fn = loop.jit_step(step, _shardings_of(state), mesh)
-    return _compile(f"stage {cfg.stage} training step (batch {b})", fn, (state, batch_args, frozen_args, empty),
-                    mesh_shape, mesh, _attention_name(attention))
+    program = _compile(f"stage {cfg.stage} training step (batch {b})", fn, (state, batch_args, frozen_args, empty),
+                       mesh_shape, mesh, _attention_name(attention))
+    if prompt_encoder is not None and not build.text_encoders_in_step(cfg):
+        # text.cache: the loop places the encoders (it encodes the captions the cache misses), the step
+        # never reads them, so the compiled program leaves them out
+        program.resident_bytes = sum(comp.frozen[n].per_device(mesh_shape, replicated=replicated)
+                                     for n in ("CLIP-L", "CLIP-G", "T5"))
+    return program
 
 
 def host_devices(topology: Topology) -> list:
@@ -467,7 +479,11 @@ def comparison_rows(plan, program: CompiledProgram) -> list[tuple[str, int | Non
     batch = sum(v for n, v in plan.activation_rows if n.startswith("batch"))
     grads = plan.row("gradients (float32, all params)")[1]
     persistent = sum(r[2] for r in plan.rows) - grads + batch
-    return [("arguments: state, frozen encoders, batch", persistent, program.argument_bytes),
+    rows = [("arguments: state, frozen encoders, batch", persistent - program.resident_bytes, program.argument_bytes)]
+    if program.resident_bytes:
+        rows.append(("text encoders on the chips, not in the step (cache)", program.resident_bytes,
+                     program.resident_bytes))
+    return rows + [
             ("outputs not written in place", 0, program.output_bytes - program.alias_bytes),
             ("temporaries: gradients, activations, buffers", plan.per_device - persistent, program.temp_bytes),
             ("generated code", None, program.code_bytes),

@@ -7,7 +7,8 @@ Everything comes from `jax.eval_shape` (nothing is allocated: SD3.5-large's 8B-p
 the 4.7B T5-XXL are shapes only) and from the parameter shardings that `parallel.py`'s logical-axis
 rules (config.sharding_rules) give on a `jax.sharding.AbstractMesh` of the requested shape, so no
 devices are needed. A leaf's bytes on one device are those of its shard: each dimension divided by
-the product of the mesh axes its PartitionSpec names (rounded up: XLA pads uneven shards).
+the product of the mesh axes its PartitionSpec names that divide it (`parallel.fit_spec`: an axis
+that does not divide a dimension leaves it whole, as the loop places it).
 
 Counted per device (exact, from shapes and shardings):
   params        the TrainState's params, split by config.trainable into trainable and frozen leaves

@@ -7,8 +7,8 @@ no device is needed).
 
 A `Part` pairs a pytree of ShapeDtypeStructs with the PartitionSpec (in mesh axes data / fsdp /
 tensor, from `parallel.py`'s logical-axis rules on a unit `AbstractMesh`) of each leaf. A leaf of
-shape [d0, d1, ...] holds [ceil(d0 / n0), ceil(d1 / n1), ...] on one device, n_i the product of the
-mesh axes its spec names for dim i (rounded up: XLA pads uneven shards).
+shape [d0, d1, ...] holds [d0 / n0, d1 / n1, ...] on one device, n_i the product of the mesh axes its
+spec names for dim i that divide it (`parallel.fit_spec`: jax shards no array unevenly).
 """
 from __future__ import annotations
 
@@ -27,12 +27,14 @@ from perco_jax import build, parallel
 
 
 def shard_shape(shape: Sequence[int], spec: PartitionSpec, mesh_shape: Mapping[str, int]) -> tuple[int, ...]:
-    """The shape of one device's shard: each dim divided (rounded up) by its spec's mesh axes."""
+    """The shape of one device's shard: each dim divided by the mesh axes of its spec that divide it
+    (`parallel.fit_spec`: the loop places a leaf so, since jax shards no array unevenly)."""
+    spec = parallel.fit_spec(spec, shape, mesh_shape)
     out = []
     for i, dim in enumerate(shape):
         entry = spec[i] if i < len(spec) else None
         axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
-        out.append(-(-int(dim) // math.prod(int(mesh_shape[a]) for a in axes)))
+        out.append(int(dim) // math.prod(int(mesh_shape[a]) for a in axes))
     return tuple(out)
 
 

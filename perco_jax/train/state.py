@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from perco_jax import parallel
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -83,7 +85,7 @@ def sharded_init(make, rng, mesh, rules, abstract: bool = False):
     """(state, shardings) of make(rng) (a boxed TrainState), built by one jit with the shardings of
     its logical axes on `mesh`; abstract=True: its ShapeDtypeStructs, nothing allocated."""
     shapes = jax.eval_shape(make, rng)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(shapes), mesh, rules)
+    shardings = parallel.param_shardings(shapes, mesh, rules)
     if abstract:
         return nn.meta.unbox(shapes), shardings
     state = jax.jit(lambda r: nn.meta.unbox(make(r)), out_shardings=shardings)(rng)
