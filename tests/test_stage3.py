@@ -325,3 +325,28 @@ def test_reflow_straightens_the_flow(learned_stage1, learned_codec, tmp_path):
     before = flow_straightness(codec, images, captions, student=False, steps=20)
     after = flow_straightness(codec, images, captions, student=True, steps=20)
     assert after < 0.5 * before, (after, before)
+
+
+def test_example_split_keeps_each_devices_examples():
+    """The shortcut step's boot / flow-matching split takes the first j of every k consecutive
+    examples (j / k = bootstrap_fraction), so a batch split over devices in blocks of a multiple of
+    k splits within each block; join puts them back in place; a fraction no group fits falls back
+    to the first nb examples."""
+    from perco_jax.train.stage3 import ExampleSplit, pair, unpair
+
+    a = jnp.arange(16)
+    s = ExampleSplit(16, 0.25)
+    assert (s.k, s.j, s.nb) == (4, 1, 4)
+    assert s.boot(a).tolist() == [0, 4, 8, 12]
+    assert s.fm(a).tolist() == [1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15]
+    assert s.join(s.boot(a), s.fm(a)).tolist() == list(range(16))
+    for block in (4, 8, 16):  # each device's block of the batch holds its own boot examples
+        assert sorted(int(i) // block for i in s.boot(a)) == sorted(
+            i // block for i in range(16) if i % 4 == 0)
+    odd = ExampleSplit(10, 0.25)  # 10 examples: no group of 4
+    assert (odd.nb, odd.boot(jnp.arange(10)).tolist()) == (2, [0, 1])
+    assert ExampleSplit(16, 0.0).nb == 0 and ExampleSplit(16, 0.0).fm(a).tolist() == list(range(16))
+    x = jnp.arange(6).reshape(3, 2)
+    assert pair(x, -x).tolist() == [[0, 1], [0, -1], [2, 3], [-2, -3], [4, 5], [-4, -5]]
+    u, c = unpair(pair(x, -x))
+    assert u.tolist() == x.tolist() and c.tolist() == (-x).tolist()
