@@ -41,10 +41,20 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
     if int(np.prod(sizes)) > len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"{len(devices)} available")
-    devices = devices[:int(np.prod(sizes))]  # a fully specified smaller mesh uses the first devices
     # Auto axes: XLA propagates shardings through reshapes (explicit axes would need annotations
     # on every reshape of the models).
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    slices = sorted({getattr(d, "slice_index", 0) for d in devices})
+    if len(slices) > 1:  # a multi-slice TPU job: the data axis spans the slices (DCN), the rest ICI
+        n = len(slices)
+        if int(np.prod(sizes)) != len(devices) or sizes[0] % n:
+            raise ValueError(f"multi-slice mesh {dict(zip(MESH_AXES, sizes))}: use all {len(devices)} devices, with "
+                             f"the data axis a multiple of the {n} slices (data crosses slices)")
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // n, sizes[1], sizes[2]), (n, 1, 1), devices=devices)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
+    devices = devices[:int(np.prod(sizes))]  # a fully specified smaller mesh uses the first devices
     return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
 
 

@@ -102,3 +102,14 @@ def test_stage3_step_moves_no_examples_between_chips():
     config = load_config("tiny", ["stage3.batch_size=64"])
     p = aot.compile_training(config, aot.parse_topology("v5e-4"), {"data": 4, "fsdp": 1, "tensor": 1}, stage=3)
     assert p.error is None and set(p.collectives) == {"all-reduce"}
+
+
+def test_multi_slice_mesh_puts_data_across_slices():
+    """Two v5e-4 slices: 8 chips, the data axis over the slices (DCN), fsdp within each; a data axis
+    that the slices do not divide is refused."""
+    t = aot.parse_topology("v5e-4", num_slices=2)
+    mesh = aot.training_mesh(t, {"data": 2, "fsdp": 4, "tensor": 1})
+    slices = [[d.slice_index for d in row] for row in mesh.devices[:, :, 0]]
+    assert slices == [[0, 0, 0, 0], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        aot.training_mesh(t, {"data": 1, "fsdp": 8, "tensor": 1})
