@@ -35,10 +35,12 @@ from perco_jax.train import plan as planning  # noqa: E402
 from perco_jax.train.flops import step_flops  # noqa: E402
 
 
-def compile_recipe(name: str, layers=None, attention=None, decode: bool = False) -> dict:
-    r = RECIPES[name]
+def compile_recipe(name: str, layers=None, attention=None, decode: bool = False, per_chip: int | None = None) -> dict:
+    r = dict(RECIPES[name])
     topology = aot.parse_topology(r["topology"])
     mesh = planning.parse_mesh(r["mesh"], topology.chips)
+    if per_chip:  # another batch per chip than the recipe's (searching for the largest that fits)
+        r["batch"] = per_chip * mesh["data"] * mesh["fsdp"]
     config = load_config(r["config"], list(r["overrides"]))
     full = int(config.mmdit.num_layers)
     counts = [full] if not layers else list(layers)
@@ -93,6 +95,7 @@ def main():
     ap.add_argument("--layers", help="L1,L2: compile that many MM-DiT blocks and scale to the config's")
     ap.add_argument("--attention", choices=("auto", "xla", "splash"), default="auto")
     ap.add_argument("--decode", action="store_true", help="also compile the recipe's decoders")
+    ap.add_argument("--batch-per-chip", type=int, help="instead of the recipe's batch per chip")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -100,7 +103,7 @@ def main():
     rows = []
     for name in args.recipe or sorted(RECIPES):
         t0 = time.time()
-        rows.append(compile_recipe(name, layers, attention, args.decode))
+        rows.append(compile_recipe(name, layers, attention, args.decode, args.batch_per_chip))
         print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
     gib = 2 ** 30
     print(f"\n{'recipe':<34}{'per chip':>9}{'plan':>9}{'compiler':>10}{'plan/comp':>10}{'headroom':>9}"

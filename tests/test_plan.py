@@ -329,6 +329,7 @@ def test_axes_that_do_not_divide_a_leaf_leave_it_whole():
         for _, x, s in vae.leaves())
 
 
+@pytest.mark.slow
 def test_init_state_places_leaves_smaller_than_the_fsdp_axis():
     """The stage-1 state of a config with a 4-wide leaf on an 8-way fsdp mesh (it raised
     IndivisibleError before axes were fitted to the leaves)."""
