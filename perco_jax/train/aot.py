@@ -36,7 +36,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import Mapping
 
 # (generation) -> (dimensions of its torus, TensorCores counted per chip in its accelerator-type
 # name, HBM per chip in bytes (Cloud TPU's system-architecture pages), jax device kind)
