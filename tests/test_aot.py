@@ -113,3 +113,22 @@ def test_multi_slice_mesh_puts_data_across_slices():
     assert slices == [[0, 0, 0, 0], [1, 1, 1, 1]]
     with pytest.raises(ValueError, match="multiple of the 2 slices"):
         aot.training_mesh(t, {"data": 1, "fsdp": 8, "tensor": 1})
+
+
+def test_plan_of_a_recipe(capsys):
+    """`plan --recipe NAME` plans the recipe's config, stage, batch and mesh, counting the splash
+    kernel (no stored logits), without compiling; every recipe names a known preset, slice and a
+    mesh of its chips that divides its batch."""
+    from perco_jax.configs.recipes import RECIPES
+    from perco_jax.config import PRESETS
+    from perco_jax.train.plan import parse_mesh
+
+    for name, r in RECIPES.items():
+        t = aot.parse_topology(r["topology"])
+        mesh = parse_mesh(r["mesh"], t.chips)
+        assert r["config"] in PRESETS and r["batch"] % (mesh["data"] * mesh["fsdp"]) == 0, name
+    assert cli.main(["plan", "--recipe", "sd3_medium-stage1-v5e-256", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 6144, 256)
+    assert out["flash_attention"] is True and out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
+    assert cli.main(["plan", "--recipe", "nope"]) == 2
