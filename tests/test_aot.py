@@ -132,3 +132,14 @@ def test_plan_of_a_recipe(capsys):
     assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 6144, 256)
     assert out["flash_attention"] is True and out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
     assert cli.main(["plan", "--recipe", "nope"]) == 2
+
+
+@pytest.mark.slow
+def test_decoder_of_a_run_that_read_stored_embeddings_compiles():
+    """A run trained on precomputed text embeddings (no text encoder on the chips) still exports a
+    codec that encodes captions: its decoder is compiled with the text encoders."""
+    from perco_jax.config import load_config
+
+    config = load_config("tiny", ["text.embeddings=emb"])
+    p = aot.compile_decoding(config, aot.parse_topology("v5e-4"), sampler="teacher")
+    assert p.error is None and p.argument_bytes > 0

@@ -414,7 +414,9 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
     from perco_jax.codec import transforms
     from perco_jax.config import setting
     from perco_jax.models.perco import with_step_conditioning
-    from perco_jax.train.shapes import abstract_components
+    from flax import linen as nn
+
+    from perco_jax.train.shapes import abstract_components, abstract_text_encoders
 
     if sampler not in ("teacher", "few_step"):
         raise ValueError(f"sampler={sampler!r}: teacher or few_step")
@@ -440,10 +442,10 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
     else:
         decode = transforms.make_decoder(model, autoencoder, prompt_encoder, **kw)
         steps = int(steps or cfg.sample.steps)
-    text_shapes = {name: comp_part.shapes for name, comp_part in comp.frozen.items()}
-    frozen = {"autoencoder": text_shapes["VAE"],
-              "text": {"text_encoder": text_shapes["CLIP-L"], "text_encoder_2": text_shapes["CLIP-G"],
-                       "text_encoder_3": text_shapes["T5"]}}
+    # a codec always holds the text encoders (training may have read precomputed embeddings)
+    text = {name: nn.meta.unbox(boxed) for name, boxed in abstract_text_encoders(cfg).items()}
+    frozen = {"autoencoder": comp.frozen["VAE"].shapes,
+              "text": {"text_encoder": text["CLIP-L"], "text_encoder_2": text["CLIP-G"], "text_encoder_3": text["T5"]}}
     on = lambda tree, sh: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree)  # noqa: E731
     side, channels = build.latent_geometry(cfg)
     g = cfg.codec.grid_side
