@@ -55,7 +55,16 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence | None =
         grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // n, sizes[1], sizes[2]), (n, 1, 1), devices=devices)
         return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
     devices = devices[:int(np.prod(sizes))]  # a fully specified smaller mesh uses the first devices
-    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
+    try:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices, axis_types=auto)
+    except NotImplementedError:
+        # An axis that is no product of whole torus axes (fsdp 64 on a 16x16 v6e slice): split a
+        # physical axis, as MaxText's allow_split_physical_axes does; its collectives then use part
+        # of a ring.
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(tuple(sizes), devices=devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def rules_from_config(rules) -> tuple[tuple[str, Any], ...]:
