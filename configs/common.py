@@ -67,10 +67,13 @@ def codec(preset: str = "16x16_k1024", code_dim: int = 16) -> ml_collections.Con
     """z_l's shape and how `compress` sends it.
 
     schedule: a schedule spec (perco_jax.schedules.parse_spec: "qlds:8", "checkerboard", ...,
-    or "uniform" for fixed-length coding). coding_batch_size: the entropy model always runs on
-    batches of exactly this many images (the last one padded), at compress and at decompress, so
-    that both build bit-identical coding tables (see perco_jax/codec/entropy_coding.py); changing it
-    makes older bitstreams undecodable, which the fingerprint catches.
+    or "uniform" for fixed-length coding). coding_batch_size: how many images a `Codec` runs at a
+    time (the last batch padded): the image encoder, the decoder and the text context of
+    entropy_model.caption_input "context". A float entropy model (version-3 streams) runs on
+    batches of exactly this many at compress and at decompress, so that both build bit-identical
+    coding tables (see perco_jax/codec/entropy_coding.py); an integer one (version 4) builds the
+    same tables on any batch. The fingerprint covers it: streams of a codec with another value
+    are refused.
     """
     if preset not in BITRATE_PRESETS:
         raise ValueError(f"unknown bitrate preset {preset!r}; known: {sorted(BITRATE_PRESETS)}")

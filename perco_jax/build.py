@@ -15,7 +15,6 @@ import numpy as np
 from flax import linen as nn
 
 from perco_jax import schedules
-from perco_jax.config import setting
 from perco_jax.models.entropy_model import EntropyModel
 from perco_jax.models.hyper_encoder import HyperEncoder, num_stages
 from perco_jax.models.mmdit import mmdit_from_config
@@ -23,7 +22,6 @@ from perco_jax.models.perco import PerCo
 from perco_jax.models.patch_autoencoder import PatchAutoencoder
 from perco_jax.models.vae import AutoencoderKL, SpaceToDepthAutoencoder
 from perco_jax.models.vq import VectorQuantizer
-from perco_jax.text.prompt import CLIP_MAX_LENGTH
 
 AUTOENCODERS = ("sd3_vae", "space_to_depth", "patch")
 TRAINABLE = ("all", "attention_mlp", "frozen")
@@ -87,21 +85,21 @@ def validate(config) -> None:
     need(config.grad_accum_steps >= 1, "grad_accum_steps must be >= 1")
     need(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay}: need 0 <= decay < 1")
     need(0 <= config.text.caption_dropout <= 1, "text.caption_dropout must be in [0, 1]")
-    need(isinstance(setting(config, "sample.stochastic"), bool),
-         f"sample.stochastic={setting(config, 'sample.stochastic')!r}: True or False")
-    for key, zero in (("loss_detail", "the plain loss"), ("stage0.loss_detail", "the plain loss"),
-                      ("sample.temperature", "no noise; 1 = the trained distribution")):
-        value = setting(config, key)
+    need(isinstance(config.sample.stochastic, bool), f"sample.stochastic={config.sample.stochastic!r}: True or False")
+    for key, value, zero in (("loss_detail", config.loss_detail, "the plain loss"),
+                             ("stage0.loss_detail", config.stage0.loss_detail, "the plain loss"),
+                             ("sample.temperature", config.sample.temperature,
+                              "no noise; 1 = the trained distribution")):
         need(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
              f"{key}={value!r}: a number >= 0 (0 = {zero})")
     need(config.dtype in ("float32", "bfloat16", "float16"), f"dtype={config.dtype!r}")
     n_clip = clip_max_length(config)
     need(2 <= n_clip <= min(config.clip_l.max_position_embeddings, config.clip_g.max_position_embeddings),
          f"text.clip_max_length={n_clip}: need 2 <= length <= the CLIP encoders' max_position_embeddings")
-    need(not (setting(config, "text.cache") and setting(config, "text.embeddings")),
+    need(not (config.text.cache and config.text.embeddings),
          "text.cache and text.embeddings both set: choose one source of precomputed text embeddings")
-    need(setting(config, "frozen_placement") in FROZEN_PLACEMENTS,
-         f"frozen_placement={setting(config, 'frozen_placement')!r}: one of {FROZEN_PLACEMENTS}")
+    need(config.frozen_placement in FROZEN_PLACEMENTS,
+         f"frozen_placement={config.frozen_placement!r}: one of {FROZEN_PLACEMENTS}")
     need(config.stage in (0, 1, 2, 3),
          f"stage={config.stage!r}: 0 (autoencoder), 1 (codec), 2 (entropy model) or 3 (few-step decoder)")
     need(config.stage != 0 or config.autoencoder == "patch",
@@ -163,7 +161,7 @@ def validate_stage3(config) -> None:
                           f"and at most stage3.couplings={s3.couplings}")
     if not 0 <= s3.ema_decay < 1:
         raise ConfigError(f"stage3.ema_decay={s3.ema_decay}: need 0 <= decay < 1")
-    guidance = setting(config, "stage3.guidance")
+    guidance = config.stage3.guidance
     if guidance is not None and not guidance >= 0:
         raise ConfigError(f"stage3.guidance={guidance}: a guidance scale is >= 0 (1 = the conditional model alone)")
 
@@ -210,7 +208,7 @@ def caption_input(config) -> Optional[str]:
     (entropy_model.conditional False)."""
     if not config.entropy_model.conditional:
         return None
-    return setting(config, "entropy_model.caption_input")
+    return config.entropy_model.caption_input
 
 
 def build_entropy_model(config) -> EntropyModel:
@@ -301,17 +299,17 @@ def build_text(config, workdir: str | Path):
 def text_encoders_built(config) -> bool:
     """Whether a training run builds the frozen text encoders: not when it reads embeddings that
     `perco-jax embed-text` precomputed (config.text.embeddings)."""
-    return not setting(config, "text.embeddings")
+    return not config.text.embeddings
 
 
 def text_encoders_in_step(config) -> bool:
     """Whether the frozen text encoders run inside the training step: not with precomputed
     embeddings, whether cached in the loop (config.text.cache) or read from a store."""
-    return text_encoders_built(config) and not setting(config, "text.cache")
+    return text_encoders_built(config) and not config.text.cache
 
 
 def clip_max_length(config) -> int:
-    """CLIP token length of the prompt encoding: SD3's 77 unless config.text.clip_max_length says
-    otherwise (the tiny config's character-level CLIP tokenizers: a short CLIP part keeps the
-    MM-DiT's joint sequence short, the word-level T5 part carries the caption)."""
-    return int(config.text.get("clip_max_length", CLIP_MAX_LENGTH))
+    """CLIP token length of the prompt encoding: config.text.clip_max_length, SD3's 77 but for the
+    tiny config's character-level CLIP tokenizers (a short CLIP part keeps the MM-DiT's joint
+    sequence short, the word-level T5 part carries the caption)."""
+    return int(config.text.clip_max_length)

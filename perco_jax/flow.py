@@ -1,4 +1,6 @@
-"""Rectified flow as SD3 uses it: the sampling schedule and Euler sampler, and the training side.
+"""Rectified flow as SD3 uses it: the sampling schedule, the Euler sampler and its stochastic
+variant (`stochastic_sample`: fresh noise at every step, config sample.stochastic), and the training
+side (the flow-matching loss, weighted towards detail by `detail_weight`: config loss_detail).
 
 Convention (diffusers / SD3): x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts the
 velocity v = noise - x0 at timestep t = 1000 * sigma, and sampling integrates from sigma = 1

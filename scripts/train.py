@@ -27,11 +27,12 @@ def main(argv):
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as e:
         raise app.UsageError(str(e)) from e
+    from perco_jax.config import complete
     from perco_jax.train.loop import train
 
     logging.info("process %d/%d, %d local devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count())
-    train(FLAGS.config, FLAGS.workdir)
+    train(complete(FLAGS.config), FLAGS.workdir)  # (a config file may predate fields)
 
 
 if __name__ == "__main__":

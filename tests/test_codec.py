@@ -109,9 +109,9 @@ def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(t
 
 def test_stochastic_sampler_is_the_configs_choice_and_repeats_per_stream(trained, heldout):
     """sample.stochastic picks the teacher's steps (fresh noise per image and step, drawn from the
-    stream's id): the same stream decodes to the same image in any batch, the Python option
-    overrides the config, and a codec whose config predates the field decodes with the Euler ODE
-    (`decompress --stochastic`: test_cli_compress_decompress)."""
+    stream's id): the same stream decodes to the same image in any batch, and the Python option
+    overrides the config (`decompress --stochastic`: test_cli_compress_decompress; a codec whose
+    config predates the field: test_an_export_from_before_later_fields_codes_and_decodes_as_it_did)."""
     _, _, codec = trained
     images, captions = heldout
     streams = codec.compress_batch(images[:3], captions[:3])
@@ -122,19 +122,13 @@ def test_stochastic_sampler_is_the_configs_choice_and_repeats_per_stream(trained
     assert min(float(np.abs(a - b).max()) for a, b in zip(out, ode)) > 0.02
     for a, b in zip(codec.decompress_batch(streams, seed=1), out):  # the config's choice
         np.testing.assert_allclose(a, b, atol=1e-6)
-    sample = codec.config.sample  # (the session's codec: its config is restored below)
-    try:
-        del sample["stochastic"]
-        for a, b in zip(codec.decompress_batch(streams, seed=1, stochastic=None), ode):
-            np.testing.assert_allclose(a, b, atol=1e-6)
-    finally:
-        sample.stochastic = True
 
 
 def test_sampler_temperature_is_the_configs_choice_and_scales_all_its_noise(trained, heldout):
     """sample.temperature scales the teacher's starting noise and fresh draws: the Python option
     overrides the config; at 0 the decoder draws no noise (every seed gives the same image), at 1
-    seeds differ; a codec whose config predates the field decodes at 1; a negative one is refused."""
+    seeds differ; a negative one is refused (a codec whose config predates the field:
+    test_an_export_from_before_later_fields_codes_and_decodes_as_it_did)."""
     _, _, codec = trained
     images, captions = heldout
     streams = codec.compress_batch(images[:2], captions[:2])
@@ -147,15 +141,55 @@ def test_sampler_temperature_is_the_configs_choice_and_scales_all_its_noise(trai
         np.testing.assert_allclose(a, b, atol=1e-6)
     warm = [codec.decompress_batch(streams, seed=s, temperature=1.0) for s in (1, 2)]
     assert min(float(np.abs(a - b).max()) for a, b in zip(*warm)) > 0.02
-    sample = codec.config.sample  # (the session's codec: its config is restored below)
-    try:
-        del sample["temperature"]
-        for a, b in zip(codec.decompress_batch(streams, seed=1), warm[0]):
-            np.testing.assert_allclose(a, b, atol=1e-6)
-    finally:
-        sample.temperature = t
     with pytest.raises(ValueError, match="temperature"):
         codec.decompress_batch(streams, temperature=-1.0)
+
+
+# The later fields (config.LATER_FIELDS) that shape the networks: an export made before one of them
+# holds the networks of its old value, which the session's codec does not (caption_input "context":
+# test_integer_entropy's test_an_export_from_before_caption_input_decodes_its_streams; CLIP length 77).
+NETWORK_FIELDS = ("text.clip_max_length", "entropy_model.caption_input")
+
+
+@pytest.fixture(scope="module")
+def old_export(trained, tmp_path_factory):
+    """The session's codec folder as an export from before the other later fields wrote it (its
+    config without them), loaded."""
+    import json
+    import shutil
+
+    from perco_jax.checkpoint import MANIFEST
+    from perco_jax.config import LATER_FIELDS
+
+    folder = tmp_path_factory.mktemp("old_export") / "checkpoint"
+    shutil.copytree(trained[1], folder)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    config = manifest["components"]["codec"]
+    for key in set(LATER_FIELDS) - set(NETWORK_FIELDS):
+        section, _, name = key.rpartition(".")
+        del (config[section] if section else config)[name]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return Codec.load(folder)
+
+
+def test_an_export_from_before_later_fields_codes_and_decodes_as_it_did(trained, old_export, heldout):
+    """A codec folder whose config lacks the later fields loads with their old defaults: it writes
+    the same streams byte for byte, reads them back to the same indices, and decodes with what the
+    sampler did then (the Euler ODE at temperature 1)."""
+    _, _, codec = trained
+    images, captions = heldout
+    config = old_export.config
+    assert config.sample.stochastic is False and config.sample.temperature == 1.0
+    assert config.stage3.guidance is None and config.loss_detail == 0.0 and config.text.cache is False
+    assert old_export.fingerprint == codec.fingerprint
+    streams = codec.compress_batch(images[:3], captions[:3])
+    assert old_export.compress_batch(images[:3], captions[:3]) == streams
+    _, got_captions, indices = old_export.read_batch(streams)
+    np.testing.assert_array_equal(indices, codec.read_batch(streams)[2])
+    assert got_captions == captions[:3]
+    then = codec.decompress_batch(streams, seed=1, stochastic=False, temperature=1.0)
+    for a, b in zip(old_export.decompress_batch(streams, seed=1), then):
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_framing_is_at_most_10_bytes_and_long_forms_round_trip(trained, heldout):

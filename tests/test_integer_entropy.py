@@ -321,3 +321,30 @@ def test_caption_tokens_make_the_tables_independent_of_the_float_text_encoders(c
     model, batch = other.coding_model()
     np.testing.assert_array_equal(ec.decode_indices(model, payloads, codec.grid, groups, other.context(captions),
                                                     batch_size=batch), x)
+
+
+@pytest.mark.parametrize("integer", [True, False])
+def test_an_export_from_before_caption_input_decodes_its_streams(integer, tmp_path):
+    """A codec folder written before entropy_model.caption_input existed holds an entropy model of
+    the SD3 text context, and its config lacks the field: it loads as "context", decodes the
+    payloads it wrote byte for byte to the same indices and writes the same ones, with its integer
+    model (version 4) or its float one (version 3)."""
+    from perco_jax.checkpoint import MANIFEST
+    from perco_jax.codec.codec import Codec
+
+    codec, x, captions = _untrained_codec("context", tmp_path / "run")
+    codec = codec if integer else codec.with_integer_model(None)
+    folder = codec.save(tmp_path / "checkpoint")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    for section in (manifest["components"]["codec"]["entropy_model"], manifest["components"]["entropy_model"]):
+        del section["caption_input"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    old = Codec.load(folder)
+    assert old.config.entropy_model.caption_input == "context"
+    assert old.fingerprint == codec.fingerprint and old.stream_model.version == codec.stream_model.version
+    payloads = codec.encode_indices(x, captions)
+    groups = schedules.from_spec(codec.config.codec.schedule, *codec.grid)
+    model, batch = old.coding_model()
+    np.testing.assert_array_equal(ec.decode_indices(model, payloads, old.grid, groups, old.context(captions),
+                                                    batch_size=batch), x)
+    assert old.encode_indices(x, captions) == payloads

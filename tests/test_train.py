@@ -211,27 +211,61 @@ def test_unknown_preset_and_field():
         load_config("tiny", ["codec.gridside=4"])
 
 
-def test_fields_newer_than_a_saved_config_read_as_their_defaults():
-    """config.setting: a field when the config has it, else (a config from an older codec folder)
-    its LATER_FIELDS default; the training and plan code read these fields only through it."""
-    from perco_jax.config import LATER_FIELDS, setting
+def test_configs_saved_before_a_field_load_with_its_old_default(tmp_path):
+    """config.complete: a config saved before a LATER_FIELDS field existed (a run's config.json, a
+    codec folder's, a user's config file) is loaded with the field set to what the code did before
+    it (a config from before stage 3 gets no stage3 section); presets and configs that have the
+    field keep their values; validation reads the completed fields and names the bad one."""
+    from perco_jax.config import LATER_FIELDS, complete, read_saved_config
+    from perco_jax.text.prompt import CLIP_MAX_LENGTH
 
-    config = load_config("tiny", ["text.cache=True", "frozen_placement=replicated"])
-    assert setting(config, "text.cache") is True and setting(config, "frozen_placement") == "replicated"
-    for key in LATER_FIELDS:
-        section, _, name = key.rpartition(".")
-        del (config[section] if section else config)[name]
-    assert {k: setting(config, k) for k in LATER_FIELDS} == {"text.cache": False, "text.embeddings": "",
-                                                              "frozen_placement": "sharded",
-                                                              "entropy_model.caption_input": "context",
-                                                              "stage3.guidance": None,
-                                                              "sample.stochastic": False, "loss_detail": 0.0,
-                                                              "stage0.loss_detail": 0.0, "sample.temperature": 1.0}
+    old = {"text.clip_max_length": CLIP_MAX_LENGTH, "text.cache": False, "text.embeddings": "",
+           "frozen_placement": "sharded", "entropy_model.caption_input": "context", "stage3.guidance": None,
+           "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0, "sample.temperature": 1.0,
+           "autoencoder_workdir": "", "stage1_workdir": "", "trainable": "all"}
+    assert LATER_FIELDS == old
+
+    def without(config: dict, keys) -> dict:
+        for key in keys:
+            section, _, name = key.rpartition(".")
+            del (config[section] if section else config)[name]
+        return config
+
+    def field(config, key):
+        for part in key.split("."):
+            config = config[part]
+        return config
+
+    preset = load_config("tiny", ["text.cache=True", "frozen_placement=replicated"])
+    assert complete(preset.copy_and_resolve_references()).to_dict() == preset.to_dict()  # (complete already)
+    assert preset.text.cache is True and preset.frozen_placement == "replicated"
+    for key in LATER_FIELDS:  # saved before each field: as a run saves its config (train.loop)
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps(without(load_config("tiny").to_dict(), [key])))
+        saved = read_saved_config(path)
+        assert field(saved, key) == old[key], key
+        assert {k: field(saved, k) for k in LATER_FIELDS if k != key} == {
+            k: field(load_config("tiny").to_dict(), k) for k in LATER_FIELDS if k != key}
+        build.validate(ml_collections.ConfigDict(saved))
+    # saved before all of them (locked, as scripts/train.py's config flags are)
+    earliest = ml_collections.ConfigDict(without(load_config("tiny").to_dict(), LATER_FIELDS))
+    earliest.lock()
+    config = complete(earliest)
+    assert {k: field(config, k) for k in LATER_FIELDS} == old
+    assert config.text.clip_max_length == CLIP_MAX_LENGTH == build.clip_max_length(config)
     assert build.text_encoders_built(config) and build.text_encoders_in_step(config)
     assert build.build_entropy_model(config).context_dim == config.mmdit.joint_attention_dim  # (SD3's context)
     build.validate(config)
-    with pytest.raises(KeyError, match="text.cachee"):
-        setting(config, "text.cachee")
+    # a user's config file that predates the fields: load_config completes it before the overrides
+    module = tmp_path / "old_config.py"
+    fields = without(load_config("tiny").to_dict(), LATER_FIELDS)
+    module.write_text(f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict({fields!r})\n")
+    assert load_config(str(module), ["sample.temperature=0.5"]).sample.temperature == 0.5
+    assert {k: field(load_config(str(module)), k) for k in LATER_FIELDS} == old
+    # a config from before stage 3 has no stage3 section: it stays without one (validate skips it)
+    before_stage3 = complete(without(load_config("tiny").to_dict(), ["stage3", "stage0.loss_detail"]))
+    assert "stage3" not in before_stage3 and before_stage3["stage0"]["loss_detail"] == 0.0
+    build.validate(ml_collections.ConfigDict(before_stage3))
     saved = load_config("tiny").to_dict()  # (as a codec folder's config.json could hold it)
     saved["sample"]["stochastic"] = "yes"
     with pytest.raises(build.ConfigError, match="sample.stochastic"):

@@ -9,18 +9,27 @@ image_size and resized back to H x W (stored in the header), so the output has t
 size; the aspect ratio is not kept inside the model. Crop beforehand for a centre-crop protocol.
 
 Indices are coded under config.codec.schedule (or the schedule passed in) with the MIM entropy
-model, or with fixed-length "uniform" coding. Determinism (see perco_jax/codec/entropy_coding.py): the
-text context and the entropy model always run on batches of exactly codec.coding_batch_size
-images, unsharded, on both sides, so a stream decodes alone or with any others. The image
-encoder may be sharded over the local devices: its indices are sent, not recomputed. The decoder
-(flow sampler + VAE) is sharded over the local devices likewise, coding_batch_size images at a time
-(when the devices divide it): images may differ from a 1-device decode by float rounding only.
+model, or with fixed-length "uniform" coding. Determinism (see perco_jax/codec/entropy_coding.py):
+both sides must build bit-identical coding tables, so that a stream decodes alone or with any
+others. A codec with an integer entropy model (`integer_model`: version-4 streams) computes them
+in integer arithmetic on the whole batch at once: the same tables whatever the batch, devices or
+XLA flags. The float entropy model (version 3: a codec without one) runs on batches of exactly
+codec.coding_batch_size images, unsharded, on both sides. The caption input is the captions' T5
+token ids (entropy_model.caption_input "tokens": the tokenizer alone, exact anywhere) or their SD3
+text context ("context"), which the float text encoders compute on chunks of exactly
+coding_batch_size captions, unsharded, for either version (an integer model quantises it to int8:
+exact only where the text encoders agree). The image encoder runs coding_batch_size images at a
+time, sharded over the local devices when they divide it: its indices are sent, not recomputed.
+The decoder (flow sampler + VAE) likewise: images may differ from a 1-device decode by float
+rounding only.
 
 A codec folder is a perco-jax weights folder (perco_jax.checkpoint) with the components
-"codec" (config = the run's whole config; params {"params", "vq"}: the stage-1 EMA weights),
+"codec" (config = the run's whole config, completed on load (`config.complete`) when the folder
+predates some of its fields; params {"params", "vq"}: the stage-1 EMA weights),
 "entropy_model", "text" (the three SD3 text encoders; config = their module fields),
-"autoencoder" (the SD3 VAE; absent for space-to-depth), the tokenizers, and the fingerprint that
-bitstreams carry; "few_step" when it has stage 3's few-step decoder (its MM-DiT; config = its
+"autoencoder" (the SD3 VAE or the stage-0 patch autoencoder; absent for space-to-depth), the
+tokenizers, and the fingerprint that bitstreams carry; "integer_entropy_model" when it writes
+version-4 streams; "few_step" when it has stage 3's few-step decoder (its MM-DiT; config = its
 method and the step counts it serves), which `decompress --steps N` uses for those N.
 """
 from __future__ import annotations
@@ -39,7 +48,7 @@ import ml_collections
 import numpy as np
 
 from perco_jax import build, schedules
-from perco_jax.config import setting
+from perco_jax.config import complete
 from perco_jax.codec import bitstream, entropy_coding, integer_export, range_coding
 from perco_jax.codec.bitstream import Header
 from perco_jax.codec.errors import BitstreamError
@@ -192,7 +201,7 @@ class Codec:
             raise CheckpointError(f"{folder} is a weights folder but not a trained codec (write one with "
                                   "`perco-jax export` or `perco-jax demo`)")
         configs, params = load_weights(folder)
-        config = ml_collections.ConfigDict(configs["codec"])
+        config = ml_collections.ConfigDict(complete(configs["codec"]))  # (a folder may predate fields)
         tc = configs["text"]
 
         def module(kind, fields):
@@ -386,8 +395,8 @@ class Codec:
         few = sampler == "few_step" or (sampler == "auto" and steps in self.few_step_counts)
         decode, params = (self._decode_few, self._few_step_codec) if few else (self._decode, self.codec_params)
         guidance = jnp.float32(self.config.sample.guidance if guidance is None else guidance)
-        stochastic = bool(setting(self.config, "sample.stochastic") if stochastic is None else stochastic)
-        temperature = jnp.float32(setting(self.config, "sample.temperature") if temperature is None else temperature)
+        stochastic = bool(self.config.sample.stochastic if stochastic is None else stochastic)
+        temperature = jnp.float32(self.config.sample.temperature if temperature is None else temperature)
         if not temperature >= 0:
             raise ValueError(f"temperature={float(temperature)}: need a number >= 0")
         from perco_jax.codec.transforms import initial_noise, noise_keys

@@ -2,9 +2,11 @@
 indices + caption -> image by the rectified-flow sampler (`make_decoder`), or by the few-step
 decoder of stage 3 (`make_few_step_decoder`):
 
-    codes [B, g, g, d] (from VQ.lookup of the decoded indices), caption tokens
-      -> Euler steps of the MM-DiT velocity (CFG on the caption, z_l in both branches;
-         few-step: N steps of the step-conditioned MM-DiT, one pass each, guidance trained in)
+    codes [B, g, g, d] (from VQ.lookup of the decoded indices), caption tokens, noise [B, h, w, C]
+      -> Euler steps of the MM-DiT velocity (CFG on the caption, z_l in both branches; or
+         stochastic steps that re-noise with fresh noise: sample.stochastic; the noise scaled by
+         sample.temperature; few-step: N steps of the step-conditioned MM-DiT, one pass each,
+         guidance trained in)
       -> unscale -> autoencoder.decode -> image [B, H, W, 3] in [0, 1]
 """
 from __future__ import annotations

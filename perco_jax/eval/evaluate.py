@@ -78,7 +78,6 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from perco_jax import build
-from perco_jax.config import setting as setting_of
 from perco_jax.eval import metrics
 from perco_jax.eval.datasets import Dataset, Item, caption_record, data_protocol, parse_data, resolve_captions
 from perco_jax.eval.networks import Networks, load_networks
@@ -418,7 +417,7 @@ def evaluate(codec, data, out_dir, *, metrics_weights: Optional[Mapping] = None,
     out.mkdir(parents=True, exist_ok=True)
     default_g = float(cfg.sample.guidance if guidance is None else guidance)
     default_s = int(cfg.sample.steps if steps is None else steps)
-    temp = float(setting_of(cfg, "sample.temperature") if temperature is None else temperature)
+    temp = float(cfg.sample.temperature if temperature is None else temperature)
     if not temp >= 0:
         raise ValueError(f"temperature={temperature!r}: need a number >= 0")
     gs, ss = sweep_settings(sweep, default_g, default_s)

@@ -1,11 +1,12 @@
 """SD3 prompt encoding, exactly as diffusers' `StableDiffusion3Pipeline.encode_prompt`:
 
-  context = concat_seq( pad_to_T5_width( concat_ch(CLIP-L[-2], CLIP-G[-2]) ),  T5 )   [B, 77 + L_t5, D]
+  context = concat_seq( pad_to_T5_width( concat_ch(CLIP-L[-2], CLIP-G[-2]) ),  T5 )   [B, C + L_t5, D]
   pooled  = concat_ch( CLIP-L text_embeds, CLIP-G text_embeds )                       [B, P_l + P_g]
 
 CLIP hidden states are the penultimate layer's (before the final layer norm); tokens are padded to
-77 by each tokenizer's own pad token (CLIP-L pads with EOS, OpenCLIP bigG with "!" = id 0). Without
-T5 the T5 part is zeros [B, max_sequence_length, joint_attention_dim], as SD3 allows.
+C = clip_max_length (SD3's 77; config text.clip_max_length) by each tokenizer's own pad token
+(CLIP-L pads with EOS, OpenCLIP bigG with "!" = id 0). Without T5 the T5 part is zeros
+[B, max_sequence_length, joint_attention_dim], as SD3 allows.
 Tokenizers are transformers tokenizers loaded from local folders; encoders are Flax modules.
 """
 from __future__ import annotations
@@ -57,7 +58,7 @@ class PromptEncoder:
                    joint_attention_dim=joint_attention_dim, clip_max_length=clip_max_length)
 
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int = 256) -> dict[str, np.ndarray]:
-        """Token ids [B, 77] for each CLIP and [B, max_sequence_length] for T5 (if present)."""
+        """Token ids [B, clip_max_length] for each CLIP and [B, max_sequence_length] for T5 (if present)."""
         prompts = list(prompts)
         tok_l, tok_g, tok_t5 = self.tokenizers
         ids = {"clip_l": _ids(tok_l, prompts, self.clip_max_length),

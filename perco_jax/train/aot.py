@@ -289,10 +289,9 @@ def _text_inputs(config, prompt_encoder, b: int) -> dict:
     import jax.numpy as jnp
 
     from perco_jax import build
-    from perco_jax.config import setting
 
     m = build.clip_max_length(config) + config.text.max_sequence_length
-    if prompt_encoder is None or setting(config, "text.cache"):
+    if prompt_encoder is None or config.text.cache:
         return {"context": jax.ShapeDtypeStruct((b, m, config.mmdit.joint_attention_dim), jnp.float32),
                 "pooled": jax.ShapeDtypeStruct((b, config.mmdit.pooled_projection_dim), jnp.float32)}
     return _token_inputs(config, b)
@@ -335,14 +334,13 @@ def compile_training(config, topology: Topology, mesh_shape: Mapping[str, int], 
     import jax
 
     from perco_jax import build, parallel
-    from perco_jax.config import setting
     from perco_jax.train import loop, stage3
     from perco_jax.train.shapes import abstract_components
     from perco_jax.train.state import make_optimizer
 
     comp = abstract_components(config, stage, batch)
     cfg = comp.config
-    frozen = frozen or setting(cfg, "frozen_placement")
+    frozen = frozen or cfg.frozen_placement
     if frozen not in build.FROZEN_PLACEMENTS:
         raise ValueError(f"frozen={frozen!r}: choose one of {build.FROZEN_PLACEMENTS}")
     data_fsdp = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
@@ -412,7 +410,6 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
 
     from perco_jax import build
     from perco_jax.codec import transforms
-    from perco_jax.config import setting
     from perco_jax.models.perco import with_step_conditioning
     from flax import linen as nn
 
@@ -451,7 +448,7 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
     g = cfg.codec.grid_side
     tokens = _token_inputs(cfg, b)  # (a Codec tokenizes the captions: its decoder takes ids)
     empty = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype) for k, v in tokens.items()}
-    stochastic = sampler == "teacher" and bool(setting(cfg, "sample.stochastic"))
+    stochastic = sampler == "teacher" and bool(cfg.sample.stochastic)
     args = (on(codec_params, rep), on(frozen, rep), on(jax.ShapeDtypeStruct((b, g, g), jnp.int32), split),
             on(tokens, split), on(empty, rep), on(jax.ShapeDtypeStruct((b, side, side, channels), jnp.float32), split),
             on(jax.ShapeDtypeStruct((b, 2), jnp.uint32), split) if stochastic else None,

@@ -23,7 +23,6 @@ from flax import linen as nn
 from tqdm.auto import tqdm
 
 from perco_jax import build, parallel
-from perco_jax.config import setting
 from perco_jax.train.checkpoints import restore_target
 from perco_jax.train.state import count_params, make_optimizer
 from perco_jax.train.step import TOKEN_KEYS, init_state, make_train_step
@@ -157,7 +156,7 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
             state = stage3.start_from_teacher(state, frozen["codec"], shardings)
         frozen = parallel.place(frozen, frozen_shardings(config, frozen, prompt_encoder, autoencoder, mesh, rules))
         cache = store
-        if store is None and setting(config, "text.cache"):
+        if store is None and config.text.cache:
             from perco_jax.text.cache import TextEmbeddingCache
 
             cache = TextEmbeddingCache(prompt_encoder, text_params, config.text.max_sequence_length, workdir)
@@ -275,7 +274,7 @@ def frozen_shardings(config, frozen: dict, prompt_encoder, autoencoder, mesh, ru
     encoders by the logical axes their modules declare (T5-XXL's 4.7B parameters are split over
     fsdp / tensor like the trained model's; config.frozen_placement = "replicated" keeps a full copy
     on every device instead), the stage-1 codec as it was restored."""
-    if setting(config, "frozen_placement") == "replicated":
+    if config.frozen_placement == "replicated":
         out = {k: jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), frozen[k]) for k in ("text", "autoencoder")}
     else:
         out = {"text": parallel.text_shardings(prompt_encoder, frozen["text"], mesh, rules), "autoencoder": {}}

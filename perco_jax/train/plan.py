@@ -44,7 +44,6 @@ from typing import Mapping
 from jax.sharding import AbstractMesh
 
 from perco_jax import build, parallel
-from perco_jax.config import setting
 from perco_jax.train.activations import ALWAYS, FROZEN_FORWARD, activations
 from perco_jax.train.shapes import Components, abstract_components, largest_layer_gathered, path_keys
 
@@ -171,7 +170,7 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
     eval_shape when planning several meshes. frozen=None: config.frozen_placement."""
     if frozen is None:
-        frozen = setting(config, "frozen_placement")
+        frozen = config.frozen_placement
     if frozen not in build.FROZEN_PLACEMENTS:
         raise ValueError(f"frozen={frozen!r}: choose one of {build.FROZEN_PLACEMENTS}")
     unknown = set(mesh) - set(parallel.MESH_AXES)

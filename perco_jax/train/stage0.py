@@ -25,7 +25,7 @@ import optax
 from flax import linen as nn
 
 from perco_jax import build
-from perco_jax.config import setting
+from perco_jax.config import read_saved_config
 from perco_jax.flow import detail_weight
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
@@ -50,7 +50,7 @@ def make_train_step(autoencoder, config, tx):
     one signature). Metrics: loss, psnr of the noisy-latent reconstruction, latent_std."""
     s0 = config.stage0
     noise_std, l2, decay = float(s0.latent_noise), float(s0.latent_l2), float(s0.stats_decay)
-    detail = float(setting(config, "stage0.loss_detail"))
+    detail = float(config.stage0.loss_detail)
 
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         x = batch["image"]
@@ -114,7 +114,7 @@ def _restore_stage0(config, autoencoder) -> dict:
     if not saved.exists():
         raise build.ConfigError(f"autoencoder_workdir={workdir} holds no stage-0 run (no config.json): train "
                                 "stage 0 first (perco-jax train --config.stage=0)")
-    theirs = json.loads(saved.read_text())
+    theirs = read_saved_config(saved)
     diff = [k for k in ("image_size", "patch_autoencoder")
             if json.loads(json.dumps(config.to_dict()[k])) != theirs.get(k)]
     if diff:

@@ -13,7 +13,6 @@ text context ("context").
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from perco_jax import build
+from perco_jax.config import read_saved_config
 from perco_jax.models.entropy_model import masked_loss_bits, training_mask
 from perco_jax.codec.transforms import encode_images
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
@@ -34,7 +34,7 @@ def check_stage1_config(config, stage1_workdir: Path) -> None:
     path = Path(stage1_workdir) / "config.json"
     if not path.exists():
         raise build.ConfigError(f"stage1_workdir={stage1_workdir} holds no stage-1 run (no config.json)")
-    ours, theirs = build.codec_identity(config.to_dict()), build.codec_identity(json.loads(path.read_text()))
+    ours, theirs = build.codec_identity(config.to_dict()), build.codec_identity(read_saved_config(path))
     diff = sorted(k for k in build.CODEC_SECTIONS if ours[k] != theirs[k])
     if diff:
         raise build.ConfigError(f"the config differs from the stage-1 run in {stage1_workdir} in {diff}: "
@@ -46,10 +46,10 @@ def inherit_autoencoder(config, stage1_workdir: str | Path):
     empty for a learned autoencoder (stage 2 and export use the autoencoder stage 1 was trained on,
     so they need not be told it again)."""
     path = Path(stage1_workdir) / "config.json"
-    if config.autoencoder != "patch" or config.get("autoencoder_workdir") or not path.exists():
+    if config.autoencoder != "patch" or config.autoencoder_workdir or not path.exists():
         return config
     out = config.copy_and_resolve_references()
-    out.autoencoder_workdir = json.loads(path.read_text()).get("autoencoder_workdir", "")
+    out.autoencoder_workdir = read_saved_config(path)["autoencoder_workdir"]
     return out
 
 
@@ -65,7 +65,7 @@ def restore_stage1(config, stage1_workdir: str | Path, mesh, rules) -> TrainStat
     s1.stage = 1
     # the optimisation fields shape the saved state (EMA or not, frozen parts' optimiser state):
     # take them from the stage-1 run, not from stage 2's
-    saved = json.loads((stage1_workdir / "config.json").read_text())
+    saved = read_saved_config(stage1_workdir / "config.json")
     for k in STAGE1_STATE_FIELDS:
         if k in saved:
             s1[k] = saved[k]

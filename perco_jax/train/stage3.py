@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from perco_jax import build, flow
-from perco_jax.config import setting
+from perco_jax.config import read_saved_config
 from perco_jax.models.perco import with_step_conditioning
 from perco_jax.codec.transforms import few_step_codec, guided_latents, image_latents, text_context
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
@@ -49,8 +49,8 @@ COUPLING_ARRAYS = ("noise", "latent", "indices")
 
 def few_step_guidance(config) -> float:
     """The guidance scale the few-step decoder learns: stage3.guidance, or sample.guidance (the
-    teacher's) for a config that predates the field."""
-    g = setting(config, "stage3.guidance")
+    teacher's) when it is None (as `config.complete` sets it in a config that predates the field)."""
+    g = config.stage3.guidance
     return float(config.sample.guidance if g is None else g)
 
 
@@ -174,7 +174,7 @@ def unpair(v):
 def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
     s3 = config.stage3
     shift = float(config.scheduler_shift)   # the sampler's: the grid the few-step decoder runs on
-    detail = float(setting(config, "loss_detail"))  # stage 1's weighting for the flow-matching part
+    detail = float(config.loss_detail)  # stage 1's weighting for the flow-matching part
     finest = 2.0 ** -int(s3.levels)
     guidance = few_step_guidance(config)
     max_len = config.text.max_sequence_length
@@ -385,12 +385,12 @@ def restore_few_step(config, stage3_workdir: str | Path) -> dict:
 
     stage3_workdir = Path(stage3_workdir)
     check_stage1_config(config, stage3_workdir)
-    saved = json.loads((stage3_workdir / "config.json").read_text())
+    saved = read_saved_config(stage3_workdir / "config.json")
     c3 = config.copy_and_resolve_references()
     c3.stage, c3.stage3 = 3, saved["stage3"]
-    c3.stage1_workdir = c3.stage1_workdir or saved.get("stage1_workdir", "")
+    c3.stage1_workdir = c3.stage1_workdir or saved["stage1_workdir"]
     c3.sample.guidance = saved["sample"]["guidance"]
-    c3.trainable = saved.get("trainable", c3.trainable)
+    c3.trainable = saved["trainable"]
     c3 = build.stage_config(c3)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     rules = parallel.rules_from_config(c3.sharding_rules)

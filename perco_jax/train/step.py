@@ -1,9 +1,12 @@
 """The stage-1 training step: conditional flow matching on the autoencoder latent given z_l and the
-caption (dropped to the empty prompt in `caption_dropout` of the examples), plus the VQ terms.
+caption (dropped to the empty prompt in `caption_dropout` of the examples), weighted towards
+small objects by config.loss_detail (`flow.detail_weight`; 0 = SD3's plain loss), plus the VQ terms.
 
-    batch = {"image": [B, H, W, 3] in [-1, 1], "clip_l": [B, 77], "clip_g": [B, 77], "t5": [B, L]}
-    or, with precomputed embeddings (`text/cache.py`), "context" [B, L, D] and "pooled" [B, P]
-    instead of the token ids; `empty` is then {"context", "pooled"} of the empty prompt.
+    batch = {"image": [B, H, W, 3] in [-1, 1], "clip_l": [B, C], "clip_g": [B, C], "t5": [B, L]}
+    (C = text.clip_max_length, SD3's 77; L = text.max_sequence_length) or, with precomputed
+    embeddings (text.cache: `text/cache.py`; text.embeddings: `text/store.py`), "context" [B, M, D]
+    and "pooled" [B, P] instead of the token ids; `empty` is then {"context", "pooled"} of the
+    empty prompt.
 """
 from __future__ import annotations
 
@@ -12,7 +15,6 @@ import jax.numpy as jnp
 import optax
 
 from perco_jax import build, flow
-from perco_jax.config import setting
 from perco_jax.models.vae import latents_from_moments, scale_latents
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
@@ -25,7 +27,7 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
              if config.sigma_sampling.resolution_shift else 1.0)
     max_len = config.text.max_sequence_length
     p_drop = float(config.text.caption_dropout)
-    detail = float(setting(config, "loss_detail"))
+    detail = float(config.loss_detail)
 
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
