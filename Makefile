@@ -26,13 +26,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/perco-jax demo --workdir demo
 
-# `make test`: everything but the tests marked slow (each ~15 s or more; about 17 minutes
-# together), which `make test-slow` runs; CI (.ci/run) runs both.
+# `make test`: everything but the tests marked slow (each ~15 s or more), which `make test-slow`
+# runs; CI (.ci/run) runs both. Two pytest processes (pytest-xdist): XLA compiles on one core, and
+# much of the suite is compilation. Each process trains the session's tiny codecs (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m slow tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/mmdit.py

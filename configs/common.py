@@ -189,5 +189,8 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     # the teacher sampler: `steps` guided steps; stochastic=True re-noises the predicted data at every
     # step (diffusers' FlowMatchEulerDiscreteScheduler stochastic_sampling) instead of SD3's Euler ODE;
     # temperature scales the sampler's noise (starting noise and fresh draws; 1 = as trained)
-    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0, stochastic=False, temperature=1.0))
+    # batch_size: images the decoder (sampler + autoencoder) runs at once, the last chunk padded (images
+    # differ from another batch size's by float rounding only; the bitstream does not depend on it)
+    config.sample = ml_collections.ConfigDict(dict(steps=28, guidance=3.0, stochastic=False, temperature=1.0,
+                                                   batch_size=8))
     return config

@@ -126,8 +126,9 @@ def validate(config) -> None:
     need(config.stage != 2 or caption_input(config) != "tokens" or text_encoders_in_step(config),
          "stage 2 with entropy_model.caption_input='tokens' trains on the captions' token ids: set "
          "text.cache=False and text.embeddings='' (precomputed embeddings hold no token ids)")
-    need(int(config.codec.coding_batch_size) == config.codec.coding_batch_size and config.codec.coding_batch_size >= 1,
-         f"codec.coding_batch_size={config.codec.coding_batch_size!r}: need an integer >= 1")
+    for key, value in (("codec.coding_batch_size", config.codec.coding_batch_size),
+                       ("sample.batch_size", config.sample.batch_size)):
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"{key}={value!r}: need an integer >= 1")
     for spec in (config.codec.schedule, *config.stage2.schedules):
         try:
             schedules.parse_spec(spec)

@@ -92,33 +92,40 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    clock = _PhaseClock()
     _compile_once(work / "xla_cache")
     err = check_sd3_port(work / "sd3_port")
     print(f"[1/6] SD3 port: converted MM-DiT vs diffusers, relative max error {err:.2e}")
     if err > 1e-4:
         print("demo FAILED: the converted MM-DiT differs from diffusers")
         return 1
+    clock.mark("SD3 port")
 
     config = load_config("tiny", [*overrides, f"autoencoder_workdir={work / 'stage0'}"])
     print(f"[2/6] stage 0: training the tiny autoencoder ({config.image_size}^2 -> "
           f"{config.image_size // config.patch_autoencoder.factor}^2 x {config.patch_autoencoder.latent_channels}) "
           f"for {config.stage0.num_train_steps} steps on synthetic scenes")
     train(load_config("tiny", [*overrides, "stage=0"]), work / "stage0")
+    clock.mark("stage 0")
     print(f"[3/6] stage 1: training the tiny codec for {config.num_train_steps} steps "
           f"(z_l: {config.codec.grid_side}x{config.codec.grid_side} indices, K={config.codec.codebook_size})")
     train(config, work / "stage1")
+    clock.mark("stage 1")
     config2 = config.copy_and_resolve_references()
     config2.update(stage=2, stage1_workdir=str(work / "stage1"))
     print(f"[4/6] stage 2: training the entropy model for {config.stage2.num_train_steps} steps on the "
           f"codec's indices ({len(config.stage2.schedules)} masking schedules)")
     train(config2, work / "stage2")
+    clock.mark("stage 2")
     codec = export_codec(config, work / "stage1", work / "stage2")
     codec.save(work / "checkpoint")
     codec = Codec.load(work / "checkpoint")
+    clock.mark("export")
 
     # (measured afresh each run: a rerun after an update may decode with other sampler settings, which
     # evaluate would refuse to mix with the saved results)
     summary = evaluate(codec, f"synthetic:{heldout}:{HELDOUT_SEED}", work / "eval", progress=False, resume=False)
+    clock.mark("evaluate")
     g, k = config.codec.grid_side, config.codec.codebook_size
     _, images, captions = heldout_scenes(heldout, config.image_size, HELDOUT_SEED)
     names = sorted(p.stem for p in (work / "eval" / "recon").glob("*.png"))[:SHOWN]
@@ -137,16 +144,33 @@ def run_demo(workdir: str, overrides: Sequence[str] = (), heldout: int = HELDOUT
     print(f"\n  rate of the z_l indices per masking schedule ({min(heldout, RATED)} images, index bytes exact; "
           f"'(model)' = the entropy model's cross-entropy):")
     print(format_rates(schedule_rates(codec, images[:RATED], captions[:RATED])))
+    clock.mark("rate table")
     print(f"\n[6/6] stage 3: the few-step decoder ({config.stage3.method}, {config.stage3.num_train_steps} steps), "
           f"added to {work / 'checkpoint'} (`decompress --steps 1`); {heldout} held-out scenes per decoder:")
     codec, decoders, s3_seconds = run_stage3_demo(config, work, codec, HELDOUT_SEED, n=heldout, shown=SHOWN,
                                                   upscale=UPSCALE, steps=(1,))
+    clock.mark("stage 3 + decoders")
     print(format_decoder_table(decoders))
     print(f"  trained in {s3_seconds:.0f} s; {work / 'few_step.png'}: original | teacher ({config.sample.steps} "
           f"steps) | few-step decoder, 1 step | plain guided 1 step (x{UPSCALE})")
     print(f"\nnext: perco-jax compress --checkpoint {work / 'checkpoint'} YOUR.png -o YOUR.perco --caption '...'")
-    print(f"demo OK in {time.time() - start:.0f} s")
+    print(f"demo OK in {time.time() - start:.0f} s ({clock})")
     return 0
+
+
+class _PhaseClock:
+    """Wall-clock seconds per demo phase, for the closing line."""
+
+    def __init__(self):
+        self.last, self.phases = time.time(), []
+
+    def mark(self, name: str) -> None:
+        now = time.time()
+        self.phases.append((name, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{name} {sec:.0f} s" for name, sec in self.phases)
 
 
 def _compile_once(folder: Path) -> None:

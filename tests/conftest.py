@@ -25,6 +25,9 @@ import pytest  # noqa: E402
 # (stage 0: 1,000 steps, stage 1: 700) serves the slow tests that judge what training learned (the
 # learning test, the autoencoder's quality, stage 3). Each: stage 2 for 100 steps on its indices,
 # exported and reloaded. (`make demo` trains the same with the tiny config's full budget.)
+# `make test` runs two pytest processes (pytest-xdist, --dist loadgroup), and session fixtures are
+# per process: the tests of the quick codec are in xdist group "tiny_codecs", those of the learned
+# ones in "learned_codecs", so each group's process trains its codecs once.
 QUICK_STAGE0_STEPS, QUICK_STAGE1_STEPS = 300, 200
 STAGE0_STEPS = 1000
 STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]

@@ -24,6 +24,10 @@ from perco_jax.data.pipeline import make_dataset
 from perco_jax.images import load_image, save_image
 from perco_jax.train.loop import train
 
+# the session's quick codec: one pytest-xdist process trains it (see tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("tiny_codecs")
+
+
 @pytest.fixture(scope="module")
 def trained(trained_codec):
     """(config, codec folder, Codec) of the session's tiny codec (tests/conftest.py)."""
@@ -105,6 +109,12 @@ def test_decompress_is_the_sampler_on_the_decoded_indices_at_the_original_size(t
     np.testing.assert_allclose(out[2], direct[2], atol=1e-6)
     alone = codec.decompress(streams[2], seed=3)  # another batch: the same image (noise is per image)
     np.testing.assert_allclose(alone, out[2], atol=1e-4)
+    size = codec.config.sample.batch_size
+    try:  # the decoder in chunks of 2 (the last one padded): the same images
+        codec.config.sample.batch_size = 2
+        np.testing.assert_allclose(np.stack(codec.decompress_batch(streams, seed=3)[::2]), np.stack(out[::2]), atol=1e-4)
+    finally:
+        codec.config.sample.batch_size = size
 
 
 def test_stochastic_sampler_is_the_configs_choice_and_repeats_per_stream(trained, heldout):

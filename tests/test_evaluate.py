@@ -26,6 +26,10 @@ from tests.test_captions import blip2_folder  # noqa: F401  (the tiny BLIP-2 cap
 from tests.test_clip_score import clip_folder  # noqa: F401  (the tiny CLIP model fixture)
 from tests.test_segmentation import segformer  # noqa: F401  (the tiny SegFormer fixture)
 
+# the session's quick codec: one pytest-xdist process trains it (see tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("tiny_codecs")
+
+
 CODEC = ["mmdit.num_layers=2", "text.max_sequence_length=8", "codec.coding_batch_size=2", "sample.steps=2",
          "entropy_model.width=32", "entropy_model.depth=1"]
 

@@ -78,6 +78,23 @@ def test_float_matmuls_only_where_every_partial_sum_is_an_exact_float32_integer(
     assert int(iem.Ops(jnp, jnp.int32, {"m"}).matmul(x, w, "m")[0, 0]) != exact
 
 
+def test_bf16_operands_only_where_both_are_exact_bf16_integers(stored):
+    """Of the float32 matmuls, the JAX path feeds bfloat16 operands to those whose operands are
+    integers within 2^8 (bf16's 8 significant bits): every dense layer (int8 weights, inputs clamped
+    to int8 or GELU table values) and the attention scores, not the weighted values (weights up to
+    2^12); a dense layer with a stored weight past 2^8 stays float32, where bf16 would round."""
+    qm, _ = stored
+    dense = {k[:-2] for k in qm.arrays if k.endswith(".w")}
+    scores = {f"blocks_{i}.scores" for i in range(qm.config["depth"])}
+    assert iem.bf16_exact_matmuls(qm) == dense | scores
+    big = np.array(qm.arrays["head.w"], np.int64)
+    big[0, 0] = 257
+    assert "head" not in iem.bf16_exact_matmuls(dataclasses.replace(qm, arrays=dict(qm.arrays, **{"head.w": big})))
+    x, w = jnp.full((1, 1), 257, jnp.int32), jnp.ones((1, 1), jnp.int32)
+    assert int(iem.Ops(jnp, jnp.int32, {"m"}).matmul(x, w, "m")[0, 0]) == 257
+    assert int(iem.Ops(jnp, jnp.int32, {"m"}, {"m"}).matmul(x, w, "m")[0, 0]) != 257  # (rounds to 256 or 258)
+
+
 @pytest.mark.slow
 def test_jax_path_reproduces_the_golden_streams_under_every_setting():
     """In one subprocess with XLA_FLAGS=--xla_backend_optimization_level=0 and 8 host devices: jit,

@@ -262,6 +262,7 @@ def test_full_size_stage3_plans_abstractly(method):
 HELDOUT_SEED = 4242  # synthetic scenes that no training run draws (as test_train.py's)
 
 
+@pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_tiny_student_one_step_error_is_well_below_a_plain_step(few_step_codec):
     """The tiny config's stage 3 (shortcut models, 300 steps): one step of the student lands much
@@ -283,6 +284,7 @@ def test_tiny_student_one_step_error_is_well_below_a_plain_step(few_step_codec):
     assert e_student < 0.5 * e_plain, (e_student, e_plain)
 
 
+@pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(few_step_codec, learned_codec,
                                                                                 tmp_path):
@@ -309,6 +311,7 @@ def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(fe
         plain.decompress(stream, steps=1, sampler="few_step")
 
 
+@pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_reflow_straightens_the_flow(learned_stage1, learned_codec, tmp_path):
     """2-rectified flow on the teacher's couplings: the straightness E ||(x_1 - x_0) - v||^2 of the

@@ -35,6 +35,7 @@ def _scene_scores(outputs, originals, scenes) -> dict:
     return out
 
 
+@pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_tiny_codec_draws_the_scenes_and_beats_the_equal_bits_thumbnail(learned_stage1, learned_codec):
     """At the tests' budget (stage 0: 1,000 steps, stage 1: 700), held-out scenes come back through
@@ -70,6 +71,7 @@ def test_tiny_codec_draws_the_scenes_and_beats_the_equal_bits_thumbnail(learned_
     assert np.diag(err).mean() < 0.5 * err[~np.eye(n, dtype=bool)].mean()
 
 
+@pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_stage0_autoencoder_reconstructs_and_normalises_its_latent(learned_stage0):
     """The tiny autoencoder of stage 0 (its pixel loss weighted towards detail) reconstructs held-out
@@ -105,6 +107,7 @@ def test_bad_stage0_values_fail_at_start(override, match):
         build.validate(load_config("tiny", override))
 
 
+@pytest.mark.xdist_group("tiny_codecs")  # (see tests/conftest.py)
 def test_stage1_refuses_a_stage0_run_of_another_autoencoder(stage0_run):
     from perco_jax.train.stage0 import autoencoder_params
 
@@ -222,7 +225,7 @@ def test_configs_saved_before_a_field_load_with_its_old_default(tmp_path):
     old = {"text.clip_max_length": CLIP_MAX_LENGTH, "text.cache": False, "text.embeddings": "",
            "frozen_placement": "sharded", "entropy_model.caption_input": "context", "stage3.guidance": None,
            "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0, "sample.temperature": 1.0,
-           "autoencoder_workdir": "", "stage1_workdir": "", "trainable": "all"}
+           "sample.batch_size": 8}
     assert LATER_FIELDS == old
 
     def without(config: dict, keys) -> dict:
@@ -282,6 +285,11 @@ def test_configs_saved_before_a_field_load_with_its_old_default(tmp_path):
         saved = load_config("tiny").to_dict()
         saved["sample"]["temperature"] = bad
         with pytest.raises(build.ConfigError, match="sample.temperature"):
+            build.validate(ml_collections.ConfigDict(saved))
+    for bad in (0, 2.5, "8", True):
+        saved = load_config("tiny").to_dict()
+        saved["sample"]["batch_size"] = bad
+        with pytest.raises(build.ConfigError, match="sample.batch_size"):
             build.validate(ml_collections.ConfigDict(saved))
 
 

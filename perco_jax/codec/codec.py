@@ -20,8 +20,9 @@ text context ("context"), which the float text encoders compute on chunks of exa
 coding_batch_size captions, unsharded, for either version (an integer model quantises it to int8:
 exact only where the text encoders agree). The image encoder runs coding_batch_size images at a
 time, sharded over the local devices when they divide it: its indices are sent, not recomputed.
-The decoder (flow sampler + VAE) likewise: images may differ from a 1-device decode by float
-rounding only.
+The decoder (flow sampler + VAE) runs config.sample.batch_size images at a time (fewer: the next
+power of two), sharded likewise: images may differ from a 1-device decode or another batch size by
+float rounding only.
 
 A codec folder is a perco-jax weights folder (perco_jax.checkpoint) with the components
 "codec" (config = the run's whole config, completed on load (`config.complete`) when the folder
@@ -222,15 +223,17 @@ class Codec:
 
     # ------------------------------------------------------------------ pieces
 
-    def _chunks(self, n: int):
-        for start in range(0, n, self.batch):
-            yield slice(start, min(start + self.batch, n))
+    def _chunks(self, n: int, size: Optional[int] = None):
+        """Slices of 0..n in chunks of `size` (default: coding_batch_size)."""
+        size = size or self.batch
+        for start in range(0, n, size):
+            yield slice(start, min(start + size, n))
 
-    def _local_batch(self, tree):
-        """A chunk's arrays [coding_batch_size, ...] split over this host's devices when there are
-        several and they divide the chunk (else left for jit to place on one device)."""
+    def _local_batch(self, tree, size: Optional[int] = None):
+        """A chunk's arrays [size, ...] (default: coding_batch_size) split over this host's devices
+        when there are several and they divide the chunk (else left for jit to place on one device)."""
         n_dev = jax.local_device_count()
-        if n_dev == 1 or self.batch % n_dev:
+        if n_dev == 1 or (size or self.batch) % n_dev:
             return tree
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -407,13 +410,16 @@ class Codec:
         keys = np.asarray(noise_keys(seed, ids)) if stochastic and not few else None
         empty = self.prompt_encoder.tokenize([""], self.config.text.max_sequence_length)
         out = []
-        for sl in self._chunks(n):
-            chunk = list(captions[sl]) + [""] * (self.batch - (sl.stop - sl.start))
+        # chunks of sample.batch_size; fewer images pad to the next power of two only (one image costs
+        # one image's decode, and at most log2(batch_size) + 1 programs are compiled)
+        size = min(int(self.config.sample.batch_size), 1 << max(n - 1, 0).bit_length())
+        for sl in self._chunks(n, size):
+            chunk = list(captions[sl]) + [""] * (size - (sl.stop - sl.start))
             tokens, idx, z, k = self._local_batch((
                 self.prompt_encoder.tokenize(chunk, self.config.text.max_sequence_length),
-                entropy_coding.pad_batch(np.asarray(indices[sl]), self.batch),
-                entropy_coding.pad_batch(noise[sl], self.batch),
-                None if keys is None else entropy_coding.pad_batch(keys[sl], self.batch)))
+                entropy_coding.pad_batch(np.asarray(indices[sl]), size),
+                entropy_coding.pad_batch(noise[sl], size),
+                None if keys is None else entropy_coding.pad_batch(keys[sl], size)), size)
             x = decode(params, {"autoencoder": self.ae_params, "text": self.text_params},
                        idx, tokens, empty, z, k, guidance, temperature, steps=steps)
             out.append(np.asarray(x)[: sl.stop - sl.start])

@@ -44,10 +44,11 @@ def _timed(fn, repeats: int):
 
 
 def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2, 4), *, repeats: int = 1,
-                     plain: bool = True) -> list[dict]:
+                     plain: bool = True, keep: int = 0) -> list[dict]:
     """Rows {"decoder", "steps", "psnr", "mse_to_teacher", scene metrics..., "seconds_per_image"}
     for the teacher, and per step count the plain sampler (plain=True) and the codec's few-step
-    decoder (when it has one); see the module docstring."""
+    decoder (when it has one); see the module docstring. keep > 0: each row also holds "images",
+    its first `keep` decoded images [keep, S, S, 3] in [0, 1]."""
     scenes, images, captions = heldout_scenes(n, codec.config.image_size, seed)
     indices = codec.encode_images(images * 2 - 1)
 
@@ -57,6 +58,8 @@ def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2
         r = {"decoder": name, "steps": int(k), "psnr": float(np.mean([image_psnr(o, x) for o, x in zip(images, out)]))}
         r.update({m: float(np.mean([d[m] for d in ms])) for m in SCENE_METRICS})
         r["seconds_per_image"] = seconds / n
+        if keep:
+            r["images"] = out[:keep]
         return r, out
 
     default = int(codec.config.sample.steps)
@@ -155,12 +158,12 @@ def run_stage3_demo(config, work, codec, seed: int, n: int = 48, shown: int = 8,
     seconds = time.perf_counter() - start
     codec = with_few_step_decoder(codec, work / "stage3")
     codec.save(work / "checkpoint")
-    rows = compare_decoders(codec, seed, n=n, steps=tuple(codec.few_step_counts if steps is None else steps))
-    _, images, captions = heldout_scenes(shown, codec.config.image_size, seed)
-    indices = codec.encode_images(images * 2 - 1)
-    columns = [images, codec.decode_images(indices, captions, sampler="teacher"),
-               codec.decode_images(indices, captions, steps=1, sampler="few_step"),
-               codec.decode_images(indices, captions, steps=1, sampler="teacher")]
+    counts = tuple(codec.few_step_counts if steps is None else steps)
+    rows = compare_decoders(codec, seed, n=n, steps=counts if 1 in counts else (1, *counts), keep=shown)
+    _, images, _ = heldout_scenes(shown, codec.config.image_size, seed)
+    # the table's own images (the first `shown` scenes), not decoded again
+    pictures = {(r["decoder"].split(" ")[0], r["steps"]): r.pop("images") for r in rows}
+    columns = [images, pictures["teacher", int(codec.config.sample.steps)], pictures["student", 1], pictures["plain", 1]]
     grid = np.concatenate([np.concatenate(list(col), axis=0) for col in columns], axis=1)
     save_image(np.repeat(np.repeat(grid, upscale, axis=0), upscale, axis=1), work / "few_step.png")
     return codec, rows, seconds

@@ -17,7 +17,7 @@ The programs are the ones a run executes:
              frozen text encoders / VAE / stage-1 codec placed as `loop.frozen_shardings` places them)
   decoding   `Codec.decompress_batch`'s jitted decoders (`codec.transforms.make_decoder`, the guided
              sampler at config.sample.steps, and `make_few_step_decoder` at the fewest steps of
-             config.stage3.steps) on a coding batch (config.codec.coding_batch_size) split over one
+             config.stage3.steps) on a decoder batch (config.sample.batch_size) split over one
              host's chips, parameters replicated, as a `Codec` runs them.
 
 A process that compiles for TPU runs with JAX_PLATFORMS=cpu and TPU_SKIP_MDS_QUERY=1 (the CLI sets
@@ -401,7 +401,7 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
                      batch: int | None = None, attention: str | None = None) -> CompiledProgram:
     """Compiles `Codec.decompress_batch`'s decoder for `topology`: sampler "teacher" (the guided
     sampler, config.sample.steps) or "few_step" (the stage-3 decoder, its fewest steps) on
-    config.codec.coding_batch_size images (or `batch`), split over one host's chips when they divide
+    config.sample.batch_size images (or `batch`), split over one host's chips when they divide
     it (as `Codec` places a chunk), every parameter replicated."""
     import jax
     import jax.numpy as jnp
@@ -419,7 +419,7 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
         raise ValueError(f"sampler={sampler!r}: teacher or few_step")
     comp = abstract_components(config, 1, None)
     cfg = comp.config
-    b = int(batch or cfg.codec.coding_batch_size)
+    b = int(batch or cfg.sample.batch_size)
     devices = host_devices(topology)
     n = len(devices) if b % len(devices) == 0 else 1
     mesh = Mesh(np.array(devices[:n]), ("data",))
