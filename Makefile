@@ -28,7 +28,8 @@ demo: $(STAMP)
 
 # `make test`: everything but the tests marked slow (each ~15 s or more), which `make test-slow`
 # runs; CI (.ci/run) runs both. Two pytest processes (pytest-xdist): XLA compiles on one core, and
-# much of the suite is compilation. Each process trains the session's tiny codecs (tests/conftest.py).
+# much of the suite is compilation. The tests of each shared trained codec are one xdist group, so
+# one process trains it (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
