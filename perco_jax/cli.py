@@ -210,20 +210,41 @@ def _captions(args, codec) -> list[str]:
     return [p for p, _ in prompts]
 
 
+def _write_streams(outs: list, streams: list[bytes], codec) -> int:
+    """Writes each stream to its output path and prints their rates (`format_stream_rates`)."""
+    from perco_jax.codec.report import format_stream_rates
+
+    for out, stream in zip(outs, streams):
+        out.write_bytes(stream)
+    print(format_stream_rates(outs, streams, codec.grid, codec.config.codec.codebook_size))
+    return 0
+
+
 def _compress(args) -> int:
     from perco_jax.codec.codec import Codec
-    from perco_jax.codec.report import format_stream_rates
     from perco_jax.images import load_image
 
     outs = _outputs(args.inputs, args.out, ".perco")
     codec = Codec.load(args.checkpoint)
     captions = _captions(args, codec)
     images = [load_image(p) for p in args.inputs]
-    streams = codec.compress_batch(images, captions, schedule=args.schedule)
-    for out, stream in zip(outs, streams):
-        out.write_bytes(stream)
-    print(format_stream_rates(outs, streams, codec.grid, codec.config.codec.codebook_size))
-    return 0
+    streams = codec.compress_batch(images, captions, schedule=args.schedule, groups=args.groups,
+                                   max_bytes=args.max_bytes, target_bpp=args.target_bpp)
+    return _write_streams(outs, streams, codec)
+
+
+def _truncate(args) -> int:
+    from pathlib import Path
+
+    from perco_jax.codec.codec import Codec
+
+    outs = _outputs(args.inputs, args.out, ".perco")
+    if any(Path(o).resolve() == Path(i).resolve() for o, i in zip(outs, args.inputs)):
+        raise ValueError("truncate writes new files: give an output other than the input")
+    codec = Codec.load(args.checkpoint)
+    streams = codec.truncate_batch([Path(p).read_bytes() for p in args.inputs], groups=args.groups,
+                                   max_bytes=args.max_bytes, target_bpp=args.target_bpp)
+    return _write_streams(outs, streams, codec)
 
 
 def _decompress(args) -> int:
@@ -237,7 +258,7 @@ def _decompress(args) -> int:
     streams = [Path(p).read_bytes() for p in args.inputs]
     images = codec.decompress_batch(streams, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                     sampler=args.sampler.replace("-", "_"), stochastic=args.stochastic,
-                                    temperature=args.temperature)
+                                    temperature=args.temperature, fill_temperature=args.fill_temperature)
     for out, image in zip(outs, images):
         save_image(image, out)
         print(f"wrote {out} ({image.shape[1]}x{image.shape[0]})")
@@ -355,7 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full (the caption), none (empty prompt, no caption needed) or truncate:N (first N tokens)")
     c.add_argument("--schedule", help="masking schedule spec (qlds:8, checkerboard, implicit_var, uniform, ...; "
                                       "default: the codec's)")
+    _add_prefix_flags(c)
     c.set_defaults(fn=_compress)
+
+    tr = sub.add_parser("truncate", help="cut .perco streams to fewer index groups (no image needed; the decoder "
+                                         "predicts the groups cut)")
+    tr.add_argument("--checkpoint", required=True, help="the codec folder that compressed them")
+    tr.add_argument("inputs", nargs="+", help=".perco files")
+    tr.add_argument("-o", "--out", required=True, help="OUT.perco for one stream, or a folder")
+    _add_prefix_flags(tr)
+    tr.set_defaults(fn=_truncate)
 
     dc = sub.add_parser("decompress", help=".perco bitstreams -> images")
     dc.add_argument("--checkpoint", required=True, help="the codec folder that compressed them")
@@ -373,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--temperature", type=float, help="the samplers' noise scale (guided and few-step; 1: as "
                                                       "trained; lower: closer to the most likely image; default: "
                                                       "the config's)")
+    dc.add_argument("--fill-temperature", type=float, default=0.0,
+                    help="a prefix stream's index groups not sent are the entropy model's predictions: the most "
+                         "likely (0, the default) or drawn at this temperature")
     dc.set_defaults(fn=_decompress)
 
     from perco_jax.eval.command import add_parser as add_evaluate
@@ -382,6 +415,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(i)
     i.set_defaults(fn=_info)
     return p
+
+
+def _add_prefix_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--groups", type=int, metavar="K", help="send only the first K index groups of the masking "
+                                                          "schedule (0: the caption alone; default: all)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-bytes", type=int, metavar="N", help="per image, the most index groups whose stream "
+                                                                  "takes at most N bytes")
+    budget.add_argument("--target-bpp", type=float, metavar="X", help="per image, the most index groups whose "
+                                                                     "stream takes at most X bits per pixel")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, help: str = "preset name or config file") -> None:

@@ -301,6 +301,14 @@ def parse_spec(spec: str) -> tuple[str, int, int]:
     return name, steps, seed
 
 
+def spec_string(name: str, steps: int = 0, seed: int = 0) -> str:
+    """The spec of (name, steps, seed), the inverse of parse_spec: "qlds:8", "random:8:3", "quincunx"."""
+    parts = [name] + ([str(steps)] if name in STEPPED else []) + ([str(seed)] if name in ("random", "cosine") else [])
+    spec = ":".join(parts)
+    parse_spec(spec)  # (ValueError for what it refuses)
+    return spec
+
+
 def from_spec(spec: str, h: int, w: int) -> np.ndarray:
     """groups [H, W] of a schedule spec (see parse_spec); "uniform" has no groups (ValueError)."""
     name, steps, seed = parse_spec(spec)

@@ -32,9 +32,10 @@ def _v3_crc(body: bytes, indices=(), key: bytes = FP) -> bytes:
 @pytest.mark.parametrize("caption", ["", "a photo of a cat on a red sofa", "猫がソファの上で寝ている 🐈‍⬛🛋️",
                                      "emoji only 😀😃😄😁", "x" * 5000, "tab\tnewline\nnul\0 é ß ∑"])
 @pytest.mark.parametrize("coding", [bs.CAPTION_DEFLATE, bs.CAPTION_UTF8])
-@pytest.mark.parametrize("version", [2, 3, 4])
+@pytest.mark.parametrize("version", [2, 3, 4, 5])
 def test_pack_unpack_round_trip(caption, coding, version):
-    header = dataclasses.replace(HEADER if version == 2 else MODEL, caption_coding=coding, version=version)
+    header = dataclasses.replace(HEADER if version == 2 else MODEL, caption_coding=coding, version=version,
+                                 groups_sent=2 if version == 5 else None)
     payload = bytes(range(256)) * 3
     data = bs.pack(header, caption, payload, indices=GRID, model=MODEL)
     assert data[:5] == b"PRCO\2" if version == 2 else data[0] == 0xA0 | version
@@ -55,6 +56,29 @@ def test_version_4_is_version_3_with_integer_tables():
         bs.check_crc(v4, GRID + 1, model=MODEL)
     with pytest.raises(BitstreamError, match="decode it where it was encoded"):
         bs.check_crc(v3, GRID + 1, model=MODEL)
+
+
+def test_version_5_is_version_4_with_the_count_of_groups_sent():
+    """A prefix stream: version 4's layout, then the groups sent (a varint) before the caption length;
+    it costs one byte for fewer than 128 groups. groups_sent belongs to version 5 alone."""
+    v4h = dataclasses.replace(MODEL, version=bs.INTEGER_MODEL_VERSION, caption_coding=bs.CAPTION_UTF8)
+    v4 = bs.pack(v4h, "a cat", b"\7" * 10, indices=GRID, model=MODEL)
+    for k, extra in ((0, b"\0"), (3, b"\3"), (300, bytes([0xAC, 0x02]))):
+        h = dataclasses.replace(v4h, version=bs.PREFIX_VERSION, groups_sent=k)
+        v5 = bs.pack(h, "a cat", b"\7" * 10, indices=GRID, model=MODEL)
+        assert v5 == _v3_crc(b"\xa5" + v4[1:4] + extra + v4[4:-4], GRID)
+        assert bs.unpack(v5, indices=GRID, model=MODEL) == (h, "a cat", b"\7" * 10)
+    for bad, match in ((dataclasses.replace(v4h, groups_sent=2), "version-5 field"),
+                       (dataclasses.replace(v4h, version=5), "needs groups_sent"),
+                       (dataclasses.replace(v4h, version=5, groups_sent=1 << 16), "needs groups_sent"),
+                       (dataclasses.replace(v4h, version=5, groups_sent=1, schedule="uniform", schedule_steps=0),
+                        "no index groups")):
+        with pytest.raises(BitstreamError, match=match):
+            bs.pack(bad, "a cat", b"", indices=GRID, model=MODEL)
+    v5 = bs.pack(dataclasses.replace(v4h, version=5, groups_sent=1), "a cat", b"\7", indices=GRID, model=MODEL)
+    for cut in range(1, len(v5)):
+        with pytest.raises(BitstreamError):
+            bs.unpack(v5[:cut], indices=GRID, model=MODEL)
 
 
 def test_layout_and_overhead():
@@ -350,6 +374,37 @@ def test_range_coding_round_trip_and_rate(k, concentration):
     bits = sum(rc.cross_entropy_bits(s, p) for s, p in zip(symbols, probs) if len(s))
     assert len(data) <= 1.01 * bits / 8 + 8, (len(data), bits / 8)
     assert len(data) >= math.floor(bits / 8) - 8
+
+
+@pytest.mark.parametrize("k,concentration", [(4, 0.5), (64, 0.3), (1024, 0.05)])
+def test_every_prefix_of_groups_is_a_cut_of_the_payload_about_a_byte_over_its_information(k, concentration):
+    rng = np.random.default_rng(k)
+    over = []
+    for trial in range(40):
+        sizes = [int(n) for n in rng.integers(0, 12, rng.integers(1, 9))]
+        counts = [rc.quantize_counts(rng.dirichlet(np.full(k, concentration), size=n)) if n else
+                  np.zeros((0, k), np.int64) for n in sizes]
+        symbols = [_sample(rng, c.astype(np.float64)) if len(c) else np.zeros(0, np.int32) for c in counts]
+        layers = rc.encode_layers(symbols, counts)
+        full = rc.encode_counts(symbols, counts)
+        assert len(layers) == len(sizes) + 1 and layers[0] == b"" and layers[-1] == full
+        for j, part in enumerate(layers):
+            assert full.startswith(part) and (j == 0 or len(part) >= len(layers[j - 1]))
+            dec = rc.Decoder(part)
+            for s, c in zip(symbols[:j], counts[:j]):
+                np.testing.assert_array_equal(dec.decode_counts(c), s)
+            if part:  # the shortest: one byte less no longer decodes those groups
+                dec = rc.Decoder(part[:-1])
+                assert not all(np.array_equal(dec.decode_counts(c), s) for s, c in zip(symbols[:j], counts[:j]))
+            bits = sum(rc.count_bits(s, c) for s, c in zip(symbols[:j], counts[:j]) if len(s))
+            if 0 < j < len(sizes):
+                over.append(len(part) - bits / 8)
+        # a cut of a cut is the cut of the whole (what `truncate` relies on)
+        j = len(sizes) // 2
+        assert rc.prefix_cuts(layers[j], symbols[:j], counts[:j]) == layers[:j + 1]
+    assert -1 < np.mean(over) < 1.5, np.mean(over)
+    with pytest.raises(ValueError, match="does not decode"):
+        rc.prefix_cuts(b"", [np.array([1], np.int32)], [rc.quantize_counts(np.eye(k)[:1])])  # b"" reads as symbol 0
 
 
 def test_quantized_table_is_exact():

@@ -83,9 +83,10 @@ from perco_jax.codec.caption_coding import MAX_CAPTION_BYTES
 from perco_jax.codec.errors import BitstreamError
 
 MAGIC = b"PRCO"           # versions 1 and 2
-VERSION = 4               # the newest version: the newest read here
+VERSION = 5               # the newest version: the newest read here
 FLOAT_MODEL_VERSION = 3   # what a codec with the float entropy model writes (tables from float probabilities)
 INTEGER_MODEL_VERSION = 4  # what a codec with an integer entropy model writes (integer tables)
+PREFIX_VERSION = 5        # a version-4 stream cut after its first groups_sent index groups
 STANDALONE_VERSION = 2    # the newest one readable without the model (Header's default)
 _MARK = 0xA0              # a version >= 3 stream starts with the byte _MARK | version
 _FIXED = struct.Struct("<8sHHHHIBHHBB")
@@ -118,8 +119,10 @@ class Header:
     schedule_steps: the number of groups for stepped schedules (qlds, random, cosine; 1..65535),
     0 for the others. schedule_seed: the seed of random / cosine (0..65535), 0 for the others.
     caption_coding: one of CAPTION_CODINGS (see `smallest_caption_coding`). flags: 8 bits for
-    the codec, not interpreted here. version: what `pack` writes; 3 needs the model (see `pack`),
-    so the default is STANDALONE_VERSION.
+    the codec, not interpreted here. version: what `pack` writes; 3 and up need the model (see
+    `pack`), so the default is STANDALONE_VERSION. groups_sent: version 5 only (None before): how many
+    index groups of the schedule the payload holds, fewer than the schedule has (0..65535; the codec
+    checks it against the schedule).
     """
     version: int = STANDALONE_VERSION
     fingerprint: bytes
@@ -133,6 +136,7 @@ class Header:
     schedule_seed: int = 0
     caption_coding: int = CAPTION_DEFLATE
     flags: int = 0
+    groups_sent: int | None = None
 
 
 def _is_int(x) -> bool:
@@ -173,6 +177,13 @@ def validate(header: Header) -> None:
          f"unknown caption coding {header.caption_coding!r} (known: "
          + ", ".join(f"{k}={v}" for k, v in CAPTION_CODINGS.items()) + ")")
     need(_is_int(header.flags) and 0 <= header.flags <= 0xFF, f"flags = {header.flags!r}, must fit in 8 bits")
+    if header.version == PREFIX_VERSION:
+        need(_is_int(header.groups_sent) and 0 <= header.groups_sent <= _U16,
+             f"a version-{PREFIX_VERSION} stream needs groups_sent in [0, {_U16}], got {header.groups_sent!r}")
+        need(header.schedule != schedules.UNIFORM, "a uniform-coded stream has no index groups to cut")
+    else:
+        need(header.groups_sent is None,
+             f"groups_sent is a version-{PREFIX_VERSION} field, this header is version {header.version}")
 
 
 # ----------------------------------------------------------------------------- varints
@@ -379,6 +390,8 @@ def _frame_v3(h: Header, stored: bytes, payload: bytes, model: Header) -> bytes:
         parts.append(_schedule_bytes(h))
     if long & _F_FLAGS:
         parts.append(bytes([h.flags]))
+    if h.version == PREFIX_VERSION:
+        parts.append(varint(h.groups_sent))
     return b"".join(parts + [varint(len(stored)), stored, payload])  # (payload: up to the CRC)
 
 
@@ -505,6 +518,8 @@ def _unpack_v3(data: bytes, indices, model) -> tuple[Header, str, bytes]:
         fields.update(schedule)
     if flags & _F_FLAGS:
         fields["flags"], pos = _read_byte(data, pos, end, "codec flags")
+    if _version(data) == PREFIX_VERSION:
+        fields["groups_sent"], pos = _read_varint(data, pos, end, "groups sent")
     n, pos = _read_varint(data, pos, end, "caption length")
     stored, pos = _take(data, pos, n, end, "caption")
     if indices is not None:

@@ -50,7 +50,7 @@ import numpy as np
 
 from perco_jax import build, schedules
 from perco_jax.config import complete
-from perco_jax.codec import bitstream, entropy_coding, integer_export, range_coding
+from perco_jax.codec import bitstream, entropy_coding, range_coding
 from perco_jax.codec.bitstream import Header
 from perco_jax.codec.errors import BitstreamError
 from perco_jax.images import resize, to_rgb_float
@@ -314,39 +314,169 @@ class Codec:
         model, batch = self.coding_model(version)
         return entropy_coding.rate_bits(model, indices, groups, self.context(captions), batch_size=batch)
 
+    def num_groups(self, schedule: Optional[str] = None) -> int:
+        """S, the number of index groups of a schedule spec (default: the codec's); ValueError for
+        uniform coding, which has none."""
+        spec = schedule or self.config.codec.schedule
+        groups = self._groups(spec)[3]
+        if groups is None:
+            raise ValueError(f"schedule {spec!r} codes the indices uniformly: it has no index groups")
+        return schedules.num_groups(groups)
+
+    def sent_mask(self, header: Header) -> np.ndarray:
+        """Which positions of the index grid [g, g] bool a stream with `header` sends: all of them,
+        or for a prefix stream (version 5) those of its first groups_sent groups."""
+        if header.groups_sent is None:
+            return np.ones(self.grid, bool)
+        return schedules.get_schedule(header.schedule, *self.grid, header.schedule_steps or None,
+                                      header.schedule_seed) < header.groups_sent
+
+    def _check_prefixes(self, spec: str) -> np.ndarray:
+        """groups [g, g] of `spec`, for a prefix stream; ValueError where there can be none."""
+        groups = self._groups(spec)[3]
+        if groups is None:
+            raise ValueError(f"schedule {spec!r} codes the indices uniformly: there are no index groups to send "
+                             "a prefix of (use a masking schedule)")
+        if self.integer_model is None:
+            raise ValueError("prefix streams (groups / max_bytes / target_bpp) are cut from version-4 streams, which "
+                             "need the codec's integer entropy model: export it (perco-jax export)")
+        return groups
+
+    def _budgets(self, sizes, max_bytes, target_bpp) -> list:
+        """Bytes allowed per image (None: no limit) of max_bytes (an int, or one per image) or
+        target_bpp (a float: floor(bpp * H * W / 8) of the image's own size)."""
+        if max_bytes is not None and target_bpp is not None:
+            raise ValueError("give max_bytes or target_bpp, not both")
+        if target_bpp is not None:
+            if not (isinstance(target_bpp, (int, float)) and target_bpp > 0):
+                raise ValueError(f"target_bpp={target_bpp!r}: need a number > 0")
+            return [int(target_bpp * h * w / 8) for h, w in sizes]
+        if max_bytes is None:
+            return [None] * len(sizes)
+        budgets = [max_bytes] * len(sizes) if np.ndim(max_bytes) == 0 else list(max_bytes)
+        if len(budgets) != len(sizes) or not all(isinstance(b, (int, np.integer)) and b >= 1 for b in budgets):
+            raise ValueError(f"max_bytes={max_bytes!r}: need an integer >= 1, or one per image ({len(sizes)})")
+        return budgets
+
+    def _prefix_stream(self, header: Header, caption: str, grid, prefixes: Sequence[bytes], groups: np.ndarray,
+                       most: Optional[int], budget: Optional[int], what: str) -> bytes:
+        """The stream of the most index groups, at most `most` (None: all), that fits in `budget`
+        bytes (None: any): version 4 when it sends all S groups, else version 5 (groups_sent = k),
+        whose CRC covers the grid [g, g] with the positions not sent as 0. prefixes: the payloads of
+        0, 1, ... groups (`entropy_coding.encode_prefixes`, `cut_prefixes`) of the schedule's groups
+        [g, g]. ValueError when not even 0 groups fit."""
+        s = schedules.num_groups(groups)
+        model = self.stream_model
+        smallest = None
+        top = len(prefixes) - 1
+        for k in range(top if most is None else min(int(most), top), -1, -1):
+            h = dataclasses.replace(header, version=model.version if k == s else bitstream.PREFIX_VERSION,
+                                    groups_sent=None if k == s else k)
+            stream = bitstream.pack(h, caption, prefixes[k], indices=np.where(groups < k, grid, 0), model=model)
+            if budget is None or len(stream) <= budget:
+                return stream
+            smallest = len(stream)
+        raise ValueError(f"{what}: its smallest stream (header and caption, no index group) takes {smallest} bytes, "
+                         f"over the budget of {budget}")
+
     # ------------------------------------------------------------------ compress
 
     def compress_batch(self, images: Sequence, captions: Optional[Sequence[str]] = None,
-                       schedule: Optional[str] = None) -> list[bytes]:
-        """One bitstream per image (any sizes; see the RESIZE policy); captions default to ""."""
+                       schedule: Optional[str] = None, *, groups: Optional[int] = None,
+                       max_bytes=None, target_bpp: Optional[float] = None) -> list[bytes]:
+        """One bitstream per image (any sizes; see the RESIZE policy); captions default to "".
+
+        A prefix of the index groups instead of all of them (a codec with an integer entropy model
+        and a masking schedule; docs/bitstream.md, version 5): groups=K sends the first K of the
+        schedule's S groups (0 <= K <= S; K = S is the full stream). max_bytes (an int, or one per
+        image) or target_bpp (of each image's own size) sends, per image, the most groups (at most
+        `groups` when given too) whose whole stream fits; ValueError when the header and caption
+        alone do not. The decoder predicts the groups not sent (`read_batch`)."""
         captions = [""] * len(images) if captions is None else [str(c) for c in captions]
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
         spec = schedule or self.config.codec.schedule
         name, steps, seed, _ = self._groups(spec)
         sizes = [np.shape(im)[:2] for im in images]
+        prefix = groups is not None or max_bytes is not None or target_bpp is not None
+        if prefix:
+            group_map = self._check_prefixes(spec)
+            if groups is not None and not (isinstance(groups, (int, np.integer)) and 0 <= groups <= group_map.max() + 1):
+                raise ValueError(f"groups={groups!r}: need an integer in [0, {group_map.max() + 1}] (the schedule "
+                                 f"{spec!r} has {group_map.max() + 1} groups)")
+            budgets = self._budgets(sizes, max_bytes, target_bpp)
         prepared = np.stack([prepare_image(im, self.config.image_size) for im in images]) if len(images) else \
             np.zeros((0,) + (self.config.image_size,) * 2 + (3,), np.float32)
         indices = self.encode_images(prepared)
-        payloads = self.encode_indices(indices, captions, spec)
         model = bitstream.register(self.stream_model)  # (the fingerprint may have changed since __init__)
-        out = []
-        for (h, w), caption, payload, grid in zip(sizes, captions, payloads, indices):
-            header = dataclasses.replace(model, image_height=int(h), image_width=int(w), schedule=name,
-                                         schedule_steps=steps, schedule_seed=seed,
-                                         caption_coding=bitstream.smallest_caption_coding(caption))
-            out.append(bitstream.pack(header, caption, payload, indices=grid, model=model))  # (the CRC covers them)
+        headers = [dataclasses.replace(model, image_height=int(h), image_width=int(w), schedule=name,
+                                       schedule_steps=steps, schedule_seed=seed,
+                                       caption_coding=bitstream.smallest_caption_coding(caption))
+                   for (h, w), caption in zip(sizes, captions)]
+        if not prefix:
+            payloads = self.encode_indices(indices, captions, spec)
+            return [bitstream.pack(header, caption, payload, indices=grid, model=model)  # (the CRC covers them)
+                    for header, caption, payload, grid in zip(headers, captions, payloads, indices)]
+        coder, batch = self.coding_model()
+        prefixes = entropy_coding.encode_prefixes(coder, indices, group_map, self.context(captions), batch_size=batch)
+        return [self._prefix_stream(h, c, grid, p, group_map, groups, b, f"image {i}")
+                for i, (h, c, grid, p, b) in enumerate(zip(headers, captions, indices, prefixes, budgets))]
+
+    def compress(self, image, caption: str = "", schedule: Optional[str] = None, **prefix) -> bytes:
+        """compress_batch of one image (prefix: groups / max_bytes / target_bpp)."""
+        return self.compress_batch([image], [caption], schedule, **prefix)[0]
+
+    def truncate_batch(self, streams: Sequence[bytes], *, groups: Optional[int] = None, max_bytes=None,
+                       target_bpp: Optional[float] = None) -> list[bytes]:
+        """Streams cut to fewer index groups without the image: the most groups, at most `groups` and
+        at most the stream's own, whose stream fits max_bytes / target_bpp (as compress_batch). Each
+        cut is a prefix of the stream's payload (its last byte possibly one higher), byte for byte
+        what compress_batch(..., groups=k) writes. It runs the entropy model (the decoder's S passes,
+        then the encoder's) to find where the groups end: the payload does not store it."""
+        streams = [bytes(s) for s in streams]
+        if groups is None and max_bytes is None and target_bpp is None:
+            raise ValueError("truncate needs groups, max_bytes or target_bpp")
+        headers, captions, indices = self.read_batch(streams)
+        budgets = self._budgets([(h.image_height, h.image_width) for h in headers], max_bytes, target_bpp)
+        out: list = [None] * len(streams)
+        by_spec: dict[tuple, list[int]] = {}
+        for i, h in enumerate(headers):
+            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed), []).append(i)
+        for (name, steps, seed), rows in by_spec.items():
+            spec = schedules.spec_string(name, steps, seed)
+            group_map = self._check_prefixes(spec)
+            if headers[rows[0]].version < bitstream.INTEGER_MODEL_VERSION:
+                raise ValueError(f"a version-{headers[rows[0]].version} stream has no prefixes (it is coded with the "
+                                 "float entropy model): compress the image again with an exported codec")
+            coder, batch = self.coding_model()
+            payloads = [bitstream.unpack(streams[i], indices=None, model=self.stream_model)[2] for i in rows]
+            sent = [headers[i].groups_sent for i in rows]
+            sent = [schedules.num_groups(group_map) if k is None else k for k in sent]
+            prefixes = entropy_coding.cut_prefixes(coder, payloads, indices[rows], group_map,
+                                                   self.context([captions[i] for i in rows]), batch, sent)
+            for i, p, k in zip(rows, prefixes, sent):
+                most = k if groups is None else min(int(groups), k)
+                out[i] = self._prefix_stream(dataclasses.replace(headers[i], version=self.stream_model.version,
+                                                                 groups_sent=None),
+                                             captions[i], indices[i], p, group_map, most, budgets[i], f"stream {i}")
         return out
 
-    def compress(self, image, caption: str = "", schedule: Optional[str] = None) -> bytes:
-        return self.compress_batch([image], [caption], schedule)[0]
+    def truncate(self, stream: bytes, **cut) -> bytes:
+        """truncate_batch of one stream."""
+        return self.truncate_batch([stream], **cut)[0]
 
     # ------------------------------------------------------------------ decompress
 
-    def read_batch(self, streams: Sequence[bytes]) -> tuple[list[Header], list[str], np.ndarray]:
+    def read_batch(self, streams: Sequence[bytes], *, fill_temperature: float = 0.0,
+                   seed: int = 0) -> tuple[list[Header], list[str], np.ndarray]:
         """(headers, captions, indices [B, g, g]) of bitstreams; BitstreamError (a ValueError) on
         malformed, corrupted or foreign streams, and on indices that decode differently from the
-        encoder's (the CRC covers them: see codec/bitstream.py). Reads every bitstream version."""
+        encoder's (the CRC covers them: see codec/bitstream.py). Reads every bitstream version.
+        A prefix stream's groups not sent (`sent_mask`) are the entropy model's predictions, in
+        schedule order (`entropy_coding.predict`: argmax at fill_temperature 0, else drawn from
+        the generator of (seed, CRC32 of the stream): the same in any batch)."""
+        if not fill_temperature >= 0:
+            raise ValueError(f"fill_temperature={fill_temperature!r}: need a number >= 0")
         streams = [bytes(s) for s in streams]
         model = self.stream_model
         parsed = [bitstream.unpack(s, indices=None, model=model) for s in streams]  # (CRC checked once decoded)
@@ -359,19 +489,28 @@ class Codec:
         indices = np.zeros((len(parsed),) + self.grid, np.int32)
         by_spec: dict[tuple, list[int]] = {}
         for i, (h, _, _) in enumerate(parsed):
-            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed, h.version), []).append(i)
-        for (name, steps, seed, version), rows in by_spec.items():
+            # (a prefix stream is coded as a version-4 one: they decode together)
+            by_spec.setdefault((h.schedule, h.schedule_steps, h.schedule_seed,
+                                min(h.version, bitstream.INTEGER_MODEL_VERSION)), []).append(i)
+        for (name, steps, sched_seed, version), rows in by_spec.items():
             if name == schedules.UNIFORM:
                 for i in rows:
                     indices[i] = range_coding.decode_uniform(parsed[i][2], self.grid[0] * self.grid[1], k).reshape(self.grid)
                 continue
-            groups = schedules.get_schedule(name, *self.grid, steps or None, seed)
+            groups = schedules.get_schedule(name, *self.grid, steps or None, sched_seed)
+            s_all = schedules.num_groups(groups)
+            sent = [s_all if parsed[i][0].groups_sent is None else parsed[i][0].groups_sent for i in rows]
+            for i, k in zip(rows, sent):
+                if parsed[i][0].groups_sent is not None and k >= s_all:
+                    raise BitstreamError(f"corrupted bitstream: a prefix stream of {k} index groups, its schedule has "
+                                         f"{s_all} (a stream of all of them is version {bitstream.INTEGER_MODEL_VERSION})")
             captions = [parsed[i][1] for i in rows]
             coder, batch = self.coding_model(version)
-            indices[rows] = entropy_coding.decode_indices(coder, [parsed[i][2] for i in rows], self.grid,
-                                                          groups, self.context(captions), batch_size=batch)
-        for s, grid in zip(streams, indices):
-            bitstream.check_crc(s, grid, model=model)
+            indices[rows] = entropy_coding.decode_indices(
+                coder, [parsed[i][2] for i in rows], self.grid, groups, self.context(captions), batch_size=batch,
+                sent=sent, fill_temperature=fill_temperature, fill_seeds=[(seed, zlib.crc32(streams[i])) for i in rows])
+        for s, (h, _, _), grid in zip(streams, parsed, indices):
+            bitstream.check_crc(s, np.where(self.sent_mask(h), grid, 0), model=model)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
     @property
@@ -428,11 +567,13 @@ class Codec:
 
     def decompress_batch(self, streams: Sequence[bytes], *, steps: Optional[int] = None,
                          guidance: Optional[float] = None, seed: int = 0, sampler: str = "auto",
-                         stochastic: Optional[bool] = None, temperature: Optional[float] = None) -> list[np.ndarray]:
+                         stochastic: Optional[bool] = None, temperature: Optional[float] = None,
+                         fill_temperature: float = 0.0) -> list[np.ndarray]:
         """Images [H, W, 3] float32 in [0, 1], each at its original size. An image's sampler noise
         comes from (seed, CRC32 of its stream): the same stream and seed give the same image in
-        any batch (up to float rounding). Options as `decode_images`'."""
-        headers, captions, indices = self.read_batch(streams)
+        any batch (up to float rounding). Options as `decode_images`'; fill_temperature: how a
+        prefix stream's missing index groups are predicted (`read_batch`)."""
+        headers, captions, indices = self.read_batch(streams, fill_temperature=fill_temperature, seed=seed)
         ids = [zlib.crc32(bytes(s)) for s in streams]
         images = self.decode_images(indices, captions, ids, steps=steps, guidance=guidance, seed=seed, sampler=sampler,
                                     stochastic=stochastic, temperature=temperature)
@@ -449,9 +590,11 @@ class Codec:
 
 def rate_split(stream: bytes, model: Optional[Header] = None) -> dict:
     """Bytes of a bitstream split into caption, indices and container (all the framing: header
-    fields, lengths, CRC), and the pixels of its image. `model`: the codec's stream_model, which a
+    fields, lengths, CRC), the pixels of its image, and the index groups it sends (groups_sent:
+    None for all of them, k for a prefix stream). `model`: the codec's stream_model, which a
     version-3 stream needs (default: the codec loaded in this process with the stream's tag)."""
     header, caption, payload = bitstream.unpack(stream, indices=None, model=model)  # (sizes only: no decoding)
     cap = len(bitstream.encode_caption(caption, header.caption_coding))
     return {"total": len(stream), "caption": cap, "indices": len(payload),
-            "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width}
+            "container": len(stream) - cap - len(payload), "pixels": header.image_height * header.image_width,
+            "groups_sent": header.groups_sent}

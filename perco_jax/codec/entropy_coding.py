@@ -177,20 +177,12 @@ def _check_context(context, b: int):
     return context
 
 
-def encode_indices(model: Model, indices, groups, context=None,
-                   batch_size: Optional[int] = None) -> list[bytes]:
-    """One range-coded payload per image of indices [B, H, W] int in [0, K), under groups [H, W].
-
-    Runs the model once per group with that step's mask, on the whole batch (batch_size=None) or
-    on chunks of batch_size images, the last one padded with zero grids (and zero context). With
-    the float model (see the determinism rule above) the decoder must use the same batch shape:
-    the same B when batch_size is None, else the same batch_size (then any subset of the payloads
-    decodes); with `IntegerTables` any batching decodes any payload.
-    """
+def _coded_groups(model: Model, indices, groups, context, batch_size: Optional[int]):
+    """Yields, per image of indices [B, H, W] in order, (symbols per group: S arrays [n_s], tables
+    per group: S arrays [n_s, K]), as the decoder will see them (batching: see encode_indices)."""
     x = _check_indices(indices)
     g = _check_groups(groups, x.shape[1:])
     context = _check_context(context, x.shape[0])
-    payloads = []
     for sl in _chunks(x.shape[0], batch_size):
         b = sl.stop - sl.start
         xs = pad_batch(x[sl], batch_size)
@@ -205,32 +197,87 @@ def encode_indices(model: Model, indices, groups, context=None,
             for i in range(b):
                 symbols[i].append(flat[i, pos])
                 tables[i].append(t[i])
-        payloads += [range_coding.encode_counts(symbols[i], tables[i]) for i in range(b)]
-    return payloads
+        yield from zip(symbols, tables)
+
+
+def encode_indices(model: Model, indices, groups, context=None,
+                   batch_size: Optional[int] = None) -> list[bytes]:
+    """One range-coded payload per image of indices [B, H, W] int in [0, K), under groups [H, W].
+
+    Runs the model once per group with that step's mask, on the whole batch (batch_size=None) or
+    on chunks of batch_size images, the last one padded with zero grids (and zero context). With
+    the float model (see the determinism rule above) the decoder must use the same batch shape:
+    the same B when batch_size is None, else the same batch_size (then any subset of the payloads
+    decodes); with `IntegerTables` any batching decodes any payload.
+    """
+    return [range_coding.encode_counts(s, t) for s, t in _coded_groups(model, indices, groups, context, batch_size)]
+
+
+def encode_prefixes(model: Model, indices, groups, context=None,
+                    batch_size: Optional[int] = None) -> list[list[bytes]]:
+    """Per image of indices [B, H, W], the payloads [S + 1] of its prefixes: entry k decodes groups
+    0..k-1 (`decode_indices` with sent = k), entry S is `encode_indices`' payload, byte for byte,
+    and entry k < S is cut from it (`range_coding.encode_layers`)."""
+    return [range_coding.encode_layers(s, t) for s, t in _coded_groups(model, indices, groups, context, batch_size)]
+
+
+def cut_prefixes(model: Model, payloads: Sequence[bytes], indices, groups, context=None,
+                 batch_size: Optional[int] = None, sent: Optional[Sequence[int]] = None) -> list[list[bytes]]:
+    """Per payload (of indices [B, H, W], as `decode_indices` returns them), its prefixes [sent + 1]:
+    entry k decodes groups 0..k-1, cut from the payload's own bytes (`range_coding.prefix_cuts`),
+    the same bytes `encode_prefixes` gives for k. sent [B]: the groups each payload holds (default all)."""
+    s = int(np.max(groups)) + 1
+    sent = [s] * len(payloads) if sent is None else [int(k) for k in sent]
+    return [range_coding.prefix_cuts(p, sym[:k], tab[:k])
+            for p, k, (sym, tab) in zip(payloads, sent, _coded_groups(model, indices, groups, context, batch_size))]
+
+
+def predict(counts, temperature: float = 0.0, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Indices [n] int32 the entropy model predicts from coding tables counts [n, K]: the most
+    probable (temperature 0; the first on ties), or drawn from p ∝ counts^(1 / temperature) with
+    `rng` (Gumbel-max, float64: the same draws on any machine for the same rng state)."""
+    c = np.asarray(counts, np.int64)
+    if temperature == 0:
+        return np.argmax(c, axis=-1).astype(np.int32)
+    if not temperature > 0 or rng is None:
+        raise ValueError(f"fill temperature {temperature!r}: 0 (argmax) or > 0 with a random generator")
+    return np.argmax(np.log(c) / float(temperature) + rng.gumbel(size=c.shape), axis=-1).astype(np.int32)
 
 
 def decode_indices(model: Model, payloads: Sequence[bytes], grid: tuple[int, int], groups,
-                   context=None, batch_size: Optional[int] = None) -> np.ndarray:
+                   context=None, batch_size: Optional[int] = None, sent: Optional[Sequence[int]] = None,
+                   fill_temperature: float = 0.0, fill_seeds: Optional[Sequence] = None) -> np.ndarray:
     """Inverse of encode_indices: indices [B, H, W] int32 from B payloads (B = len(payloads)).
 
     Needs the batch shape of the encoder (see encode_indices) and each image's context; raises
-    `errors.CodingError` on data that cannot be decoded.
+    `errors.CodingError` on data that cannot be decoded. sent [B]: how many groups each payload
+    holds (`encode_prefixes`; default all). The groups not sent are filled in schedule order, each
+    from the model's tables given the groups before it (sent or filled): `predict` at
+    fill_temperature, image i drawing from np.random.default_rng(fill_seeds[i]) (default its
+    position in the batch). Every group costs one model pass, decoded or filled: a prefix decodes
+    in the time of a full payload.
     """
     h, w = (int(v) for v in grid)
     g = _check_groups(groups, (h, w))
     n = len(payloads)
     context = _check_context(context, n)
+    sent = np.full(n, int(g.max()) + 1) if sent is None else np.asarray(sent, np.int64)
+    if sent.shape != (n,):
+        raise ValueError(f"sent must give one group count per payload ({n}), got shape {sent.shape}")
+    seeds = list(range(n)) if fill_seeds is None else list(fill_seeds)
     out = np.zeros((n, h, w), np.int32)
     for sl in _chunks(n, batch_size):
         b = sl.stop - sl.start
         decoders = [range_coding.Decoder(p) for p in payloads[sl]]
+        rngs = [np.random.default_rng(seeds[i]) if fill_temperature else None for i in range(sl.start, sl.stop)]
         x = np.zeros((batch_size or b, h * w), np.int32)
         cs = None if context is None else pad_batch(context[sl], batch_size)
         for step in range(int(g.max()) + 1):
             pos = _positions(g, step)
             t = group_tables(model, x.reshape(-1, h, w), g, step, cs)
             for i in range(b):
-                x[i, pos] = decoders[i].decode_counts(t[i])
+                x[i, pos] = (decoders[i].decode_counts(t[i]) if step < sent[sl.start + i]
+                             else predict(t[i], fill_temperature, rngs[i]))
         out[sl] = x[:b].reshape(b, h, w)
     return out
 

@@ -211,6 +211,48 @@ def encode_counts(symbols_per_group: Sequence, counts_per_group: Sequence, trim:
     return trim_tail(data, lambda d: _decodes_to(d, groups)) if trim else data
 
 
+def _first_true(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The smallest n in [lo, hi] with ok(n), for ok false below some n and true from it on
+    (ok(hi) must hold)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def prefix_cuts(data: bytes, symbols_per_group: Sequence, counts_per_group: Sequence) -> list[bytes]:
+    """The prefixes [S + 1] of a payload `data` that decodes S groups (symbols [n_s], integer tables
+    [n_s, K] each, as `encode_counts`): entry k is the shortest data[:n] from which `Decoder` decodes
+    groups 0..k-1 exactly (k = 0: b""; k = S: data itself).
+
+    Why a bisection finds it: the decoder reads a payload as a number v in [0, 1), missing bytes as
+    zeros, and decodes the first k groups right exactly while v lies in their coding interval
+    [lo, hi), which holds data's own value V. data[:n] reads as v_n <= V, rising with n: once
+    v_n >= lo it stays there. The interval after group k-1 holds V, so a prefix about one byte longer
+    than those groups' information already points inside it, and the groups need no flush between
+    them. A prefix is cut from the bytes alone: the prefixes of data[:n] are data's own, so cutting a
+    cut gives the cut of the whole. Each cut is checked by decoding it.
+    """
+    groups = [(_check_group(s, c)[0], _table(check_counts(c))) for s, c in zip(symbols_per_group, counts_per_group)]
+    if not _decodes_to(data, groups):
+        raise ValueError("the payload does not decode to the groups given")
+    out = [b""]
+    for k in range(1, len(groups)):
+        # (a payload that decodes k groups decodes the first k - 1: no cut is shorter than the last)
+        out.append(data[:_first_true(len(out[-1]), len(data), lambda n: _decodes_to(data[:n], groups[:k]))])
+    return out + [data] if groups else out
+
+
+def encode_layers(symbols_per_group: Sequence, counts_per_group: Sequence) -> list[bytes]:
+    """Payloads [S + 1] of S groups of symbols (as `encode_counts`): entry S is `encode_counts`'
+    payload, byte for byte (full streams cost nothing extra), and entry k < S its prefix that
+    decodes the first k groups (`prefix_cuts`)."""
+    return prefix_cuts(encode_counts(symbols_per_group, counts_per_group), symbols_per_group, counts_per_group)
+
+
 class Decoder:
     """Decodes what `encode_groups` wrote, one group at a time.
 

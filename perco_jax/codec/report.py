@@ -82,15 +82,18 @@ def format_stream_rates(names: Sequence[str], streams: Sequence[bytes], grid: tu
 
     g, k = grid, codebook_size
     uniform = math.ceil(build.uniform_index_bits(g[0] * g[1], k) / 8)
-    lines = [f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}"]
+    lines = [f"{'file':<28}{'bytes':>7}{'bpp':>9}{'caption':>9}{'indices':>9}{'container':>10}{'vs uniform':>12}"
+             f"{'groups':>8}"]
     for name, stream in zip(names, streams):
         r = rate_split(stream)
         bpp = 8 / r["pixels"]
         lines.append(f"{str(name)[-27:]:<28}{r['total']:>7}{r['total'] * bpp:>9.4f}{r['caption'] * bpp:>9.4f}"
                      f"{r['indices'] * bpp:>9.4f}{r['container'] * bpp:>10.4f}"
-                     f"{100 * (1 - r['indices'] / uniform):>11.1f}%")
+                     f"{100 * (1 - r['indices'] / uniform):>11.1f}%"
+                     f"{'all' if r['groups_sent'] is None else r['groups_sent']:>8}")
     lines.append(f"(bpp columns split the total; 'vs uniform' = index bytes saved against fixed-length "
-                 f"coding, {uniform} bytes for {g[0]}x{g[1]} indices of K={k})")
+                 f"coding, {uniform} bytes for {g[0]}x{g[1]} indices of K={k}; 'groups' = index groups sent, "
+                 "of a prefix stream)")
     return "\n".join(lines)
 
 
