@@ -259,11 +259,11 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
         assert r["name"] == f"scene_{i:05d}" and r["caption"] == scene.caption
         assert (int(r["height"]), int(r["width"])) == (size, size)
         recon = load_image(out / "recon" / f"{r['name']}.png")
-        for m, v in scenes.scene_metrics(recon, scene).items():
-            assert float(r[m]) == pytest.approx(v)
         original = render_scene(scene, size)
+        for m, v in scenes.scene_scores(original, recon, scene).items():
+            assert float(r[m]) == pytest.approx(v)
         thumb = ev.quantise(scenes.thumbnail_baseline(original, g, k))
-        for m, v in scenes.scene_metrics(thumb, scene).items():
+        for m, v in scenes.scene_scores(original, thumb, scene).items():
             assert float(r[f"thumb_{m}"]) == pytest.approx(v)
         mse = np.mean((original.astype(np.float64) - thumb) ** 2)
         assert float(r["thumb_psnr"]) == pytest.approx(10 * np.log10(1 / mse), abs=1e-3)
@@ -277,6 +277,7 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
                                            "bits": g * g * 3 * np.log2(scenes.thumbnail_levels(k)),
                                            "index_bits_uniform": g * g * np.log2(k)}
     assert saved["scene"]["originals"]["background_right"] == 1.0 and saved["scene"]["originals"]["realism"] > 0.9
+    assert saved["scene"]["originals"]["shape_iou"] == 1.0
     # the learned autoencoder alone (its own encode / decode, 8-bit), independently of Codec.autoencode's batching
     originals = np.stack([render_scene(synthetic_scene(i, datasets.SYNTHETIC_SEED), size) for i in range(6)])
     mean, _ = c.autoencoder.apply({"params": c.ae_params}, jnp.asarray(originals * 2 - 1), method=c.autoencoder.encode)
@@ -285,15 +286,21 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     ae = saved["scene"]["autoencoder"]
     assert ae["psnr"] == pytest.approx(np.mean([10 * np.log10(1 / np.mean((o.astype(np.float64) - t) ** 2))
                                                 for o, t in zip(originals, trip)]), abs=1e-3)
-    for m in scenes.SCENE_METRICS:
-        assert ae[m] == pytest.approx(np.mean([scenes.scene_metrics(t, synthetic_scene(i, datasets.SYNTHETIC_SEED))[m]
-                                               for i, t in enumerate(trip)]))
+    for m in scenes.SCENE_SCORES:
+        assert ae[m] == pytest.approx(np.mean([
+            scenes.scene_scores(o, t, synthetic_scene(i, datasets.SYNTHETIC_SEED))[m]
+            for i, (o, t) in enumerate(zip(originals, trip))]))
     assert ae["psnr"] > saved["mean"]["thumb_psnr"] + 5  # the trained autoencoder keeps far more than 96 bits
     assert summary["mean"] == saved["mean"]
     table = ev.format_scene_summary(saved)
     assert "thumbnail 4x4, 96 bits" in table and "originals" in table and "PSNR gain over the thumbnail" in table
+    assert table.splitlines()[0].split()[-2:] == ["shape", "IoU"]
     (line,) = [ln for ln in table.splitlines() if "autoencoder alone (the ceiling)" in ln]
-    assert line.split()[-4:] == [f"{ae['psnr']:.2f}"] + [f"{ae[m]:.3f}" for m in scenes.SCENE_METRICS]
+    assert line.split()[-5:] == [f"{ae['psnr']:.2f}"] + [f"{ae[m]:.3f}" for m in scenes.SCENE_SCORES]
+    (line,) = [ln for ln in table.splitlines() if ln.strip().startswith("thumbnail")]
+    assert line.split()[-1] == f"{saved['mean']['thumb_shape_iou']:.3f}"
+    (line,) = [ln for ln in table.splitlines() if ln.strip().startswith("originals")]
+    assert line.split()[-1] == "1.000"
     del saved["scene"]["autoencoder"]  # a summary written before the ceiling was measured: no row
     assert "autoencoder alone" not in ev.format_scene_summary(saved)
 
@@ -314,6 +321,12 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     (out / "run.json").write_text(json.dumps(old))  # results written before the caption sources were recorded
     ev.evaluate(c, "synthetic:6", out, progress=False)
     assert calls.compressed == calls.decompressed == 6  # resumed: nothing coded again
+    # rows written before shape IoU existed are decoded again (from the saved streams), to the same numbers
+    columns, rows = read_csv(out / "per_image.csv")
+    results.write_rows(out / "per_image.csv", rows, [c for c in columns if "shape_iou" not in c])
+    ev.evaluate(c, "synthetic:6", out, progress=False)
+    assert (calls.compressed, calls.decompressed) == (6, 12)
+    assert read_csv(out / "per_image.csv")[1] == rows
     with pytest.raises(ValueError, match="multiple of 4"):  # no equal-bits thumbnail at 30x30
         ev.evaluate(c, "synthetic:2", tmp_path / "odd", size=30, progress=False)
 
@@ -622,3 +635,85 @@ def test_captions_from_a_captioner_are_cached_and_not_made_again(codec, folder, 
     assert calls == [1]  # resumed: the cache answers
     with pytest.raises(ValueError, match="caption"):  # another captioner setting is another run
         ev.evaluate(c, f"folder:{small}", out, captioner=str(blip2_folder), caption_tokens=5, progress=False)
+
+
+def test_prefix_sweep_of_stream_groups(codec, tmp_path, monkeypatch, capsys):
+    from perco_jax.codec.codec import rate_split
+
+    path, c = codec
+    s = c.num_groups()
+    want = [0, s // 2, s]
+    out = tmp_path / "prefix"
+    calls = Calls(c, monkeypatch)
+    figs = _plotted(monkeypatch)
+    summary = ev.evaluate(c, "synthetic:3", out, groups=[s, 0, s // 2], progress=False)  # (any order)
+    assert calls.compressed == calls.decompressed == 3 * len(want)
+    assert summary["prefix"] == {"groups": want, "num_groups": s, "fill_temperature": 0.0,
+                                 "schedule": c.config.codec.schedule}
+    assert [x["groups"] for x in summary["settings"]] == want
+    assert json.loads((out / "run.json").read_text())["groups"] == want
+    for k in want:
+        sub = out / f"groups={k}"
+        for f in ("per_image.csv", "summary.json", "setting.json", "rd.png"):
+            assert (sub / f).is_file(), (k, f)
+        assert json.loads((sub / "setting.json").read_text())["groups"] == k
+        for r in read_csv(sub / "per_image.csv")[1]:
+            assert (sub / "recon" / f"{r['name']}.png").is_file()
+            stream = (sub / "streams" / f"{r['name']}.perco").read_bytes()  # each K: its own streams
+            assert rate_split(stream)["groups_sent"] == (None if k == s else k)
+            assert int(r["bytes"]) == len(stream)
+    columns, table = read_csv(out / "prefix.csv")
+    assert columns[:2] == ["groups", "dir"] and {"shape_iou", "thumb_shape_iou", "colours_present"} <= set(columns)
+    assert [int(t["groups"]) for t in table] == want and [t["dir"] for t in table] == [f"groups={k}" for k in want]
+    bpp = [float(t["bpp"]) for t in table]
+    assert bpp[0] < bpp[1] < bpp[2]  # more groups sent, more bits
+    assert bpp == [pytest.approx(x["mean"]["bpp"]) for x in summary["settings"]]
+    assert len({t["thumb_psnr"] for t in table}) == 1 and all(t["shape_iou"] != "" for t in table)
+    assert summary["files"] == {"table": "prefix.csv", "plot": "prefix.png"} and (out / "prefix.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["prefix"] == summary["prefix"]
+    (fig,) = [f for f in figs if len(f.axes) == 3]  # prefix.png: PSNR, colours present, shape IoU
+    assert [ax.get_ylabel() for ax in fig.axes] == ["PSNR (dB) ↑", "colours present ↑", "shape IoU ↑"]
+    assert fig.axes[0].get_xscale() == "linear"
+    assert "equal-bits thumbnail (96 bits)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert [t.get_text() for t in fig.axes[0].texts] == [f"K={k}" for k in want]
+
+    # K = S is the plain evaluation, byte for byte
+    plain = tmp_path / "plain"
+    ev.evaluate(c, "synthetic:3", plain, progress=False)
+    for f in (plain / "streams").iterdir():
+        assert (out / f"groups={s}" / "streams" / f.name).read_bytes() == f.read_bytes()
+    assert read_csv(plain / "per_image.csv")[1] == read_csv(out / f"groups={s}" / "per_image.csv")[1]
+
+    # the CLI resumes it (nothing coded again) and prints a line per K and the scene table
+    monkeypatch.setattr(Codec, "load", classmethod(lambda cls, folder: c))
+    capsys.readouterr()
+    assert _cli(["--checkpoint", path, "--data", "synthetic:3", "--out", out, "--quiet",
+                 "--groups", *want, "--fill-temperature", "0"]) == 0
+    assert calls.compressed == calls.decompressed == 3 * len(want) + 3
+    printed = capsys.readouterr().out
+    for k, x in zip(want, summary["settings"]):
+        assert f"groups={k} fill_temperature=0 guidance=" in printed
+        assert f"codec ({k} groups, guidance" in printed
+    assert ev.format_scene_summary(summary) in printed
+    with pytest.raises(ValueError, match="differs in groups"):  # other groups into the same folder
+        ev.evaluate(c, "synthetic:3", out, groups=[0, s], progress=False)
+    with pytest.raises(ValueError, match="differs in fill_temperature"):
+        ev.evaluate(c, "synthetic:3", out, groups=want, fill_temperature=0.5, progress=False)
+
+
+def test_prefix_sweep_refuses_bad_groups(codec, tmp_path):
+    _, c = codec
+    s = c.num_groups()
+    out = tmp_path / "bad"
+    for bad, match in (([s + 1], rf"groups \[{s + 1}\]: each K must be a whole number .* in 0\.\.{s}"),
+                       ([-1], "whole number"), ([1.5], "whole number"), ([True], "whole number"),
+                       ([2, 0, 2], r"groups \[2\] given more than once"), ([], "at least one")):
+        with pytest.raises(ValueError, match=match):
+            ev.evaluate(c, "synthetic:2", out, groups=bad, progress=False)
+    with pytest.raises(ValueError, match="does not combine with a guidance / steps sweep"):
+        ev.evaluate(c, "synthetic:2", out, groups=[0], sweep={"guidance": [1, 2]}, progress=False)
+    with pytest.raises(ValueError, match="needs groups"):
+        ev.evaluate(c, "synthetic:2", out, fill_temperature=0.5, progress=False)
+    with pytest.raises(ValueError, match=r"fill_temperature=-1.*>= 0"):
+        ev.evaluate(c, "synthetic:2", out, groups=[0], fill_temperature=-1, progress=False)
+    assert not out.exists()  # refused before anything is written

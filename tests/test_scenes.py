@@ -102,3 +102,60 @@ def test_size_validation():
         scenes.thumbnail_baseline(np.zeros((32, 32)), 4, 64)
     with pytest.raises(ValueError, match="grid_side"):
         scenes.thumbnail_baseline(np.zeros((32, 32, 3)), 0, 64)
+    image = render_scene(s, 32)
+    with pytest.raises(ValueError, match=r"shape IoU \(reconstruction\): need an \[H, W, 3\]"):
+        scenes.shape_iou(image, image[..., :2], s)
+    with pytest.raises(ValueError, match=r"shape IoU \(original\): need an \[H, W, 3\]"):
+        scenes.shape_iou(image[0], image, s)
+    with pytest.raises(ValueError, match="one size"):
+        scenes.shape_iou(image, image[:16], s)
+
+
+def _two_squares():
+    """(scene, original [8, 8, 3]): a red 2x2 square at rows 0-1, cols 0-1 and a blue one at rows 4-5,
+    cols 4-5 on grey; the scene also names green, which the original does not show."""
+    from perco_jax.data.synthetic import Scene, Shape
+
+    shapes = tuple(Shape("square", c, "small", 0.5, 0.5, 0.1, 0.0) for c in ("red", "blue", "green"))
+    original = np.tile(np.array(BACKGROUNDS["grey"], np.float32) / 255, (8, 8, 1))
+    original[0:2, 0:2] = np.array(COLOURS["red"]) / 255
+    original[4:6, 4:6] = np.array(COLOURS["blue"]) / 255
+    return Scene("grey", shapes, "above"), original
+
+
+def test_shape_iou_by_hand():
+    scene, original = _two_squares()
+    assert scenes.shape_iou(original, original, scene) == 1.0  # (green: not in the original, left out)
+    moved = original.copy()  # red one column to the right: 2 of its 4 pixels still red, 6 red in all
+    moved[0:2, 0:3] = np.array(BACKGROUNDS["grey"]) / 255
+    moved[0:2, 1:3] = np.array(COLOURS["red"]) / 255
+    assert scenes.shape_iou(original, moved, scene) == pytest.approx((2 / 6 + 1) / 2)
+    moved[4:6, 4:6] = np.array(BACKGROUNDS["grey"]) / 255  # and blue blanked: IoU 0
+    assert scenes.shape_iou(original, moved, scene) == pytest.approx((2 / 6 + 0) / 2)
+    near = original + 35 / 255 * (original < 0.5)  # every pixel moved by 35/255: within the tolerance
+    assert scenes.shape_iou(original, np.clip(near, 0, 1), scene) == 1.0
+    blank = np.tile(np.array(BACKGROUNDS["grey"], np.float32) / 255, (8, 8, 1))
+    assert scenes.shape_iou(blank, original, scene) is None  # the original shows no named colour
+    got = scenes.scene_scores(original, moved, scene)
+    assert tuple(got) == scenes.SCENE_SCORES
+    assert got == {**scenes.scene_metrics(moved, scene), "shape_iou": pytest.approx(1 / 6)}
+
+
+def test_shape_iou_of_drawn_scenes_and_their_thumbnails():
+    for size in (32, 64):
+        for s in SCENES:
+            image = render_scene(s, size)
+            assert scenes.shape_iou(image, image, s) == 1.0
+            thumb = scenes.thumbnail_baseline(image, 4, 64)  # the equal-bits baseline of a 4x4 grid, K=64
+            assert 0.0 <= scenes.shape_iou(image, thumb, s) < 0.9
+    erasing = 0
+    for s in SCENES:  # erasing the only shape of a colour: that colour scores 0, the others about 1
+        colours = [x.colour for x in s.shapes]
+        for k, x in enumerate(s.shapes):
+            if colours.count(x.colour) > 1:
+                continue
+            erased = dataclasses.replace(s, shapes=s.shapes[:k] + s.shapes[k + 1:])
+            got = scenes.shape_iou(render_scene(s, 64), render_scene(erased, 64), s)
+            assert got == pytest.approx((len(set(colours)) - 1) / len(set(colours)), abs=0.02)
+            erasing += 1
+    assert erasing >= 10

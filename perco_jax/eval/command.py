@@ -8,11 +8,12 @@ from perco_jax.eval.datasets import COCO30K_SIZE, SYNTHETIC_SEED
 from perco_jax.eval.evaluate import CAPTION_CACHE, evaluate, format_scene_summary
 from perco_jax.eval.published import format_kodak_per_image
 from perco_jax.eval.results import IMAGE_METRICS, SET_METRICS
+from perco_jax.eval.sweep import setting_label
 
 
 def run(args) -> int:
-    """`perco-jax evaluate ARGS`: evaluate the codec folder, print one line per setting, what was
-    skipped, the scene and Kodak tables, and where the summary is."""
+    """`perco-jax evaluate ARGS`: evaluate the codec folder, print one line per setting (per K of a
+    prefix sweep), what was skipped, the scene and Kodak tables, and where the summary is."""
     from perco_jax.codec.codec import Codec
 
     weights = {k: v for k, v in {"lpips_trunk": args.lpips_trunk, "lpips_heads": args.lpips_heads,
@@ -30,11 +31,11 @@ def run(args) -> int:
                       seed=args.seed, schedule=args.schedule, size=args.size, center_crop=args.center_crop,
                       published=args.published, text_mode=args.text_mode, captions=args.captions,
                       captioner=args.captioner, caption_cache=args.caption_cache, caption_tokens=args.caption_tokens,
-                      trust_remote_code=args.trust_remote_code, published_protocol=args.published_protocol)
+                      trust_remote_code=args.trust_remote_code, published_protocol=args.published_protocol,
+                      groups=args.groups, fill_temperature=args.fill_temperature)
     for s in result.get("settings", [result]):
         m = s["mean"]
-        parts = [f"guidance={s['guidance']:g} steps={s['steps']} temperature={s['temperature']:g}",
-                 f"bpp={m['bpp']:.5f}"]
+        parts = [setting_label(s), f"bpp={m['bpp']:.5f}"]
         parts += [f"{k}={m[k]:.4f}" for k in IMAGE_METRICS if m.get(k) is not None]
         parts += [f"{k}={s[k]:.4f}" for k in SET_METRICS if s.get(k) is not None]
         print("  ".join(parts))
@@ -70,6 +71,13 @@ def add_parser(subparsers) -> "argparse.ArgumentParser":  # noqa: F821
                    help="sampler step count(s); several values sweep them (default: the codec config's)")
     p.add_argument("--temperature", type=float, help="the samplers' noise scale (default: the codec config's "
                                                      "sample.temperature)")
+    p.add_argument("--groups", type=int, nargs="+", metavar="K",
+                   help="a prefix sweep: send only the first K index groups of the masking schedule, for each K "
+                        "(0..S, S = the schedule's groups; K = S is the full stream), each into OUT/groups=K/, plus "
+                        "OUT/prefix.csv and OUT/prefix.png; not with several --guidance / --steps")
+    p.add_argument("--fill-temperature", type=float, default=0.0, metavar="T",
+                   help="with --groups: the entropy model's temperature for the indices not sent (default 0: "
+                        "its most likely index)")
     p.add_argument("--center-crop", action="store_true", help="crop the largest centred square first")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE (bicubic; default: native, "
                                             f"{COCO30K_SIZE} for coco30k, the codec's for synthetic)")

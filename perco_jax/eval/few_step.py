@@ -11,8 +11,8 @@ which no training run draws) coded by the codec (the same indices and captions f
   student   the stage-3 few-step decoder at N steps (one pass per step)
 
 with PSNR against the originals, the mean squared error against the teacher's images (same noise),
-the scene metrics (eval/scenes.py) and the decode time per image (indices + caption -> image, after
-compilation, best of `repeats`).
+the scene scores (eval/scenes.py; shape IoU against the originals) and the decode time per image
+(indices + caption -> image, after compilation, best of `repeats`).
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from perco_jax.eval.metrics import image_psnr
-from perco_jax.eval.scenes import SCENE_METRICS, scene_metrics
+from perco_jax.eval.results import column_means
+from perco_jax.eval.scenes import SCENE_SCORES, scene_scores
 
 
 def heldout_scenes(n: int, size: int, seed: int):
@@ -45,7 +46,7 @@ def _timed(fn, repeats: int):
 
 def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2, 4), *, repeats: int = 1,
                      plain: bool = True, keep: int = 0) -> list[dict]:
-    """Rows {"decoder", "steps", "psnr", "mse_to_teacher", scene metrics..., "seconds_per_image"}
+    """Rows {"decoder", "steps", "psnr", "mse_to_teacher", SCENE_SCORES..., "seconds_per_image"}
     for the teacher, and per step count the plain sampler (plain=True) and the codec's few-step
     decoder (when it has one); see the module docstring. keep > 0: each row also holds "images",
     its first `keep` decoded images [keep, S, S, 3] in [0, 1]."""
@@ -54,9 +55,9 @@ def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2
 
     def row(name, k, sampler):
         out, seconds = _timed(lambda: codec.decode_images(indices, captions, steps=k, sampler=sampler), repeats)
-        ms = [scene_metrics(x, sc) for x, sc in zip(out, scenes)]
+        ms = [scene_scores(o, x, sc) for o, x, sc in zip(images, out, scenes)]
         r = {"decoder": name, "steps": int(k), "psnr": float(np.mean([image_psnr(o, x) for o, x in zip(images, out)]))}
-        r.update({m: float(np.mean([d[m] for d in ms])) for m in SCENE_METRICS})
+        r.update(column_means(ms, SCENE_SCORES))
         r["seconds_per_image"] = seconds / n
         if keep:
             r["images"] = out[:keep]
@@ -80,11 +81,12 @@ def format_decoder_table(rows: list[dict]) -> str:
     """The rows as a text table, with each decoder's speed-up over the teacher."""
     base = rows[0]["seconds_per_image"]
     head = (f"  {'decoder':<22}{'steps':>6}{'PSNR':>8}{'MSE to teacher':>16}"
-            + "".join(f"{m.replace('_', ' '):>18}" for m in SCENE_METRICS) + f"{'ms / image':>12}{'speed-up':>10}")
+            + "".join(f"{m.replace('_', ' ').replace('iou', 'IoU'):>18}" for m in SCENE_SCORES)
+            + f"{'ms / image':>12}{'speed-up':>10}")
     lines = [head]
     for r in rows:
         lines.append(f"  {r['decoder']:<22}{r['steps']:>6}{r['psnr']:>8.2f}{r['mse_to_teacher']:>16.5f}"
-                     + "".join(f"{r[m]:>18.3f}" for m in SCENE_METRICS)
+                     + "".join(f"{'–' if r[m] is None else f'{r[m]:.3f}':>18}" for m in SCENE_SCORES)
                      + f"{1000 * r['seconds_per_image']:>12.2f}{base / r['seconds_per_image']:>9.1f}x")
     return "\n".join(lines)
 

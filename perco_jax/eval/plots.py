@@ -1,6 +1,6 @@
 """The evaluation's plots (matplotlib, Agg): rd.png (bpp against each metric, published points of
-one protocol overlaid) and dp.png (a sweep's distortion-perception trade-off). Each returns None
-when written, else why not."""
+one protocol overlaid; also a prefix sweep's prefix.png) and dp.png (a sweep's distortion-perception
+trade-off). Each returns None when written, else why not."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ from perco_jax.eval.published import published_for, published_label
 
 PLOT_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score", "fid", "kid", "miou")
 LABELS = {"psnr": "PSNR (dB) ↑", "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "clip_score": "CLIP score ↑",
-          "fid": "FID ↓", "kid": "KID ↓", "miou": "mIoU ↑"}
+          "fid": "FID ↓", "kid": "KID ↓", "miou": "mIoU ↑", "colours_present": "colours present ↑",
+          "shape_iou": "shape IoU ↑"}
 
 
 def _matplotlib():
@@ -25,17 +26,20 @@ def _matplotlib():
 
 
 def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], protocol: str,
-            title: str = "") -> Optional[str]:
-    """bpp (log x) against each metric that has a value. `series`: [{label, points: [(bpp, {metric: v})],
-    annotate: [str] | None, scatter: bool}]. The published rows of `protocol` only (never two protocols
-    on one axis) are overlaid, one series per method and source, named in the legend: filled markers
-    for table values, hollow for values read from a figure, a dotted level for a row without bpp.
-    Returns None when written, else why not."""
+            title: str = "", *, metrics: Sequence[str] = PLOT_METRICS, levels: Sequence[dict] = (),
+            log_x: bool = True) -> Optional[str]:
+    """bpp (log x; linear with log_x=False) against each of `metrics` (keys of LABELS) that has a
+    value. `series`: [{label, points: [(bpp, {metric: v})], annotate: [str] | None, scatter: bool}].
+    The published rows of `protocol` only (never two protocols on one axis) are overlaid, one series
+    per method and source, named in the legend: filled markers for table values, hollow for values
+    read from a figure, a dotted level for a row without bpp. `levels`: [{label, values: {metric: v}}],
+    references drawn as dash-dotted levels (e.g. the equal-bits thumbnail). Returns None when
+    written, else why not."""
     mpl = _matplotlib()
     if mpl is None:
         return "matplotlib is not installed (pip install matplotlib)"
     pub = published_for(published, protocol)
-    shown = [m for m in PLOT_METRICS
+    shown = [m for m in metrics
              if any(v.get(m) is not None and math.isfinite(v[m]) for s in series for _, v in s["points"])]
     if not shown:
         return "no metric values to plot"
@@ -43,6 +47,7 @@ def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], proto
     for r in pub:
         groups.setdefault((r["method"], r["source"], r["exactness"]), []).append(r)
     colour = {key: f"C{(len(series) + i) % 10}" for i, key in enumerate(groups)}
+    level_colour = [f"C{(len(series) + len(groups) + i) % 10}" for i in range(len(levels))]
     legend: dict = {}  # label -> handle, over all panels (a source may have values on some metrics only)
     fig, axes = panels(mpl, len(shown))
     for ax, m in zip(axes, shown):
@@ -70,7 +75,11 @@ def plot_rd(path: Path, series: Sequence[dict], published: Sequence[dict], proto
                 if r.get("bpp") is None and r.get(m) is not None:  # no rate: a level (an upper bound)
                     h = ax.axhline(r[m], ls=":", color=colour[key])
                     legend.setdefault(f"{label}, no bpp", h)
-        ax.set_xscale("log")
+        for level, c in zip(levels, level_colour):
+            v = level["values"].get(m)
+            if v is not None and math.isfinite(v):
+                legend.setdefault(level["label"], ax.axhline(v, ls="-.", color=c))
+        ax.set_xscale("log" if log_x else "linear")
         ax.set_xlabel("bpp")
         ax.set_ylabel(LABELS[m])
         ax.grid(True, which="both", alpha=0.3)

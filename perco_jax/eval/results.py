@@ -1,5 +1,5 @@
-"""An evaluation's files: the per_image.csv columns, CSV rows written and read back, atomic writes,
-and the identity files (run.json, setting.json) that a resumed run must match."""
+"""An evaluation's files: the per_image.csv columns, CSV rows written and read back, their means,
+atomic writes, and the identity files (run.json, setting.json) that a resumed run must match."""
 from __future__ import annotations
 
 import csv
@@ -9,17 +9,20 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from perco_jax.eval.scenes import SCENE_METRICS
+import numpy as np
+
+from perco_jax.eval.scenes import SCENE_SCORES
 
 IMAGE_METRICS = ("psnr", "ms_ssim", "lpips", "clip_score")
-# synthetic data only: the reconstruction's scene metrics (perco_jax.eval.scenes), then the equal-bits
-# thumbnail baseline's PSNR and scene metrics
-SCENE_COLUMNS = SCENE_METRICS + ("thumb_psnr",) + tuple(f"thumb_{m}" for m in SCENE_METRICS)
+# synthetic data only: the reconstruction's scene scores (perco_jax.eval.scenes), then the equal-bits
+# thumbnail baseline's PSNR and scene scores
+SCENE_COLUMNS = SCENE_SCORES + ("thumb_psnr",) + tuple(f"thumb_{m}" for m in SCENE_SCORES)
 CSV_COLUMNS = ("name", "height", "width", "bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container",
                *IMAGE_METRICS, *SCENE_COLUMNS, "caption", "caption_source")
 RATE_COLUMNS = ("bytes", "bpp", "bpp_caption", "bpp_indices", "bpp_container")
 SET_METRICS = ("fid", "kid", "miou")
-IDENTITY_DEFAULTS = {"captions_file": "data", "captioner": None, "caption_cache": None, "temperature": 1.0}
+IDENTITY_DEFAULTS = {"captions_file": "data", "captioner": None, "caption_cache": None, "temperature": 1.0,
+                     "groups": None, "fill_temperature": 0.0}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -44,6 +47,16 @@ def write_rows(path: Path, rows: Sequence[dict], columns: Sequence[str] = CSV_CO
     for r in rows:
         w.writerow([_fmt(r.get(c)) for c in columns])
     write_atomic(path, buf.getvalue())
+
+
+def column_means(rows: Sequence[dict], columns: Sequence[str]) -> dict:
+    """{column: the mean of the rows' values that are not None (None when none is)} (an absent or
+    None value is a metric not computed for that row)."""
+    out = {}
+    for c in columns:
+        vals = [r[c] for r in rows if r.get(c) is not None]
+        out[c] = float(np.mean(vals)) if vals else None
+    return out
 
 
 def _parse(value: str):
@@ -77,7 +90,7 @@ def check_identity(path: Path, want: dict, resume: bool, what: str) -> None:
     """Write `want` to path; with resume, a different stored identity is an error."""
     have = _read_json(path) if resume and path.exists() else None
     if isinstance(have, dict):  # caption_sources is a record, not identity; results written before the
-        # caption-source keys (or a setting's temperature) existed used what their defaults mean
+        # caption-source keys (or a setting's temperature, the prefix groups) existed used what their defaults mean
         have = {**{k: v for k, v in IDENTITY_DEFAULTS.items() if k in want},
                 **{k: v for k, v in have.items() if k != "caption_sources"}}
     if have is not None and have != want:
