@@ -637,7 +637,9 @@ def reference_counts(qm: IntegerEntropyModel, indices, mask, context=None) -> np
 def make_jax_counts(qm: IntegerEntropyModel):
     """The jitted JAX path: counts(indices [B, H, W], mask [B, H, W], context [B, L, C] int8 |
     caption tokens [B, L] | None) -> coding tables [B, H, W, K] int32. Any batch size or sharding: every operation is exact."""
-    arrays = {k: np.asarray(v, np.int32) for k, v in qm.arrays.items()}  # (check_bounds: they fit)
+    # (check_bounds: they fit in int32). On the device once: numpy arguments would be copied to it on
+    # every call, about 3 ms of a 20 ms pass on 2 CPU cores
+    arrays = {k: jnp.asarray(np.asarray(v, np.int32)) for k, v in qm.arrays.items()}
     ops = Ops(jnp, jnp.int32, float_exact_matmuls(qm), bf16_exact_matmuls(qm))
 
     @jax.jit
