@@ -229,7 +229,8 @@ def _compress(args) -> int:
     captions = _captions(args, codec)
     images = [load_image(p) for p in args.inputs]
     streams = codec.compress_batch(images, captions, schedule=args.schedule, groups=args.groups,
-                                   max_bytes=args.max_bytes, target_bpp=args.target_bpp)
+                                   max_bytes=args.max_bytes, target_bpp=args.target_bpp,
+                                   shorten_captions=args.shorten_captions)
     return _write_streams(outs, streams, codec)
 
 
@@ -377,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--schedule", help="masking schedule spec (qlds:8, checkerboard, implicit_var, uniform, ...; "
                                       "default: the codec's)")
     _add_prefix_flags(c)
+    c.add_argument("--shorten-captions", action="store_true",
+                   help="with --max-bytes / --target-bpp: where the caption alone does not fit, send its longest "
+                        "prefix of whole T5 tokens that does (default: an error)")
     c.set_defaults(fn=_compress)
 
     tr = sub.add_parser("truncate", help="cut .perco streams to fewer index groups (no image needed; the decoder "

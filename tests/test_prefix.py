@@ -142,6 +142,25 @@ def test_rate_control_lands_at_or_under_the_budget_with_the_most_groups(codec, h
                        (dict(max_bytes=[50]), "one per image")):
         with pytest.raises(ValueError, match=match):
             codec.compress_batch(images, captions, **bad)
+    # a caption that alone does not fit: cut to its longest prefix of whole tokens that does
+    k0 = lengths[0]
+    budget = int(np.sort(k0)[len(k0) // 2]) - 1  # under about half of the images' header + caption
+    with pytest.raises(ValueError, match="shorten_captions"):
+        codec.compress_batch(images, captions, max_bytes=budget)
+    streams = codec.compress_batch(images, captions, max_bytes=budget, shorten_captions=True)
+    _, got, _ = codec.read_batch(streams)
+    for i, (x, caption) in enumerate(zip(streams, got)):
+        assert len(x) <= budget and captions[i].startswith(caption)
+        if k0[i] <= budget:
+            assert caption == captions[i] and x == codec.compress_batch(images[i:i + 1], captions[i:i + 1],
+                                                                         max_bytes=budget)[0]
+        else:
+            assert len(caption) < len(captions[i])
+    assert any(k0[i] > budget for i in range(len(images)))
+    with pytest.raises(ValueError, match="over the budget of 9"):  # 10 bytes of framing with no caption at all
+        codec.compress_batch(images, captions, max_bytes=9, shorten_captions=True)
+    with pytest.raises(ValueError, match="needs a budget"):
+        codec.compress_batch(images, captions, groups=1, shorten_captions=True)
     with pytest.raises(ValueError, match="no index groups"):
         codec.compress_batch(images, captions, schedule="uniform", groups=1)
     with pytest.raises(ValueError, match="integer entropy model"):

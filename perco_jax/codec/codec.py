@@ -359,15 +359,14 @@ class Codec:
         return budgets
 
     def _prefix_stream(self, header: Header, caption: str, grid, prefixes: Sequence[bytes], groups: np.ndarray,
-                       most: Optional[int], budget: Optional[int], what: str) -> bytes:
+                       most: Optional[int], budget: Optional[int]) -> Optional[bytes]:
         """The stream of the most index groups, at most `most` (None: all), that fits in `budget`
         bytes (None: any): version 4 when it sends all S groups, else version 5 (groups_sent = k),
         whose CRC covers the grid [g, g] with the positions not sent as 0. prefixes: the payloads of
         0, 1, ... groups (`entropy_coding.encode_prefixes`, `cut_prefixes`) of the schedule's groups
-        [g, g]. ValueError when not even 0 groups fit."""
+        [g, g]. None when not even 0 groups fit."""
         s = schedules.num_groups(groups)
         model = self.stream_model
-        smallest = None
         top = len(prefixes) - 1
         for k in range(top if most is None else min(int(most), top), -1, -1):
             h = dataclasses.replace(header, version=model.version if k == s else bitstream.PREFIX_VERSION,
@@ -375,23 +374,41 @@ class Codec:
             stream = bitstream.pack(h, caption, prefixes[k], indices=np.where(groups < k, grid, 0), model=model)
             if budget is None or len(stream) <= budget:
                 return stream
-            smallest = len(stream)
-        raise ValueError(f"{what}: its smallest stream (header and caption, no index group) takes {smallest} bytes, "
-                         f"over the budget of {budget}")
+        return None
+
+    def _caption_bytes(self, header: Header, caption: str) -> int:
+        """Bytes of the smallest stream of `caption` under `header`: no index group (version 5)."""
+        h = dataclasses.replace(header, version=bitstream.PREFIX_VERSION, groups_sent=0,
+                                caption_coding=bitstream.smallest_caption_coding(caption))
+        return len(bitstream.pack(h, caption, b"", indices=np.zeros(self.grid, np.int64), model=self.stream_model))
+
+    def _fitting_caption(self, header: Header, caption: str, budget: int) -> Optional[str]:
+        """The caption's longest prefix of whole tokens (`text_modes.truncate_tokens`, T5's tokens)
+        whose stream of no index group fits in `budget` bytes; None when not even the empty one does."""
+        from perco_jax.captions.text_modes import truncate_tokens, truncation_tokenizer
+
+        tok = truncation_tokenizer(self.prompt_encoder.tokenizers)
+        for n in range(len(tok(caption, add_special_tokens=False, truncation=False)["input_ids"]), -1, -1):
+            short = truncate_tokens(caption, n, tok)
+            if self._caption_bytes(header, short) <= budget:
+                return short
+        return None
 
     # ------------------------------------------------------------------ compress
 
     def compress_batch(self, images: Sequence, captions: Optional[Sequence[str]] = None,
                        schedule: Optional[str] = None, *, groups: Optional[int] = None,
-                       max_bytes=None, target_bpp: Optional[float] = None) -> list[bytes]:
+                       max_bytes=None, target_bpp: Optional[float] = None, shorten_captions: bool = False) -> list[bytes]:
         """One bitstream per image (any sizes; see the RESIZE policy); captions default to "".
 
         A prefix of the index groups instead of all of them (a codec with an integer entropy model
         and a masking schedule; docs/bitstream.md, version 5): groups=K sends the first K of the
         schedule's S groups (0 <= K <= S; K = S is the full stream). max_bytes (an int, or one per
         image) or target_bpp (of each image's own size) sends, per image, the most groups (at most
-        `groups` when given too) whose whole stream fits; ValueError when the header and caption
-        alone do not. The decoder predicts the groups not sent (`read_batch`)."""
+        `groups` when given too) whose whole stream fits. Where the header and caption alone do not
+        fit: ValueError, or with shorten_captions the caption's longest prefix of whole T5 tokens
+        that fits (and then the most groups that still do). The decoder predicts the groups not sent
+        (`read_batch`)."""
         captions = [""] * len(images) if captions is None else [str(c) for c in captions]
         if len(captions) != len(images):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
@@ -417,10 +434,28 @@ class Codec:
             payloads = self.encode_indices(indices, captions, spec)
             return [bitstream.pack(header, caption, payload, indices=grid, model=model)  # (the CRC covers them)
                     for header, caption, payload, grid in zip(headers, captions, payloads, indices)]
+        if shorten_captions and max_bytes is None and target_bpp is None:
+            raise ValueError("shorten_captions needs a budget: max_bytes or target_bpp")
         coder, batch = self.coding_model()
         prefixes = entropy_coding.encode_prefixes(coder, indices, group_map, self.context(captions), batch_size=batch)
-        return [self._prefix_stream(h, c, grid, p, group_map, groups, b, f"image {i}")
-                for i, (h, c, grid, p, b) in enumerate(zip(headers, captions, indices, prefixes, budgets))]
+        out = [self._prefix_stream(h, c, grid, p, group_map, groups, b)
+               for h, c, grid, p, b in zip(headers, captions, indices, prefixes, budgets)]
+        over = [i for i, x in enumerate(out) if x is None]
+        if over and shorten_captions:
+            short = {i: self._fitting_caption(headers[i], captions[i], budgets[i]) for i in over}
+            again = [i for i in over if short[i] is not None]
+            if again:  # (another caption: the entropy model's tables change, so its groups are coded again)
+                redone = entropy_coding.encode_prefixes(coder, indices[again], group_map,
+                                                        self.context([short[i] for i in again]), batch_size=batch)
+                for i, p in zip(again, redone):
+                    h = dataclasses.replace(headers[i], caption_coding=bitstream.smallest_caption_coding(short[i]))
+                    out[i] = self._prefix_stream(h, short[i], indices[i], p, group_map, groups, budgets[i])
+        for i in over:
+            if out[i] is None:
+                raise ValueError(f"image {i}: its smallest stream (header and caption, no index group) takes "
+                                 f"{self._caption_bytes(headers[i], captions[i])} bytes, over the budget of {budgets[i]}"
+                                 + ("" if shorten_captions else " (shorten_captions: cut the caption to fit)"))
+        return out
 
     def compress(self, image, caption: str = "", schedule: Optional[str] = None, **prefix) -> bytes:
         """compress_batch of one image (prefix: groups / max_bytes / target_bpp)."""
@@ -458,7 +493,11 @@ class Codec:
                 most = k if groups is None else min(int(groups), k)
                 out[i] = self._prefix_stream(dataclasses.replace(headers[i], version=self.stream_model.version,
                                                                  groups_sent=None),
-                                             captions[i], indices[i], p, group_map, most, budgets[i], f"stream {i}")
+                                             captions[i], indices[i], p, group_map, most, budgets[i])
+                if out[i] is None:
+                    raise ValueError(f"stream {i}: its smallest stream (header and caption, no index group) takes "
+                                     f"{self._caption_bytes(headers[i], captions[i])} bytes, over the budget of "
+                                     f"{budgets[i]}")
         return out
 
     def truncate(self, stream: bytes, **cut) -> bytes:
