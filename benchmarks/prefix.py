@@ -93,7 +93,7 @@ def main() -> None:
     print(f"{'codec':<44}" + "".join(f"{m:>12}" for m in METRICS))
     for r in rows:
         print(f"{r['codec']:<44}" + "".join("–".rjust(12) if r[m] is None else f"{r[m]:>12.4f}" for m in METRICS))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     for ax, m in zip(axes, ("psnr", "colours_present", "shape_iou")):
         for t in [0.0] + list(args.fill_temperatures):
             pts = [r for r in rows if r["fill"] == t]
@@ -105,12 +105,14 @@ def main() -> None:
         for r in rows:
             if r["groups"] is None:
                 ax.plot([r["bpp"]], [r[m]], "s", ms=9, label=r["codec"])
+        ax.axhline(rows[0][f"thumb_{m}"], ls="-.", c="grey", lw=1,
+                   label=f"equal-bits thumbnail of the demo codec's {codec.grid[0]}x{codec.grid[1]} grid")
         ax.set_xlabel("bpp (whole stream, 32x32 scenes)")
         ax.set_title(m.replace("_", " "))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     fig.suptitle(f"one stream, many rates: {args.scenes} held-out scenes ({data})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)  # (below: no point hidden)
     fig.savefig(out / "prefix_vs_per_rate.png", dpi=110)
     print(f"wrote {out / 'prefix_vs_per_rate.png'}, .csv, .json")
 
