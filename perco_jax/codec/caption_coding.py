@@ -173,11 +173,12 @@ class _Plan:
         self.context = (BOS,) * ORDER
 
     def current(self) -> np.ndarray:
-        """The row of the next symbol (after the symbols pushed so far)."""
+        """The coding row [1, K] float64 of the next symbol (after the symbols pushed so far)."""
         j = self._ids.get(self.context)
         if j is None:
             j = self._ids[self.context] = len(self._rows)
-            self._rows.append(self._model.table(self.context))
+            # (float64 [1, K], constriction's input, once per context: the decoder reads it per symbol)
+            self._rows.append(self._model.table(self.context).astype(np.float64)[None])
         return self._rows[j]
 
     def push(self, symbol: int) -> None:
@@ -188,7 +189,7 @@ class _Plan:
     def tables(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Float64 coding rows [stop - start, K] of the pushed symbols start..stop-1."""
         picked = [self._rows[j] for j in self._index[start:stop]]
-        return np.stack(picked).astype(np.float64) if picked else np.zeros((0, K))
+        return np.concatenate(picked) if picked else np.zeros((0, K))
 
 
 def read_corpus() -> bytes:
@@ -273,7 +274,7 @@ def decode(data: bytes) -> bytes:
             if len(out) >= limit:
                 raise CodingError(f"corrupted caption ({len(data)} coded bytes decode to more than "
                                   f"{limit - 1} bytes without an end)")
-            s = int(dec.decode(family, plan.current()[None].astype(np.float64))[0])
+            s = int(dec.decode(family, plan.current())[0])
             plan.push(s)
             if s == END:
                 break
