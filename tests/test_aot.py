@@ -48,6 +48,21 @@ def test_collectives_of_hlo_text():
     ])
     got = aot.collectives(hlo)
     assert got == {"all-gather": {"count": 2, "bytes": 16 * 1536 * 2 + 64 * 4}, "all-reduce": {"count": 1, "bytes": 4}}
+    # XLA:TPU's reduce-scatter: an all-reduce of the whole buffers inside a fused computation named
+    # all-reduce-scatter.N, whose results are the shards (as the tiny step on fsdp 4 compiles)
+    fused = "\n".join([
+        "%all-reduce-scatter.42 (input_0.1: f32[192,192], input_1.1: f32[192,768]) -> (f32[192,48], f32[48,768]) {",
+        "  %input_0.1 = f32[192,192]{1,0} parameter(0)",
+        "  %all-reduce.7 = (f32[192,192]{1,0}, f32[192,768]{1,0}) all-reduce(%input_0.1, %input_1.1), to_apply=%add",
+        "  ROOT %tuple = (f32[192,48]{1,0}, f32[48,768]{1,0}) tuple(%a, %b)",
+        "}",
+        "",
+        "ENTRY %main {",
+        "  %ar = f32[8]{0} all-reduce(f32[8]{0} %y), to_apply=%add",
+        "}",
+    ])
+    assert aot.collectives(fused) == {"reduce-scatter": {"count": 1, "bytes": (192 * 48 + 48 * 768) * 4},
+                                      "all-reduce": {"count": 1, "bytes": 32}}
 
 
 def test_compile_flags_need_compile(capsys):

@@ -202,23 +202,44 @@ _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, 
           "s64": 8, "u64": 8, "f64": 8}
 
 
+_FUSED_REDUCE_SCATTER = re.compile(r"^%?(all-reduce-scatter[\w.\-]*) \(.*\) -> (.*) \{\s*$")
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in _SHAPE.findall(text))
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """{op: {"count", "bytes"}} of the collectives in a compiled module's text (async pairs counted
-    once, at their -start; bytes of the result shapes). A loop body's collectives are counted once."""
+    once, at their -start; bytes of the result shapes). A loop body's collectives are counted once.
+    XLA:TPU writes a reduce-scatter as an all-reduce inside a fused computation named
+    all-reduce-scatter.N whose results are the shards: that all-reduce counts as a reduce-scatter,
+    with the bytes of the computation's results (the shards), not the whole buffers it reduces."""
     out: dict[str, dict[str, int]] = {}
     op_re = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+    fused = None  # the results of the all-reduce-scatter computation being read, else None
     for line in hlo_text.splitlines():
+        head = _FUSED_REDUCE_SCATTER.match(line.strip())
+        if head:
+            fused = head.group(2)
+            continue
+        if line.startswith("}"):
+            fused = None
+            continue
         m = op_re.search(line)
         if not m:
             continue
-        result = m.group(1)
-        if m.group(3):  # an async start returns (operands, results[, contexts]): count the results
-            shapes = _SHAPE.findall(result)
-            shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
+        if fused is not None and m.group(2) == "all-reduce":
+            op, nbytes = "reduce-scatter", _shape_bytes(fused)
         else:
-            shapes = _SHAPE.findall(result)
-        nbytes = sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in shapes)
-        e = out.setdefault(m.group(2), {"count": 0, "bytes": 0})
+            result = m.group(1)
+            if m.group(3):  # an async start returns (operands, results[, contexts]): count the results
+                shapes = _SHAPE.findall(result)
+                shapes = shapes[len(shapes) // 2:] if len(shapes) > 1 else shapes
+            else:
+                shapes = _SHAPE.findall(result)
+            op, nbytes = m.group(2), sum(_BYTES[t] * math.prod(int(x) for x in dims.split(",") if x) for t, dims in shapes)
+        e = out.setdefault(op, {"count": 0, "bytes": 0})
         e["count"] += 1
         e["bytes"] += nbytes
     return out
