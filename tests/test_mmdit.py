@@ -7,7 +7,6 @@ import torch
 from diffusers import SD3Transformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
-from perco_jax.convert import load_transformer
 from perco_jax.convert.common import DictSource
 from perco_jax.convert.transformer import config_from_diffusers, transformer_from_source
 from perco_jax.models.mmdit import mmdit_from_config, sincos_pos_embed
@@ -119,3 +118,30 @@ def test_bfloat16_compute_close_to_float32():
     assert bf16.dtype == jnp.bfloat16 or bf16.dtype == np.dtype("bfloat16")
     assert rel_err(bf16.astype(np.float32), f32) < 0.1
     assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+
+
+def test_remat_recomputes_in_backward_order_with_the_plain_gradients():
+    """remat (`recompute_in_order`): the same output and gradients as the plain model (SD3.5 style:
+    dual attention and the context-pre-only last block), and each block's recomputation and its
+    gradients are tied by optimization barriers (two a block), so the compiler runs one block's
+    backward at a time (docs/training.md: otherwise XLA:TPU left each block's temb and weight
+    gradients for the end, holding its activations)."""
+    ref = reference(SD35_STYLE)
+    kw = config_from_diffusers(dict(ref.config))
+    params = transformer_from_source(DictSource(ref.state_dict()), mmdit_from_config(kw))
+    args = [jnp.asarray(a) for a in inputs(SD35_STYLE, 2, 8, 8)]
+    args[0] = args[0].transpose(0, 2, 3, 1)
+    plain, remat = mmdit_from_config(kw), mmdit_from_config(kw, remat=True)
+
+    def loss(model):
+        return lambda p, x, t, c, y: jnp.sum(jnp.sin(model.apply({"params": p}, x, t, c, y)))
+
+    grads = [jax.jit(jax.grad(loss(m), argnums=(0, 1, 3, 4)))(params, *args) for m in (plain, remat)]
+    assert jax.tree_util.tree_structure(grads[0]) == jax.tree_util.tree_structure(grads[1])
+    for a, b in zip(*(jax.tree_util.tree_leaves(g) for g in grads)):
+        assert rel_err(np.asarray(b), np.asarray(a)) < 1e-5
+    out = [np.asarray(m.apply({"params": params}, *args)) for m in (plain, remat)]
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-6, atol=1e-6)
+    jaxprs = [str(jax.make_jaxpr(jax.grad(loss(m)))(params, *args)) for m in (plain, remat)]
+    assert jaxprs[0].count("optimization_barrier") == 0
+    assert jaxprs[1].count("optimization_barrier") == 2 * SD35_STYLE["num_layers"]

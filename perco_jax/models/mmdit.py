@@ -199,6 +199,35 @@ class JointBlock(nn.Module):
         return x, c
 
 
+def recompute_in_order(block: nn.Module, *args):
+    """`block(*args)` rematerialised: the backward pass recomputes its forward from the saved
+    inputs (and the block's params), as `nn.remat` does, but only once the cotangent of its output
+    has arrived. nn.remat's recomputation depends on nothing but the saved inputs, so a compiler may
+    run every block's recomputation early; XLA:TPU did, and kept the recomputed MLP activations of
+    several blocks live at once (SD3.5-large at 1024^2: 2.4 GiB a block a chip; docs/training.md).
+    Here an optimization barrier ties each recomputation to its cotangent: one block's working set
+    at a time, in backward order."""
+    unbound = block.clone(parent=None)
+
+    def run(mdl, *a):
+        return mdl(*a)
+
+    def forward(mdl, *a):
+        return mdl(*a), (mdl.variables["params"], a)
+
+    def backward(saved, g):
+        params, a = saved
+        params, a, g = jax.lax.optimization_barrier((params, a, g))
+        _, vjp = jax.vjp(lambda p, *inputs: unbound.apply({"params": p}, *inputs), params, *a)
+        # every gradient of the block leaves its backward together: the next block's backward (it
+        # needs d_inputs) waits for the weight and temb gradients too, so none is left for later
+        # holding this block's activations
+        d_params, *d_inputs = jax.lax.optimization_barrier(vjp(g))
+        return ({"params": d_params}, *d_inputs)
+
+    return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(block, *args)
+
+
 # ----------------------------------------------------------------------------- model
 
 class MMDiT(nn.Module):
@@ -277,13 +306,14 @@ class MMDiT(nn.Module):
                                 kernel_init=nn.initializers.zeros_init())(y)
         c = dense(d, ("joint", "embed"), name="context_embedder", dtype=dt)(context.astype(dt))
 
-        block_cls = nn.remat(JointBlock) if self.remat else JointBlock
         for i in range(self.num_layers):
-            x, c = block_cls(d, self.num_attention_heads, self.attention_head_dim,
-                             context_pre_only=i == self.num_layers - 1,
-                             dual_attention=i in tuple(self.dual_attention_layers),
-                             qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=dt,
-                             name=f"blocks_{i}")(x, c, temb)
+            block = JointBlock(d, self.num_attention_heads, self.attention_head_dim,
+                               context_pre_only=i == self.num_layers - 1,
+                               dual_attention=i in tuple(self.dual_attention_layers),
+                               qk_norm=self.qk_norm, attention_impl=self.attention_impl, dtype=dt,
+                               name=f"blocks_{i}")
+            x, c = recompute_in_order(block, x, c, temb) if self.remat and not self.is_initializing() \
+                else block(x, c, temb)
 
         scale, shift = jnp.split(dense(2 * d, ("embed", "mlp"), name="norm_out", dtype=dt)(nn.silu(temb)), 2, -1)
         x = _modulate(layer_norm(dtype=dt)(x), shift, scale)
