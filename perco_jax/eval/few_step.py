@@ -57,9 +57,9 @@ def compare_decoders(codec, seed: int, n: int = 48, steps: Sequence[int] = (1, 2
     scenes, images, captions = heldout_scenes(n, codec.config.image_size, seed)
     indices = codec.encode_images(images * 2 - 1)
 
+    m = min(n, int(codec.config.sample.batch_size))  # the warm-up: one chunk, the program of every chunk
+
     def row(name, k, sampler):
-        # the warm-up decodes one chunk: decode_images runs every chunk through that chunk's program
-        m = min(n, int(codec.config.sample.batch_size))
         out, seconds = _timed(lambda: codec.decode_images(indices, captions, steps=k, sampler=sampler), repeats,
                               lambda: codec.decode_images(indices[:m], captions[:m], steps=k, sampler=sampler))
         ms = [scene_scores(o, x, sc) for o, x, sc in zip(images, out, scenes)]

@@ -200,13 +200,14 @@ class JointBlock(nn.Module):
 
 
 def recompute_in_order(block: nn.Module, *args):
-    """`block(*args)` rematerialised: the backward pass recomputes its forward from the saved
-    inputs (and the block's params), as `nn.remat` does, but only once the cotangent of its output
-    has arrived. nn.remat's recomputation depends on nothing but the saved inputs, so a compiler may
-    run every block's recomputation early; XLA:TPU did, and kept the recomputed MLP activations of
-    several blocks live at once (SD3.5-large at 1024^2: 2.4 GiB a block a chip; docs/training.md).
-    Here an optimization barrier ties each recomputation to its cotangent: one block's working set
-    at a time, in backward order."""
+    """`block(*args)` rematerialised: the backward pass recomputes its forward from the saved inputs
+    (and the block's params), as `nn.remat` does, and releases all of the block's gradients together.
+    With nn.remat, XLA:TPU computed each block's input gradient (which the next block's backward
+    needs) but left its adaLN gradients (into temb, needed only at the end of the step) for later,
+    and those keep the block's recomputed activations live: SD3.5-large at 1024^2, 20 blocks, 2.4 GiB
+    a block a chip (docs/training.md). The barrier on the gradients makes the next block's backward
+    wait for all of them; the one on the inputs (with the cotangent) keeps the recomputation from
+    being merged with the forward or run before its block's turn."""
     unbound = block.clone(parent=None)
 
     def run(mdl, *a):
@@ -219,9 +220,6 @@ def recompute_in_order(block: nn.Module, *args):
         params, a = saved
         params, a, g = jax.lax.optimization_barrier((params, a, g))
         _, vjp = jax.vjp(lambda p, *inputs: unbound.apply({"params": p}, *inputs), params, *a)
-        # every gradient of the block leaves its backward together: the next block's backward (it
-        # needs d_inputs) waits for the weight and temb gradients too, so none is left for later
-        # holding this block's activations
         d_params, *d_inputs = jax.lax.optimization_barrier(vjp(g))
         return ({"params": d_params}, *d_inputs)
 
