@@ -324,7 +324,8 @@ def test_synthetic_scenes_get_scene_metrics_and_the_thumbnail_baseline(codec, tm
     # rows written before shape IoU existed are decoded again (from the saved streams), to the same numbers
     columns, rows = read_csv(out / "per_image.csv")
     results.write_rows(out / "per_image.csv", rows, [c for c in columns if "shape_iou" not in c])
-    ev.evaluate(c, "synthetic:6", out, progress=False)
+    # in the first call's batches: another batch composition may move a pixel across a rounding step
+    ev.evaluate(c, "synthetic:6", out, progress=False, batch_size=4)
     assert (calls.compressed, calls.decompressed) == (6, 12)
     assert read_csv(out / "per_image.csv")[1] == rows
     with pytest.raises(ValueError, match="multiple of 4"):  # no equal-bits thumbnail at 30x30
