@@ -6,6 +6,7 @@ and XLA's FLOP count beside the model FLOPs of `perco_jax.train.flops`.
     python benchmarks/compile.py --recipe sd3_medium-stage1-v5e-256
     python benchmarks/compile.py --recipe sd35_large-stage1-v5p-128 --layers 4,8   # fewer layers, scaled
     python benchmarks/compile.py --recipe sd35_large-stage1-v5p-128 --attention xla  # logits stored
+    python benchmarks/compile.py --recipe sd35_large-stage1-v5p-128 --buffers-only   # 3-5 minutes, all 38 blocks
 
 --layers L1,L2 compiles the MM-DiT with L1 and with L2 blocks instead of all of them and scales
 each figure linearly in the block count to the config's (per chip: a + b x blocks; exact for the
@@ -35,7 +36,8 @@ from perco_jax.train import plan as planning  # noqa: E402
 from perco_jax.train.flops import step_flops  # noqa: E402
 
 
-def compile_recipe(name: str, layers=None, attention=None, decode: bool = False, per_chip: int | None = None) -> dict:
+def compile_recipe(name: str, layers=None, attention=None, decode: bool = False, per_chip: int | None = None,
+                   buffers_only: bool = False) -> dict:
     r = dict(RECIPES[name])
     topology = aot.parse_topology(r["topology"])
     mesh = planning.parse_mesh(r["mesh"], topology.chips)
@@ -48,7 +50,8 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     for n in counts:
         c = load_config(r["config"], list(r["overrides"]) + [f"mmdit.num_layers={n}"])
         p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], flash_attention=attention != "xla")
-        prog = aot.compile_training(c, topology, mesh, stage=r["stage"], batch=r["batch"], attention=attention)
+        prog = aot.compile_program("train", c, topology, mesh, stage=r["stage"], batch=r["batch"], attention=attention,
+                                   until_buffers=buffers_only)
         print(aot.format_program(prog, topology.hbm_bytes, p), flush=True)
         figures.append((n, p, prog))
     n2, p2, c2 = figures[-1]
@@ -81,11 +84,13 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
            "compiled_bytes": compiled, "hbm_bytes": topology.hbm_bytes,
            "headroom": None if compiled is None else 1 - compiled / topology.hbm_bytes,
            "compile_seconds": sum(prog.seconds for _, _, prog in figures),
+           "stopped": figures[-1][2].stopped,
            "model_tflops_per_chip": model / 1e12, "xla_over_model_flops": xla_ratio,
            "error": next((prog.error for _, _, prog in figures if prog.error), None)}
     if decode:
-        out["decoding"] = [aot.compile_decoding(config, topology, sampler=s, attention=attention).to_dict(
-            topology.hbm_bytes) for s in ("teacher", "few_step")]
+        out["decoding"] = [aot.compile_program("decode", config, topology, sampler=s, attention=attention,
+                                               until_buffers=buffers_only).to_dict(topology.hbm_bytes)
+                           for s in ("teacher", "few_step")]
     return out
 
 
@@ -96,6 +101,8 @@ def main():
     ap.add_argument("--attention", choices=("auto", "xla", "splash"), default="auto")
     ap.add_argument("--decode", action="store_true", help="also compile the recipe's decoders")
     ap.add_argument("--batch-per-chip", type=int, help="instead of the recipe's batch per chip")
+    ap.add_argument("--buffers-only", action="store_true",
+                    help="stop each compile after XLA's buffer assignment (arguments + temporaries, no code)")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -103,7 +110,7 @@ def main():
     rows = []
     for name in args.recipe or sorted(RECIPES):
         t0 = time.time()
-        rows.append(compile_recipe(name, layers, attention, args.decode, args.batch_per_chip))
+        rows.append(compile_recipe(name, layers, attention, args.decode, args.batch_per_chip, args.buffers_only))
         print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
     gib = 2 ** 30
     print(f"\n{'recipe':<34}{'per chip':>9}{'plan':>9}{'compiler':>10}{'plan/comp':>10}{'headroom':>9}"
@@ -117,6 +124,7 @@ def main():
               f"{(r['headroom'] if comp else float('nan')):>9.0%}{r['model_tflops_per_chip']:>10.1f}"
               f"{(r['xla_over_model_flops'] or float('nan')):>10.2f}{r['compile_seconds']:>8.0f}s"
               + (f"  (scaled from {r['layers_compiled']} blocks)" if r['layers_compiled'] != [r['layers_full']] else "")
+              + (f"  ({r['stopped']}: no code)" if r['stopped'] else "")
               + (f"  DOES NOT FIT: {r['error'][:80]}" if r['error'] else ""))
     if args.json:
         with open(args.json, "w") as f:

@@ -97,6 +97,34 @@ def test_tiny_programs_compile_for_a_v5e_slice(capsys):
 
 
 @pytest.mark.slow
+def test_compile_stopped_after_buffer_assignment(capsys, tmp_path, monkeypatch):
+    """`plan --compile --buffers-only` stops the compiling process once XLA has assigned the tiny
+    stage-1 step's buffers: the arguments are the finished compile's to the byte, the collectives
+    its own, no code size; an oversized run still gets the compiler's RESOURCE_EXHAUSTED and exit
+    status 1; the dump folder is removed."""
+    import tempfile
+
+    from perco_jax.config import load_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config, topology, mesh = load_config("tiny", []), aot.parse_topology("v5e-4"), {"data": 2, "fsdp": 2, "tensor": 1}
+    full = aot.compile_training(config, topology, mesh)
+    quick = aot.compile_program("train", config, topology, mesh, until_buffers=True)
+    assert full.stopped is None and quick.stopped == aot.BUFFERS and quick.name == full.name
+    assert quick.argument_bytes == full.argument_bytes and quick.collectives == full.collectives
+    assert quick.temp_bytes > 0 and quick.code_bytes == 0 and quick.flops is None
+    assert list(tmp_path.iterdir()) == []
+    code = cli.main(["plan", "--config", "tiny", "--mesh", "data=2,fsdp=2", "--compile", "--buffers-only",
+                     "--topology", "v5e-4", "--programs", "train"])
+    out = capsys.readouterr().out
+    assert code == 0 and "stopped after buffer assignment" in out and "fits" in out
+    code = cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--batch", "16384", "--compile",
+                     "--buffers-only", "--topology", "v5e:2x2", "--programs", "train", "--json"])
+    (program,) = json.loads(capsys.readouterr().out)["programs"]
+    assert code == 1 and "RESOURCE_EXHAUSTED" in program["error"] and not program["fits"]
+
+
+@pytest.mark.slow
 def test_a_run_too_large_for_its_chips_is_reported(capsys):
     """A tiny stage-1 run of 16,384 images on four 16 GiB chips: the compiler's RESOURCE_EXHAUSTED
     message, the verdict, and exit status 1."""

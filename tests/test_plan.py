@@ -343,3 +343,21 @@ def test_init_state_places_leaves_smaller_than_the_fsdp_axis():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.strip().splitlines()[-1]) > 0
+
+
+def test_remat_keeps_the_saved_block_inputs_and_one_block():
+    """With remat the MM-DiT's rows are every block's saved inputs (L b T D s) and one block's
+    working set A, the same A that the plan without remat counts once per block and once more for
+    the cotangents (`mmdit.recompute_in_order` runs each block's backward right after recomputing
+    it; docs/training.md has the compiler's figures)."""
+    config = load_config("sd3_medium", ["text.embeddings=emb"])
+    on = dict(activations.activations(config, 4))
+    config.remat = False
+    off = dict(activations.activations(config, 4))
+    layers, mm = config.mmdit.num_layers, config.mmdit
+    tok = (config.image_size // 8 // mm.patch_size) ** 2 + 77 + config.text.max_sequence_length
+    block = off["MM-DiT one block's cotangents"]
+    width = mm.num_attention_heads * mm.attention_head_dim
+    assert on[f"MM-DiT saved block inputs ({layers} blocks, remat)"] == layers * 4 * tok * width * 2  # bf16
+    assert on["MM-DiT one block recomputed + cotangents"] == block
+    assert off[f"MM-DiT all {layers} blocks (no remat)"] == layers * block  # (SD3-medium: no dual-attention block)

@@ -234,6 +234,12 @@ def test_self_consistency_targets_follow_stage3_guidance(tmp_path):
 @pytest.mark.slow
 def test_shortcut_step_trains_both_terms(tmp_path):
     _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.5)
+    # the self-consistency targets [2, 8, 8, 4] and the trained params pass one optimization barrier
+    # together: the training pass waits for the targets' forward passes (XLA:TPU interleaved them)
+    barriers = [e for e in jax.make_jaxpr(step)(state, batch, frozen, empty).jaxpr.eqns
+                if e.primitive.name == "optimization_barrier"]
+    n_params = len(jax.tree_util.tree_leaves(state.params))
+    assert [(len(e.invars), e.invars[0].aval.shape) for e in barriers] == [(1 + n_params, (2, 8, 8, 4))]
     step = jax.jit(step)
     new, metrics = step(step(state, batch, frozen, empty)[0], batch, frozen, empty)  # (warm-up: lr 0 at step 0)
     assert float(metrics["consistency_loss"]) > 0 and float(metrics["flow_loss"]) > 0

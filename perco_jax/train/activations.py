@@ -13,7 +13,10 @@ L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = CLI
                  with QK RMS-norm (q = 1); S = ceil(H / t) T^2 (4 + s): float32 attention logits and
                  the probabilities, 0 with a fused (flash) attention kernel; an SD3.5 dual-attention
                  block adds the same terms for the image tokens alone)
-  with remat     L b T D s (every block's saved inputs) + 2 A (one block recomputed + its cotangents)
+  with remat     L b T D s (every block's saved inputs) + A (one block recomputed, its cotangents taking
+                 the buffers of the activations they consume: `mmdit.recompute_in_order` runs each
+                 block's backward right after its recomputation; the live buffers of one block's
+                 backward at the peak of SD3.5-large's step measure 14 GiB a chip at 32 a chip, A = 13.5)
   without        sum of all blocks' A + A
   plus           the hyper-encoder's saved activations (ResNet blocks at the latent side and below),
                  the embeddings / output / latents / noise, and the batch (images float32, text context)
@@ -130,7 +133,7 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
     blocks = [block(i in duals) for i in range(layers)]
     if config.remat:
         mmdit = [(f"MM-DiT saved block inputs ({layers} blocks, remat)", layers * b * tok * d * s),
-                 ("MM-DiT one block recomputed + cotangents", 2 * max(blocks))]
+                 ("MM-DiT one block recomputed + cotangents", max(blocks))]
     else:
         mmdit = [(f"MM-DiT all {layers} blocks (no remat)", sum(blocks)),
                  ("MM-DiT one block's cotangents", max(blocks))]

@@ -173,6 +173,8 @@ class CompiledProgram:
     collectives: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     attention: str = ""         # the MM-DiT's attention in the program
     error: str | None = None    # the compiler's message (RESOURCE_EXHAUSTED: does not fit)
+    stopped: str | None = None  # "after buffer assignment": figures from XLA's buffer assignment, no
+                                # code size or FLOP count (`compile_until_buffers`)
 
     @property
     def per_device(self) -> int:
@@ -245,18 +247,27 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def _compile(name: str, fn, args, mesh_shape: Mapping[str, int], mesh, attention: str) -> CompiledProgram:
-    """Lowers and compiles jitted `fn` on abstract `args` under the mesh; the compiler's figures."""
+def _compile(name: str, fn, args, mesh_shape: Mapping[str, int], mesh, attention: str,
+             options: Mapping | None = None, resident: int = 0) -> CompiledProgram:
+    """Lowers and compiles jitted `fn` on abstract `args` under the mesh; the compiler's figures.
+    `options`: XLA debug options for this compile; with "xla_dump_to" the program's header (name,
+    mesh, attention, resident bytes) is written there first, for `compile_until_buffers`."""
+    import json
+
     import jax
 
+    if options and options.get("xla_dump_to"):
+        with open(os.path.join(options["xla_dump_to"], HEADER), "w") as f:
+            json.dump({"name": name, "mesh": dict(mesh_shape), "attention": attention, "resident": resident}, f)
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = fn.lower(*args).compile()
+            compiled = fn.lower(*args).compile(compiler_options=dict(options or {}))
     except Exception as e:  # the compiler's own message: RESOURCE_EXHAUSTED names HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return CompiledProgram(name, dict(mesh_shape), time.perf_counter() - t0, attention=attention, error=str(e))
+        return CompiledProgram(name, dict(mesh_shape), time.perf_counter() - t0, resident_bytes=resident,
+                               attention=attention, error=str(e))
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -265,8 +276,8 @@ def _compile(name: str, fn, args, mesh_shape: Mapping[str, int], mesh, attention
         name, dict(mesh_shape), seconds, argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes), code_bytes=int(mem.generated_code_size_in_bytes),
-        flops=float(cost.get("flops", 0.0)) if cost else None, collectives=collectives(compiled.as_text()),
-        attention=attention)
+        resident_bytes=resident, flops=float(cost.get("flops", 0.0)) if cost else None,
+        collectives=collectives(compiled.as_text()), attention=attention)
 
 
 # ----------------------------------------------------------------------------- abstract trees
@@ -349,9 +360,10 @@ def training_mesh(topology: Topology, mesh_shape: Mapping[str, int]):
 
 def compile_training(config, topology: Topology, mesh_shape: Mapping[str, int], *, stage: int | None = None,
                      batch: int | None = None, frozen: str | None = None,
-                     attention: str | None = None) -> CompiledProgram:
+                     attention: str | None = None, options: Mapping | None = None) -> CompiledProgram:
     """Compiles the loop's training step of `config` (stage / batch / frozen placement override the
-    config's) for `topology` on a mesh of `mesh_shape` ({axis: size}, product = its chips)."""
+    config's) for `topology` on a mesh of `mesh_shape` ({axis: size}, product = its chips);
+    `options`: XLA debug options (`_compile`)."""
     import jax
 
     from perco_jax import build, parallel
@@ -401,14 +413,13 @@ def compile_training(config, topology: Topology, mesh_shape: Mapping[str, int], 
     rep = parallel.replicated(mesh)
     empty = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype, sharding=rep) for k, v in text.items()}
     fn = loop.jit_step(step, _shardings_of(state), mesh)
-    program = _compile(f"stage {cfg.stage} training step (batch {b})", fn, (state, batch_args, frozen_args, empty),
-                       mesh_shape, mesh, _attention_name(attention))
+    resident = 0
     if prompt_encoder is not None and not build.text_encoders_in_step(cfg):
         # text.cache: the loop places the encoders (it encodes the captions the cache misses), the step
         # never reads them, so the compiled program leaves them out
-        program.resident_bytes = sum(comp.frozen[n].per_device(mesh_shape, replicated=replicated)
-                                     for n in ("CLIP-L", "CLIP-G", "T5"))
-    return program
+        resident = sum(comp.frozen[n].per_device(mesh_shape, replicated=replicated) for n in ("CLIP-L", "CLIP-G", "T5"))
+    return _compile(f"stage {cfg.stage} training step (batch {b})", fn, (state, batch_args, frozen_args, empty),
+                    mesh_shape, mesh, _attention_name(attention), options, resident)
 
 
 def host_devices(topology: Topology) -> list:
@@ -419,11 +430,12 @@ def host_devices(topology: Topology) -> list:
 
 
 def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", steps: int | None = None,
-                     batch: int | None = None, attention: str | None = None) -> CompiledProgram:
+                     batch: int | None = None, attention: str | None = None,
+                     options: Mapping | None = None) -> CompiledProgram:
     """Compiles `Codec.decompress_batch`'s decoder for `topology`: sampler "teacher" (the guided
     sampler, config.sample.steps) or "few_step" (the stage-3 decoder, its fewest steps) on
     config.sample.batch_size images (or `batch`), split over one host's chips when they divide
-    it (as `Codec` places a chunk), every parameter replicated."""
+    it (as `Codec` places a chunk), every parameter replicated; `options`: XLA debug options."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -477,7 +489,7 @@ def compile_decoding(config, topology: Topology, *, sampler: str = "teacher", st
     lowered = _StaticSteps(decode, steps)
     name = (f"decoding, {'guided sampler' if sampler == 'teacher' else 'few-step decoder'}, {steps} steps "
             f"(batch {b} on {n} chip{'s' if n > 1 else ''})")
-    return _compile(name, lowered, args, {"data": n}, mesh, _attention_name(attention))
+    return _compile(name, lowered, args, {"data": n}, mesh, _attention_name(attention), options)
 
 
 class _StaticSteps:
@@ -488,6 +500,125 @@ class _StaticSteps:
 
     def lower(self, *args):
         return self.fn.lower(*args, steps=self.steps)
+
+
+# ----------------------------------------------------------------------------- stopping after buffer assignment
+
+HEADER = "program.json"  # the program's name, mesh and attention, written into the dump folder
+BUFFERS = "after buffer assignment"
+_PROGRAMS = {"train": compile_training, "decode": compile_decoding}
+
+
+def read_buffer_assignment(folder: str) -> tuple[int, int] | None:
+    """(argument bytes, temporary bytes) a chip from the buffer assignment XLA dumped into `folder`
+    (`*memory-usage-report.txt`: the HBM space's total; `*buffer-assignment.txt`: its parameter
+    allocations), or None while the files are not complete."""
+    import glob
+
+    report = glob.glob(os.path.join(folder, "*memory-usage-report.txt"))
+    assignment = glob.glob(os.path.join(folder, "*after_optimizations-buffer-assignment.txt"))
+    if not report or not assignment:
+        return None
+    with open(report[0]) as f:
+        m = re.search(r"^Memory Space: default \(color=0\)\s*\nTotal bytes: (\d+)", f.read(), re.M)
+    if m is None:
+        return None
+    with open(assignment[0]) as f:
+        # allocations of other memory spaces (on-chip VMEM, SMEM, host) name their colour
+        args = sum(int(a.group(1)) for a in re.finditer(r"^allocation \d+: size (\d+), parameter", f.read(), re.M))
+    return args, int(m.group(1)) - args
+
+
+def _run_program(kind: str, args: tuple, kw: dict, folder: str, precision) -> None:
+    """The child process of `compile_until_buffers`: compiles with the dump options and the parent's
+    matmul precision (a jax setting, not inherited), never from the persistent compilation cache
+    (which writes no dump); a finished compile (or the compiler's error) is pickled into `folder`."""
+    import pickle
+
+    compile_environment()
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", precision)
+    jax.config.update("jax_enable_compilation_cache", False)
+    options = {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
+    try:
+        result = _PROGRAMS[kind](*args, **kw, options=options)
+    except Exception as e:  # noqa: BLE001 (handed to the parent, which raises it)
+        result = e
+    with open(os.path.join(folder, "result.pickle.tmp"), "wb") as f:
+        pickle.dump(result, f)
+    os.replace(os.path.join(folder, "result.pickle.tmp"), os.path.join(folder, "result.pickle"))
+
+
+def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> CompiledProgram:
+    """`compile_training` (kind "train") or `compile_decoding` ("decode") with the same arguments, in
+    a child process that is stopped once XLA's TPU compiler has assigned the program's buffers.
+
+    Buffer assignment ends the HLO passes, 1 to 5 minutes into an SD3-size compile whose code
+    generation takes 10 to 40 more and, for SD3.5-large's 38 blocks, more host memory than 24 GiB.
+    Its figures: arguments and temporaries a chip (`read_buffer_assignment`), the collectives of
+    the optimised HLO, no code size or FLOP count (`stopped`). On large programs they read 0.7 to
+    0.8 GiB under `memory_analysis()` of the finished compile, code included (docs/training.md);
+    on small ones they may read over it (v5e's memory-space assignment later moves small
+    temporaries into on-chip memory). A program that finishes first is returned whole; the
+    compiler's RESOURCE_EXHAUSTED comes back as `error`."""
+    import json
+    import multiprocessing
+    import pickle
+    import shutil
+    import tempfile
+
+    if kind not in _PROGRAMS:
+        raise ValueError(f"kind={kind!r}: train or decode")
+    folder = tempfile.mkdtemp(prefix="perco-jax-buffers-")
+    result_path, figures, sizes = os.path.join(folder, "result.pickle"), None, None
+    t0 = time.perf_counter()
+    import jax
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_run_program, args=(kind, args, kw, folder, jax.config.jax_default_matmul_precision))
+    child.start()
+    try:
+        while figures is None and not os.path.exists(result_path):
+            if not child.is_alive() and not os.path.exists(result_path):
+                raise RuntimeError(f"the compiling process ended with status {child.exitcode} and no result")
+            time.sleep(poll)
+            now = sorted((f, os.path.getsize(os.path.join(folder, f))) for f in os.listdir(folder))
+            if now == sizes and any(f.endswith("memory-usage-report.txt") for f, _ in now):
+                figures = read_buffer_assignment(folder)  # the files stopped growing
+            sizes = now
+        if os.path.exists(result_path):
+            with open(result_path, "rb") as f:
+                result = pickle.load(f)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        with open(os.path.join(folder, HEADER)) as f:
+            header = json.load(f)
+        hlo = [f for f in os.listdir(folder) if f.endswith(".after_optimizations.txt")]
+        found_collectives = {}
+        if hlo:
+            with open(os.path.join(folder, hlo[0])) as f:
+                found_collectives = collectives(f.read())
+        return CompiledProgram(header["name"], header["mesh"], time.perf_counter() - t0,
+                               argument_bytes=figures[0], temp_bytes=figures[1], collectives=found_collectives,
+                               resident_bytes=header["resident"], attention=header["attention"], stopped=BUFFERS)
+    finally:
+        child.join(0 if figures is not None else 30)  # a child that handed its result back is exiting
+        if child.is_alive():
+            child.kill()  # (SIGKILL: libtpu's handler would print a stack trace for a SIGTERM)
+        child.join()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def compile_program(kind: str, *args, until_buffers: bool = False, **kw) -> CompiledProgram:
+    """`compile_training` (kind "train") or `compile_decoding` ("decode"), or with `until_buffers`
+    the same stopped after buffer assignment (`compile_until_buffers`)."""
+    if until_buffers:
+        return compile_until_buffers(kind, *args, **kw)
+    if kind not in _PROGRAMS:
+        raise ValueError(f"kind={kind!r}: train or decode")
+    return _PROGRAMS[kind](*args, **kw)
 
 
 # ----------------------------------------------------------------------------- printing
@@ -506,7 +637,7 @@ def comparison_rows(plan, program: CompiledProgram) -> list[tuple[str, int | Non
     return rows + [
             ("outputs not written in place", 0, program.output_bytes - program.alias_bytes),
             ("temporaries: gradients, activations, buffers", plan.per_device - persistent, program.temp_bytes),
-            ("generated code", None, program.code_bytes),
+            *([] if program.stopped else [("generated code", None, program.code_bytes)]),
             ("total per chip", plan.per_device, program.per_device)]
 
 
@@ -524,7 +655,8 @@ def format_program(program: CompiledProgram, hbm: int, plan=None) -> str:
 
     mesh = " x ".join(f"{a}={n}" for a, n in program.mesh.items())
     lines = [f"compiled: {program.name}, mesh {mesh}, attention {program.attention}, "
-             f"{program.seconds:.0f} s to compile"]
+             + (f"stopped {program.stopped} after {program.seconds:.0f} s (arguments + temporaries; no code size)"
+                if program.stopped else f"{program.seconds:.0f} s to compile")]
     if program.error is None:
         if plan is not None:
             lines.append(f"  {'':<48}{'plan':>12}{'compiler':>12}{'compiler/plan':>15}")
@@ -534,7 +666,8 @@ def format_program(program: CompiledProgram, hbm: int, plan=None) -> str:
         else:
             for name, got in (("arguments", program.argument_bytes),
                               ("outputs not written in place", program.output_bytes - program.alias_bytes),
-                              ("temporaries", program.temp_bytes), ("generated code", program.code_bytes),
+                              ("temporaries", program.temp_bytes),
+                              *([] if program.stopped else [("generated code", program.code_bytes)]),
                               ("total per chip", program.per_device)):
                 lines.append(f"  {name:<48}{human(got):>12}")
         coll = ", ".join(f"{op} x{c['count']} ({human(c['bytes'])})" for op, c in program.collectives.items())

@@ -231,7 +231,10 @@ def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
             sc = jnp.mean(jnp.square(split.boot(v).astype(jnp.float32) - target)) if nb else jnp.float32(0)
             return (nb * sc + (b - nb) * fm) / b, (fm, sc)
 
-        (loss, (fm, sc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        # the targets' forward passes end before the training pass starts: without the barrier XLA:TPU
+        # interleaves them with it (SD3-medium on v5e-256, 24 a chip: 3.2 GiB more a chip)
+        target, params = jax.lax.optimization_barrier((target, state.params))
+        (loss, (fm, sc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return _update(state, grads, config, tx), {"loss": loss, "flow_loss": fm, "consistency_loss": sc,
                                                    "grad_norm": optax.global_norm(grads)}
 
