@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --compile: the MM-DiT's attention (auto: the splash kernel on TPU; xla stores "
                          "the logits)")
     pl.add_argument("--buffers-only", action="store_true",
-                    help="with --compile: stop each compile after XLA's buffer assignment (1-5 minutes for an "
-                         "SD3-size step, not 15-40): arguments + temporaries a chip and the collectives, no code "
+                    help="with --compile: stop each compile after XLA's buffer assignment (2-6 minutes for an "
+                         "SD3-size step, not 10-40): arguments + temporaries a chip and the collectives, no code "
                          "size or FLOPs; reads about 0.7-0.8 GiB under a finished compile on large programs")
     pl.set_defaults(fn=_plan)
 

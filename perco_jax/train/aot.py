@@ -506,7 +506,14 @@ class _StaticSteps:
 
 HEADER = "program.json"  # the program's name, mesh and attention, written into the dump folder
 BUFFERS = "after buffer assignment"
-_PROGRAMS = {"train": compile_training, "decode": compile_decoding}
+
+
+def _program(kind: str):
+    """The compile function of a program kind: "train" or "decode"."""
+    programs = {"train": compile_training, "decode": compile_decoding}
+    if kind not in programs:
+        raise ValueError(f"kind={kind!r}: train or decode")
+    return programs[kind]
 
 
 def read_buffer_assignment(folder: str) -> tuple[int, int] | None:
@@ -542,7 +549,7 @@ def _run_program(kind: str, args: tuple, kw: dict, folder: str, precision) -> No
     jax.config.update("jax_enable_compilation_cache", False)
     options = {"xla_dump_to": folder, "xla_dump_hlo_as_text": True}
     try:
-        result = _PROGRAMS[kind](*args, **kw, options=options)
+        result = _program(kind)(*args, **kw, options=options)
     except Exception as e:  # noqa: BLE001 (handed to the parent, which raises it)
         result = e
     with open(os.path.join(folder, "result.pickle.tmp"), "wb") as f:
@@ -554,7 +561,7 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
     """`compile_training` (kind "train") or `compile_decoding` ("decode") with the same arguments, in
     a child process that is stopped once XLA's TPU compiler has assigned the program's buffers.
 
-    Buffer assignment ends the HLO passes, 1 to 5 minutes into an SD3-size compile whose code
+    Buffer assignment ends the HLO passes, 2 to 6 minutes into an SD3-size compile whose code
     generation takes 10 to 40 more and, for SD3.5-large's 38 blocks, more host memory than 24 GiB.
     Its figures: arguments and temporaries a chip (`read_buffer_assignment`), the collectives of
     the optimised HLO, no code size or FLOP count (`stopped`). On large programs they read 0.7 to
@@ -568,13 +575,12 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
     import shutil
     import tempfile
 
-    if kind not in _PROGRAMS:
-        raise ValueError(f"kind={kind!r}: train or decode")
+    import jax
+
+    _program(kind)
     folder = tempfile.mkdtemp(prefix="perco-jax-buffers-")
     result_path, figures, sizes = os.path.join(folder, "result.pickle"), None, None
     t0 = time.perf_counter()
-    import jax
-
     child = multiprocessing.get_context("spawn").Process(
         target=_run_program, args=(kind, args, kw, folder, jax.config.jax_default_matmul_precision))
     child.start()
@@ -614,11 +620,7 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
 def compile_program(kind: str, *args, until_buffers: bool = False, **kw) -> CompiledProgram:
     """`compile_training` (kind "train") or `compile_decoding` ("decode"), or with `until_buffers`
     the same stopped after buffer assignment (`compile_until_buffers`)."""
-    if until_buffers:
-        return compile_until_buffers(kind, *args, **kw)
-    if kind not in _PROGRAMS:
-        raise ValueError(f"kind={kind!r}: train or decode")
-    return _PROGRAMS[kind](*args, **kw)
+    return compile_until_buffers(kind, *args, **kw) if until_buffers else _program(kind)(*args, **kw)
 
 
 # ----------------------------------------------------------------------------- printing
