@@ -105,6 +105,18 @@ class Calls:
         monkeypatch.setattr(codec, "decompress_batch", d)
 
 
+def assert_same_rows(got, want):
+    """Per-image rows equal, the image metrics up to float rounding: `decompress_batch` gives a stream
+    the same image in any batch up to float rounding, which may move a pixel across a rounding step."""
+    image_metrics = {"psnr", "ms_ssim", "lpips", "clip_score"}
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):
+        assert {k: v for k, v in g.items() if k not in image_metrics} == {
+            k: v for k, v in w.items() if k not in image_metrics}
+        for k in image_metrics & set(w):
+            assert (g[k] == "") == (w[k] == "") and (w[k] == "" or float(g[k]) == pytest.approx(float(w[k]), rel=1e-3))
+
+
 def read_csv(path):
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -161,7 +173,7 @@ def test_evaluate_writes_results_with_real_rates_and_resumes(codec, folder, lpip
     assert calls.compressed == len(SIZES)
     assert calls.decompressed == len(SIZES) + 1
     _, again = read_csv(out / "per_image.csv")
-    assert again == rows  # the same noise for c: its metrics are unchanged
+    assert_same_rows(again, rows)  # the same noise for c (decoded alone now, in a batch of 3 before)
 
     with pytest.raises(ValueError, match="guidance"):  # another setting into the same folder
         ev.evaluate(c, f"folder:{folder}", out, guidance=5.0, progress=False)
