@@ -66,6 +66,28 @@ def recipe_run(name: str, devices: int) -> tuple[str, list[str], int]:
     return r["config"], over, per_chip * devices
 
 
+def print_memory(config, mesh, batch: int, mem) -> None:
+    """The compiled program's bytes per device (XLA's memory analysis) and the device allocator's peak,
+    beside `perco-jax plan`'s estimate for the same run (fused attention where the step uses it)."""
+    from perco_jax.models.attention import attention_implementation
+    from perco_jax.train.plan import human, make_plan
+
+    dtype = jnp.dtype(config.dtype)
+    fused = attention_implementation(None, jax.ShapeDtypeStruct((1, 1, 1, config.mmdit.attention_head_dim),
+                                                                dtype)) != "xla"
+    p = make_plan(config, dict(mesh.shape), batch=batch, flash_attention=fused)
+    line = f"plan (fused attention {fused}): {human(p.per_device)} per device"
+    if mem is not None:
+        program = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes \
+            - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+        line += (f"; compiled program: {human(program)} (arguments {human(mem.argument_size_in_bytes)}, "
+                 f"temporaries {human(mem.temp_size_in_bytes)}) = plan x {p.per_device / program:.2f}")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        line += f"; device peak in use {human(stats['peak_bytes_in_use'])}"
+    print(line)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny")
@@ -116,6 +138,7 @@ def main():
             s1.stage = 1
             s1_state, _ = init_state(s1, build.build_perco(s1), make_optimizer(s1), mesh, rules)
             frozen["codec"] = stage2.codec_params(s1_state)
+            del s1_state  # its optimiser state would otherwise stay on the device and in the peak
             state, shardings = stage3.init_state(config, model, tx, mesh, rules)
         else:
             state, shardings = init_state(config, model, tx, mesh, rules)
@@ -140,6 +163,7 @@ def main():
         step = jit_step(make_step(config, model, ae, encoder, tx), shardings, mesh)
         t0 = time.time()
         compiled = step.lower(state, batch_arrays, frozen, empty).compile()
+        mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
@@ -162,6 +186,7 @@ def main():
           f"= {xla_flops * n / flops.step:.2f} x model FLOPs / devices")
     mfu = f"MFU {achieved / (n * peak):.1%} of {n} x {peak:.0f} TFLOP/s" if peak else \
         "MFU: unknown peak for this device (give --peak-tflops)"
+    print_memory(config, mesh, batch, mem)
     print(f"{config.name} stage-{config.stage} step, batch {batch} at {config.image_size}^2, {config.dtype}, text "
           f"{args.text}, on {n} x {kind}: {t * 1e3:.1f} ms/step, {batch / t:.1f} images/s, "
           f"{achieved:.2f} TFLOP/s model; {mfu}")

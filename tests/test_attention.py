@@ -148,6 +148,41 @@ def test_mmdit_splash_matches_xla():
     assert max_err(out, run("xla")) < 1e-4 * max(1.0, float(jnp.max(jnp.abs(out))))
 
 
+@pytest.mark.parametrize("tq,tk", [(37, 37), (16, 37), (16, 16)])
+def test_padded_attention_matches_unpadded(tq, tk):
+    """Padding to a multiple of 8 with the padded keys masked (what the cuDNN path runs: its training
+    path rejects odd lengths) is unpadded attention, forward and gradients, in float32."""
+    q, k, v = qkv(2, tq, tk, 3, jnp.float32, seed=7)
+    w = jnp.asarray(np.random.default_rng(8).standard_normal((2, tq, 3, HEAD_DIM)), jnp.float32)
+
+    def grads(fn):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(w * fn(*a)), argnums=(0, 1, 2)))(q, k, v)
+
+    (got_l, got), (want_l, want) = grads(lambda *a: attn_lib.padded_attention(*a, 8)), grads(xla)
+    assert abs(float(got_l) - float(want_l)) < 1e-5 * max(1.0, abs(float(want_l)))
+    for g, r in zip(got, want):
+        assert g.shape == r.shape
+        assert max_err(g, r) < 1e-5 * max(1.0, float(jnp.max(jnp.abs(r))))
+
+
+def test_cudnn_path_pads_odd_lengths(monkeypatch):
+    """The "cudnn" implementation hands cuDNN even (multiple-of-8) lengths with the true key count as
+    key_value_seq_lengths. cuDNN is not on the CPU, so the call is recorded and run by XLA."""
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def record(q, k, v, *, implementation=None, key_value_seq_lengths=None, **kw):
+        calls.append((q.shape[1], k.shape[1], implementation, key_value_seq_lengths))
+        return real(q, k, v, implementation="xla", key_value_seq_lengths=key_value_seq_lengths, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+    q, k, v = qkv(2, 16, 37, 2, jnp.float32, seed=9)
+    out = attention(q, k, v, implementation="cudnn")
+    (tq, tk, impl, lengths), = calls
+    assert (tq, tk, impl) == (16, 40, "cudnn") and lengths.tolist() == [37, 37]
+    assert out.shape == q.shape and max_err(out, real(q, k, v, implementation="xla")) < 1e-5
+
+
 def test_unknown_implementation():
     q = jnp.zeros((1, 4, 1, HEAD_DIM))
     with pytest.raises(ValueError, match="unknown attention implementation"):

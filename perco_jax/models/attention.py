@@ -7,7 +7,10 @@ non-causal, unmasked, scaled by 1/sqrt(Dh), in the inputs' dtype.
 Implementations:
   "xla"     XLA's generic path: it materialises the [B, H, Tq, Tk] logits, which at SD3's 1024^2
             (4096 image + 333 text tokens) dominates the MM-DiT's memory.
-  "cudnn"   cuDNN's fused (flash) kernel on GPUs: 16-bit inputs and Dh <= 128.
+  "cudnn"   cuDNN's fused (flash) kernel on GPUs: 16-bit inputs and Dh <= 128. Its training path
+            rejects odd sequence lengths (jax 0.11: "Unsupported sequence length Q 1357, KV 1357" for
+            SD3 at 512^2, 1024 image + 333 text tokens), so both are padded to a multiple of
+            CUDNN_MULTIPLE and the padded keys masked by `key_value_seq_lengths`.
   "splash"  the Pallas TPU splash (flash) kernel: never stores the logits. Off TPU it runs in
             Pallas interpret mode (slow; for tests of its numerics on the CPU).
   None      automatic (`attention_implementation`).
@@ -41,6 +44,8 @@ HEAD_AXIS = "tensor"
 SPLASH_BLOCKS = (512, 384, 256, 128)
 SPLASH_MIN_BLOCK = 128
 SPLASH_MAX_PAD = 1 / 16  # allowed extra padded length over the least (a multiple of 128)
+
+CUDNN_MULTIPLE = 8  # cuDNN's sequences are padded to this (even lengths are what its backward needs)
 
 
 def target_platform() -> str:
@@ -84,7 +89,28 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: Optional
     impl = attention_implementation(implementation, q)
     if impl == "splash":
         return splash_attention(q, k, v, batch_axes=batch_axes, head_axis=head_axis)
+    if impl == "cudnn":
+        return padded_attention(q, k, v, CUDNN_MULTIPLE, implementation="cudnn")
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, multiple: int,
+                     implementation: Optional[str] = None) -> jax.Array:
+    """`jax.nn.dot_product_attention` of q [B, Tq, H, Dh], k, v [B, Tk, H, Dh] -> [B, Tq, H, Dh] run on
+    sequences padded with zeros to multiples of `multiple`: the padded keys are masked out by
+    `key_value_seq_lengths` and the padded query rows dropped, so the result is unpadded attention's."""
+    tq, tk = q.shape[1], k.shape[1]
+    pq, pk = -tq % multiple, -tk % multiple
+    if not pq and not pk:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+    def pad(x, n):
+        return jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+
+    lengths = jnp.full((q.shape[0],), tk, jnp.int32)
+    o = jax.nn.dot_product_attention(pad(q, pq), pad(k, pk), pad(v, pk), key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+    return o[:, :tq]
 
 
 # ----------------------------------------------------------------------------- splash
