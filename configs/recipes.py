@@ -8,7 +8,7 @@ figures and how each recipe was chosen are in docs/training.md.
 
 Every recipe reads the text embeddings `perco-jax embed-text` precomputed (`text.embeddings`: the
 frozen CLIP-L / CLIP-G / T5-XXL are not on the chips; give the folder embed-text wrote) and keeps
-`remat` on. The MM-DiT's attention is the splash kernel (automatic on TPU).
+`remat` on. The MM-DiT's and the VAE's attention are the splash kernel (automatic on TPU).
 """
 
 EMBEDDINGS = ["text.embeddings=embeddings"]

@@ -123,7 +123,8 @@ def _plan(args) -> int:
     memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
     config = load_config(args.config, args.override)
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       flash_attention=args.flash_attention)
+                       flash_attention=args.flash_attention,
+                       vae_flash_attention=bool(args.recipe))  # (only TPU's splash kernel takes the VAE's)
     print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
     return 0
 
@@ -149,7 +150,7 @@ def _plan_compile(args) -> int:
         raise ValueError(f"--programs {args.programs!r}: choose from train, decode")
     attention = None if args.attention in (None, "auto") else args.attention
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       flash_attention=attention != "xla")
+                       flash_attention=attention != "xla", vae_flash_attention=attention != "xla")
     if not args.json:
         print(f"topology {topology.describe()}")
         print(plan.format_plan(p, memory))

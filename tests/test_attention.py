@@ -291,3 +291,44 @@ def test_mmdit_attention_compiles_for_tpu_and_saves_memory(tpu_devices):
     xla_temp = xla_c.memory_analysis().temp_size_in_bytes
     assert xla_temp > heads * (n + m) ** 2 * 2  # at least one bf16 logits buffer per chip
     assert splash_temp < xla_temp / 4, (splash_temp, xla_temp)
+
+
+def test_vae_mid_attention_splash_matches_xla():
+    """The VAE's mid-block attention (one head of the block's width, here 128) through the splash
+    kernel (interpret mode) is XLA's, float32."""
+    from perco_jax.models.vae import MidAttention
+
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((2, 6, 7, 128)), jnp.float32)  # 42 tokens
+    module = MidAttention(32)
+    params = module.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape), params)
+    out = {impl: jax.jit(lambda p: module.clone(attention_impl=impl).apply(p, x))(params) for impl in ("splash", "xla")}
+    assert max_err(out["splash"], out["xla"]) < 2e-5 * max(1.0, float(jnp.max(jnp.abs(out["xla"]))))
+
+
+@pytest.mark.slow
+def test_vae_mid_attention_compiles_for_tpu_without_logits(tpu_devices):
+    """The frozen VAE encoder's mid-block attention compiled for a v5e:2x2 slice: automatically the
+    splash kernel (no [.., HW, HW] float32 logits, 64 MiB an image here), and less temporary memory
+    than XLA's attention."""
+    from perco_jax.models.vae import MidAttention
+
+    mesh = tpu_mesh(tpu_devices)
+    b, side, c = 8, 64, 512  # 4096 tokens, the latent side of a 512^2 image
+    batch = NamedSharding(mesh, P(parallel.BATCH_AXES))
+    x = jax.ShapeDtypeStruct((b, side, side, c), jnp.bfloat16, sharding=batch)
+
+    def compile_with(impl):
+        module = MidAttention(32, jnp.bfloat16, attention_impl=impl)
+        params = jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
+        params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=NamedSharding(mesh, P())),
+                              nn.meta.unbox(params))
+        with jax.set_mesh(mesh):
+            return jax.jit(module.apply, out_shardings=batch).lower(params, x).compile()
+
+    auto, xla_c = compile_with(None), compile_with("xla")
+    assert "splash_mha_fwd" in auto.as_text()
+    assert logits_shapes(xla_c.as_text(), side * side) and not logits_shapes(auto.as_text(), side * side)
+    auto_temp, xla_temp = auto.memory_analysis().temp_size_in_bytes, xla_c.memory_analysis().temp_size_in_bytes
+    assert xla_temp > (b // 4) * (side * side) ** 2 * 4  # a float32 logits buffer per chip
+    assert auto_temp < xla_temp / 4, (auto_temp, xla_temp)

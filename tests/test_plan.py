@@ -361,3 +361,17 @@ def test_remat_keeps_the_saved_block_inputs_and_one_block():
     assert on[f"MM-DiT saved block inputs ({layers} blocks, remat)"] == layers * 4 * tok * width * 2  # bf16
     assert on["MM-DiT one block recomputed + cotangents"] == block
     assert off[f"MM-DiT all {layers} blocks (no remat)"] == layers * block  # (SD3-medium: no dual-attention block)
+
+
+def test_vae_attention_logits_only_without_the_splash_kernel():
+    """At 1024^2 the frozen VAE encoder's peak is its mid-block attention over 128^2 latent positions:
+    float32 logits and probabilities of b x 16384^2, unless the splash kernel runs it
+    (`vae_flash_attention`, TPU), when the 3 full-resolution feature maps are the peak."""
+    config = load_config("sd35_large", ["text.embeddings=emb", "image_size=1024", "data.image_size=1024"])
+    b, s = 2, 2  # bf16
+    lat, c0, c_last = 128, config.vae.block_out_channels[0], config.vae.block_out_channels[-1]
+    stored = dict(activations.activations(config, b, flash_attention=True))[activations.FROZEN_FORWARD]
+    fused = dict(activations.activations(config, b, flash_attention=True,
+                                         vae_flash_attention=True))[activations.FROZEN_FORWARD]
+    assert stored == b * (lat ** 4 * (4 + s) + 4 * lat * lat * c_last * s)
+    assert fused == b * 3 * 1024 * 1024 * c0 * s

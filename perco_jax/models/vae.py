@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from perco_jax.models.attention import attention
+
 from perco_jax.models.layers import conv, dense
 
 Dtype = Any
@@ -75,18 +77,22 @@ class ResnetBlock(nn.Module):
 
 class MidAttention(nn.Module):
     """The mid block's single-head self-attention over all H*W positions (head_dim = channels),
-    with its own GroupNorm and a residual connection; softmax in float32 (upcast_softmax)."""
+    with its own GroupNorm and a residual connection; softmax in float32 (upcast_softmax).
+
+    Through `models.attention`: on TPU the splash kernel, so the [B, HW, HW] float32 logits (1 GiB
+    an image at 1024^2) are never stored; on GPUs and CPUs XLA's attention (head_dim 512 is beyond
+    cuDNN's fused kernel). `attention_impl` forces one (None: automatic)."""
     groups: int
     dtype: Dtype = jnp.float32
+    attention_impl: Optional[str] = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, h, w, c = x.shape
         y = group_norm(self.groups, name="group_norm", dtype=self.dtype)(x).reshape(b, h * w, c)
-        q, k, v = (dense(c, ("embed", "heads"), name=n, dtype=self.dtype)(y) for n in ("to_q", "to_k", "to_v"))
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(c))
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        o = jnp.einsum("bqk,bkc->bqc", probs, v)
+        q, k, v = (dense(c, ("embed", "heads"), name=n, dtype=self.dtype)(y)[:, :, None, :]
+                   for n in ("to_q", "to_k", "to_v"))  # one head: [B, HW, 1, C]
+        o = attention(q, k, v, implementation=self.attention_impl).reshape(b, h * w, c)
         o = dense(c, ("heads", "embed"), name="to_out", dtype=self.dtype)(o)
         return x + o.reshape(b, h, w, c)
 

@@ -21,7 +21,8 @@ L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = CLI
   plus           the hyper-encoder's saved activations (ResNet blocks at the latent side and below),
                  the embeddings / output / latents / noise, and the batch (images float32, text context)
   frozen         the frozen forward passes (no saved activations), the larger of the VAE encoder
-                 (3 feature maps at full resolution, or its mid-block attention) and the text
+                 (3 feature maps at full resolution, or its mid-block attention, whose logits the
+                 splash kernel does not store) and the text
                  encoders (3 MLP-width tensors + attention logits per layer; none with
                  config.text.cache). They finish before the trained network starts, so the total is
                  batch + FSDP buffers + max(frozen forward passes, the training pass).
@@ -65,12 +66,14 @@ def _text_forward_peak(config, b: int, s: int, t: int) -> int:
     return max(peaks)
 
 
-def _vae_encoder_peak(config, b: int, s: int) -> int:
+def _vae_encoder_peak(config, b: int, s: int, fused: bool) -> int:
+    """3 feature maps at full resolution, or the mid-block attention: its float32 logits and
+    probabilities unless `fused` (the splash kernel), and 4 maps at the latent side."""
     if config.autoencoder != "sd3_vae":
         return 0
     chans = tuple(config.vae.block_out_channels)
     img, lat = config.image_size, config.image_size // 2 ** (len(chans) - 1)
-    return b * max(3 * img * img * chans[0] * s, lat ** 4 * (4 + s) + 4 * lat * lat * chans[-1] * s)
+    return b * max(3 * img * img * chans[0] * s, (0 if fused else lat ** 4 * (4 + s)) + 4 * lat * lat * chans[-1] * s)
 
 
 def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:
@@ -90,10 +93,12 @@ def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:
 
 
 def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
-                text_gather: int = 0) -> list[tuple[str, int]]:
+                text_gather: int = 0, vae_flash_attention: bool = False) -> list[tuple[str, int]]:
     """(name, bytes per device) of the activation estimate of one training step of config.stage
     (the formulas are in the module docstring); `text_gather`: bytes of the largest text-encoder
-    layer all-gathered by FSDP (added to the text encoders' forward working set)."""
+    layer all-gathered by FSDP (added to the text encoders' forward working set);
+    `vae_flash_attention`: the VAE's mid-block attention (head size 512) is fused too, as the splash
+    kernel does on TPU (cuDNN's kernel does not take that head size)."""
     s, t = jnp.dtype(config.dtype).itemsize, int(tensor)
     side, ch = build.latent_geometry(config)
     m_ctx = build.clip_max_length(config) + config.text.max_sequence_length
@@ -107,7 +112,7 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
         w = em.width
         scores = 0 if flash_attention else -(-em.num_heads // t) * n * n * (4 + s)
         block = b * (s * (6 * n * w + (4 + 2 * em.mlp_ratio) * n * w // t) + scores)
-        frozen_fwd = max(_vae_encoder_peak(config, b, s), _hyper_encoder(config, b, s, saved=False),
+        frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_flash_attention), _hyper_encoder(config, b, s, saved=False),
                          text_peak if em.conditional else 0)
         return [(f"entropy model, {em.depth} blocks + cotangents", (em.depth + 1) * block),
                 ("logits, log-softmax, their gradient", b * g * g * k * 4 * 3),
@@ -138,7 +143,7 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
         mmdit = [(f"MM-DiT all {layers} blocks (no remat)", sum(blocks)),
                  ("MM-DiT one block's cotangents", max(blocks))]
     embed = b * (4 * tok * d * s + 4 * side * side * (ch + config.codec.code_dim) * 4)
-    frozen_fwd = max(_vae_encoder_peak(config, b, s), text_peak)
+    frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_flash_attention), text_peak)
     if config.stage == 3:  # the hyper-encoder is frozen; the shortcut targets are forward passes
         nb = 2 * int(round(b * config.stage3.bootstrap_fraction)) if config.stage3.method == "shortcut" else 0
         targets = max(blocks) // b * nb  # one block's working set on the target passes' examples

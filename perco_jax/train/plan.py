@@ -122,6 +122,7 @@ class Plan:
     trainable: str
     frozen_placement: str
     flash_attention: bool
+    vae_flash_attention: bool
     rows: list[tuple[str, int | None, int]]   # (what, total bytes or None, bytes per device)
     activation_rows: list[tuple[str, int]]
 
@@ -152,7 +153,7 @@ class Plan:
         d = {"config": self.name, "stage": self.stage, "mesh": self.mesh, "devices": self.num_devices,
              "batch": self.batch, "per_device_batch": self.per_device_batch, "dtype": self.dtype,
              "trainable": self.trainable, "frozen_placement": self.frozen_placement,
-             "flash_attention": self.flash_attention,
+             "flash_attention": self.flash_attention, "vae_flash_attention": self.vae_flash_attention,
              "rows": [{"what": n, "total_bytes": t, "per_device_bytes": p} for n, t, p in self.rows],
              "activations": [{"what": n, "per_device_bytes": p} for n, p in self.activation_rows],
              "activation_bytes": self.activation_bytes, "per_device_bytes": self.per_device}
@@ -163,12 +164,14 @@ class Plan:
 
 
 def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batch: int | None = None,
-              frozen: str | None = None, flash_attention: bool = False,
+              frozen: str | None = None, flash_attention: bool = False, vae_flash_attention: bool = False,
               components: Components | None = None) -> Plan:
     """The per-device memory plan of training `config` on a mesh of shape `mesh` ({axis: size}).
 
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
-    eval_shape when planning several meshes. frozen=None: config.frozen_placement."""
+    eval_shape when planning several meshes. frozen=None: config.frozen_placement.
+    `flash_attention`: the MM-DiT's (and text encoders') attention stores no logits (cuDNN on GPUs,
+    splash on TPU); `vae_flash_attention`: nor does the VAE's mid-block attention (splash only)."""
     if frozen is None:
         frozen = config.frozen_placement
     if frozen not in build.FROZEN_PLACEMENTS:
@@ -216,18 +219,18 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     b = cfg.batch_size // data_fsdp
     text_gather = 0 if frozen == "replicated" else max(
         [largest_layer_gathered(comp.frozen[k], mesh) for k in ("CLIP-L", "CLIP-G", "T5") if k in comp.frozen], default=0)
-    acts = activations(cfg, b, mesh["tensor"], flash_attention, text_gather)
+    acts = activations(cfg, b, mesh["tensor"], flash_attention, text_gather, vae_flash_attention)
     gathered = largest_layer_gathered(st, mesh, under="params")
     if gathered:
         acts.append(("FSDP: one block's params + grads all-gathered", 2 * gathered))
     return Plan(cfg.name, int(cfg.stage), mesh, int(cfg.batch_size), b, str(cfg.dtype), trainable, frozen,
-                bool(flash_attention), rows, acts)
+                bool(flash_attention), bool(vae_flash_attention), rows, acts)
 
 
 def format_plan(plan: Plan, device_memory: int | None = None) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in plan.mesh.items())
-    attn = ("fused attention kernel" if plan.flash_attention
-            else "attention logits stored (--flash-attention: fused kernel)")
+    attn = ("fused attention kernel" + (" (the VAE's too: TPU's splash kernel)" if plan.vae_flash_attention else "")
+            if plan.flash_attention else "attention logits stored (--flash-attention: fused kernel)")
     lines = [f"plan: {plan.name}, stage {plan.stage}, mesh {mesh} ({plan.num_devices} devices), "
              f"batch {plan.batch} ({plan.per_device_batch} per device), compute {plan.dtype}, "
              f"trainable={plan.trainable}",
