@@ -108,6 +108,11 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.space_to_depth_factor = 8
     config.patch_autoencoder = ml_collections.ConfigDict(dict(factor=4, latent_channels=4, width=128, depth=2))
     config.autoencoder_workdir = ""         # autoencoder=patch: the stage-0 run whose autoencoder stages 1-2 use
+    # images per device the frozen autoencoder encodes at a time in a training step (stages 1-3; a
+    # lax.map over the rest: parallel.map_batch_chunks); 0 = the device's whole batch at once. Its
+    # full-resolution feature maps are the step's peak at large batches (SD3's VAE at 512^2: 3 maps of
+    # 64 MiB an image), so a pod recipe bounds them
+    config.autoencoder_chunk = 0
     config.pretrained = ""                  # a `perco-jax convert` weights folder; "" = random init
     config.codec = codec()
     config.hyper_encoder = ml_collections.ConfigDict(dict(

@@ -13,6 +13,10 @@ frozen CLIP-L / CLIP-G / T5-XXL are not on the chips; give the folder embed-text
 
 EMBEDDINGS = ["text.embeddings=embeddings"]
 AT_1024 = ["image_size=1024", "data.image_size=1024"]
+# the frozen VAE encodes a chip's batch this many images at a time (its full-resolution maps were
+# the step's peak: `autoencoder_chunk` in configs/common.py)
+VAE_512 = ["autoencoder_chunk=16"]
+VAE_1024 = ["autoencoder_chunk=1"]
 
 
 def _mesh(chips: int, fsdp: int) -> str:
@@ -22,23 +26,23 @@ def _mesh(chips: int, fsdp: int) -> str:
 RECIPES = {
     # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips, data parallel over the rest
     "sd3_medium-stage1-v5e-256": dict(config="sd3_medium", stage=1, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 24, overrides=EMBEDDINGS),
+                                      batch=256 * 24, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v5e-256": dict(config="sd3_medium", stage=3, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 24, overrides=EMBEDDINGS),
+                                      batch=256 * 24, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 192, overrides=EMBEDDINGS),
+                                      batch=64 * 192, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 192, overrides=EMBEDDINGS),
+                                      batch=64 * 192, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS),
+                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v6e-256": dict(config="sd3_medium", stage=3, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS),
+                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
     # SD3.5-large (8B MM-DiT) at 1024^2: FSDP over 64 chips. Checked at all 38 blocks in XLA's buffer
     # assignment (the code generation of 38 blocks outgrows this project's 24 GiB machine; docs/training.md)
     "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 2, overrides=EMBEDDINGS + AT_1024),
+                                      batch=256 * 2, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
     "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 64),
-                                      batch=64 * 40, overrides=EMBEDDINGS + AT_1024),
+                                      batch=64 * 40, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
     "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 12, overrides=EMBEDDINGS + AT_1024),
+                                      batch=256 * 12, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
 }

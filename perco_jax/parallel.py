@@ -122,6 +122,40 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def map_batch_chunks(fn, x: jax.Array, chunk: int):
+    """fn(x) for a per-example fn of x [B, ...] (a pytree of [B, ...] out), run `chunk` examples
+    per batch shard at a time: a lax.map of B / (shards x chunk) steps, each on [shards x chunk, ...]
+    split as the batch is, so every device encodes its own rows with no communication and holds
+    one chunk's working set, not its whole share's. shards = data x fsdp of the mesh set by
+    `jax.set_mesh` (1 without one). chunk <= 0 or >= the per-shard batch: fn(x) at once."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    b = x.shape[0]
+    per = b // shards
+    if chunk <= 0 or chunk >= per:
+        return fn(x)
+    if b % shards or per % chunk:
+        raise ValueError(f"a chunk of {chunk} examples does not divide the {per} examples of each of the "
+                         f"{shards} batch shards (batch {b})")
+    n = per // chunk
+
+    def constrain(a, spec):
+        return jax.lax.with_sharding_constraint(a, spec) if axes else a
+
+    # [B] = [shards, n, chunk] (each shard's rows contiguous, as P(BATCH_AXES) splits them) ->
+    # [n, shards x chunk]: local to each device
+    xs = jnp.swapaxes(x.reshape(shards, n, chunk, *x.shape[1:]), 0, 1)
+    xs = constrain(xs.reshape(n, shards * chunk, *x.shape[1:]), P(None, axes))
+    out = jax.lax.map(lambda xi: fn(constrain(xi, P(axes))), xs)
+
+    def merge(y):
+        y = jnp.swapaxes(y.reshape(n, shards, chunk, *y.shape[2:]), 0, 1)
+        return constrain(y.reshape(b, *y.shape[3:]), P(axes))
+
+    return jax.tree_util.tree_map(merge, out)
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict:
     """Assemble this process's numpy batch into global jax Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

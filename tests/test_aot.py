@@ -201,3 +201,35 @@ def test_decoder_of_a_run_that_read_stored_embeddings_compiles():
     config = load_config("tiny", ["text.embeddings=emb"])
     p = aot.compile_decoding(config, aot.parse_topology("v5e-4"), sampler="teacher")
     assert p.error is None and p.argument_bytes > 0
+
+
+def test_batch_chunks_stay_on_their_chip_and_shrink_the_working_set():
+    """`parallel.map_batch_chunks` (the frozen autoencoder's encoder at `autoencoder_chunk` images a
+    chip) compiled for a v5e:2x2 slice with the batch split over data x fsdp: no collective (each
+    chip maps over its own rows) and a quarter of the temporaries of the whole batch at once, for a
+    per-example function whose intermediate is 64x its input."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from perco_jax import parallel
+
+    devices = aot.parse_topology("v5e:2x2").devices()
+    mesh = jax.make_mesh((2, 2, 1), parallel.MESH_AXES, devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    batch = NamedSharding(mesh, P(parallel.BATCH_AXES))
+    x = jax.ShapeDtypeStruct((32, 64, 64, 8), jnp.float32, sharding=batch)  # 8 images a chip
+
+    def per_example(a):  # [n, 64, 64, 8] -> [n, 8]: a [n, 64, 64, 512] intermediate
+        h = jnp.tanh(jnp.concatenate([a * k for k in range(64)], axis=-1))
+        return jnp.mean(h, axis=(1, 2))[:, :8]
+
+    def compiled(chunk):
+        with jax.set_mesh(mesh):
+            return jax.jit(lambda a: parallel.map_batch_chunks(per_example, a, chunk),
+                           out_shardings=batch).lower(x).compile()
+
+    whole, chunked = compiled(0), compiled(2)
+    assert aot.collectives(chunked.as_text()) == {}
+    temp = chunked.memory_analysis().temp_size_in_bytes
+    assert temp < whole.memory_analysis().temp_size_in_bytes / 3

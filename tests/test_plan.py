@@ -373,5 +373,11 @@ def test_vae_attention_logits_only_without_the_splash_kernel():
     stored = dict(activations.activations(config, b, flash_attention=True))[activations.FROZEN_FORWARD]
     fused = dict(activations.activations(config, b, flash_attention=True,
                                          vae_flash_attention=True))[activations.FROZEN_FORWARD]
-    assert stored == b * (lat ** 4 * (4 + s) + 4 * lat * lat * c_last * s)
-    assert fused == b * 3 * 1024 * 1024 * c0 * s
+    moments = b * lat * lat * 2 * config.vae.latent_channels * s
+    assert stored == moments + b * (lat ** 4 * (4 + s) + 4 * lat * lat * c_last * s)
+    assert fused == moments + b * 3 * 1024 * 1024 * c0 * s
+    # config.autoencoder_chunk: one image a pass holds one image's maps (the moments of both kept)
+    config.autoencoder_chunk = 1
+    chunked = dict(activations.activations(config, b, flash_attention=True,
+                                           vae_flash_attention=True))[activations.FROZEN_FORWARD]
+    assert chunked == moments + 3 * 1024 * 1024 * c0 * s

@@ -197,6 +197,7 @@ def test_bitrate_presets():
 @pytest.mark.parametrize("override,match", [
     ("codec.grid_side=12", "grid_side"),       # does not divide the 64-side latent into powers of 2
     ("codec.codebook_size=1", "K >= 2"),
+    ("autoencoder_chunk=-1", "autoencoder_chunk=-1"),
     ("trainable=some", "trainable"),
     ("autoencoder=jpeg", "autoencoder"),
     ("mmdit.in_channels=4", "in_channels"),
@@ -400,3 +401,59 @@ def test_training_starts_from_a_converted_sd3_pipeline(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
     trained = jax.device_get(plain.params["mmdit"]["blocks_0"]["attn"]["to_q"]["kernel"])
     assert not np.array_equal(trained, mmdit["blocks_0"]["attn"]["to_q"]["kernel"])  # it trained from there
+
+
+def test_map_batch_chunks_is_the_function_at_once():
+    """`parallel.map_batch_chunks`: the same result as fn(x) (a pytree out), with and without a mesh
+    set, and one clear error for a chunk that does not divide each shard's examples."""
+    from perco_jax import parallel
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((12, 4, 3)), jnp.float32)
+
+    def fn(a):
+        return {"sum": jnp.sum(a ** 2, axis=(1, 2)), "y": jnp.tanh(a) * 2}
+
+    want = fn(x)
+    for chunk in (0, 2, 3, 12):
+        got = jax.jit(lambda a: parallel.map_batch_chunks(fn, a, chunk))(x)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
+    mesh = jax.make_mesh((1, 1, 1), parallel.MESH_AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda a: parallel.map_batch_chunks(fn, a, 4))(x)
+    np.testing.assert_allclose(got["y"], want["y"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not divide the 12 examples"):
+        parallel.map_batch_chunks(fn, x, 5)
+
+
+@pytest.mark.slow
+def test_autoencoder_chunk_changes_no_value_of_the_step():
+    """config.autoencoder_chunk encodes the batch a few images at a time (parallel.map_batch_chunks):
+    the stage-1 step's loss and new params are those of encoding it at once."""
+    from perco_jax import parallel
+    from perco_jax.train.loop import make_step
+    from perco_jax.train.stage0 import autoencoder_params
+    from perco_jax.train.state import make_optimizer
+    from perco_jax.train.step import init_state
+
+    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
+    images = jnp.asarray(np.stack([synthetic_example(i, 0, 32)[0] for i in range(8)]) * 2 - 1, jnp.float32)
+    out = []
+    for chunk in (0, 2):
+        config = load_config("tiny", [f"autoencoder_chunk={chunk}", "text.cache=True", "batch_size=8"])
+        model, ae, tx = build.build_perco(config), build.build_autoencoder(config), make_optimizer(config)
+        rng = np.random.default_rng(0)
+        m = build.clip_max_length(config) + config.text.max_sequence_length
+        text = {"context": jnp.asarray(rng.standard_normal((8, m, config.mmdit.joint_attention_dim)), jnp.float32),
+                "pooled": jnp.asarray(rng.standard_normal((8, config.mmdit.pooled_projection_dim)), jnp.float32)}
+        with jax.set_mesh(mesh):
+            state, _ = init_state(config, model, tx, mesh, parallel.DEFAULT_RULES)
+            frozen = {"autoencoder": autoencoder_params(config, ae), "text": {}}
+            empty = {k: v[:1] for k, v in text.items()}
+            state, metrics = jax.jit(make_step(config, model, ae, None, tx))(state, {"image": images, **text},
+                                                                              frozen, empty)
+        out.append((float(metrics["loss"]), jax.tree_util.tree_leaves(state.params)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    for a, b in zip(out[0][1], out[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

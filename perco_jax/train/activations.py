@@ -68,12 +68,17 @@ def _text_forward_peak(config, b: int, s: int, t: int) -> int:
 
 def _vae_encoder_peak(config, b: int, s: int, fused: bool) -> int:
     """3 feature maps at full resolution, or the mid-block attention: its float32 logits and
-    probabilities unless `fused` (the splash kernel), and 4 maps at the latent side."""
+    probabilities unless `fused` (the splash kernel), and 4 maps at the latent side; for the images
+    of one encoder pass (config.autoencoder_chunk a device, else all b), plus all b's moments."""
     if config.autoencoder != "sd3_vae":
         return 0
     chans = tuple(config.vae.block_out_channels)
     img, lat = config.image_size, config.image_size // 2 ** (len(chans) - 1)
-    return b * max(3 * img * img * chans[0] * s, (0 if fused else lat ** 4 * (4 + s)) + 4 * lat * lat * chans[-1] * s)
+    chunk = int(config.get("autoencoder_chunk", 0))
+    per_pass = min(b, chunk) if chunk > 0 else b  # images in one encoder pass (parallel.map_batch_chunks)
+    moments = b * lat * lat * 2 * config.vae.latent_channels * s  # every pass's output, kept
+    return moments + per_pass * max(3 * img * img * chans[0] * s,
+                                    (0 if fused else lat ** 4 * (4 + s)) + 4 * lat * lat * chans[-1] * s)
 
 
 def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:

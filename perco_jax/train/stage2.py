@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from perco_jax import build
+from perco_jax import build, parallel
 from perco_jax.config import read_saved_config
 from perco_jax.models.entropy_model import masked_loss_bits, training_mask
 from perco_jax.codec.transforms import encode_images
@@ -112,7 +112,9 @@ def make_train_step(entropy_model, codec_model, autoencoder, prompt_encoder, con
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
         k_drop, k_mask = step_key(state, 0), step_key(state, 1)
-        indices = encode_images(codec_model, autoencoder, frozen["codec"], frozen["autoencoder"], batch["image"])
+        indices = parallel.map_batch_chunks(
+            lambda x: encode_images(codec_model, autoencoder, frozen["codec"], frozen["autoencoder"], x),
+            batch["image"], int(config.get("autoencoder_chunk", 0)))
         context = None
         drop = jax.random.uniform(k_drop, (b,)) < p_drop
         if entropy_model.context_dim:

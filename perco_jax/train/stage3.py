@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from perco_jax import build, flow
+from perco_jax import build, flow, parallel
 from perco_jax.config import read_saved_config
 from perco_jax.models.perco import with_step_conditioning
 from perco_jax.codec.transforms import few_step_codec, guided_latents, image_latents, text_context
@@ -186,7 +186,8 @@ def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
         nb = split.nb
         k_drop, k_sigma, k_noise, k_boot = (step_key(state, i) for i in range(4))
         codec = frozen["codec"]
-        x0 = image_latents(autoencoder, frozen["autoencoder"], batch["image"])
+        x0 = parallel.map_batch_chunks(lambda x: image_latents(autoencoder, frozen["autoencoder"], x),
+                                       batch["image"], int(config.get("autoencoder_chunk", 0)))
         indices = student.apply(codec, x0, method=student.encode)["indices"]
         codes = student.apply(codec, indices, method=student.lookup)
         cond, uncond = _text(prompt_encoder, frozen, batch, empty, b, max_len)

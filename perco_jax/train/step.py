@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from perco_jax import build, flow
+from perco_jax import build, flow, parallel
 from perco_jax.models.vae import latents_from_moments, scale_latents
 from perco_jax.train.state import TrainState, ema_update, fresh_state, sharded_init, step_key
 
@@ -32,7 +32,9 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
     def train_step(state: TrainState, batch: dict, frozen: dict, empty: dict):
         b = batch["image"].shape[0]
         k_vae, k_drop, k_sigma, k_noise, k_vq = (step_key(state, i) for i in range(5))
-        mean, logvar = autoencoder.apply({"params": frozen["autoencoder"]}, batch["image"], method=autoencoder.encode)
+        mean, logvar = parallel.map_batch_chunks(
+            lambda x: autoencoder.apply({"params": frozen["autoencoder"]}, x, method=autoencoder.encode),
+            batch["image"], int(config.get("autoencoder_chunk", 0)))
         x0 = scale_latents(latents_from_moments(mean, logvar, k_vae), autoencoder.scaling_factor,
                            autoencoder.shift_factor)
         drop = jax.random.uniform(k_drop, (b,)) < p_drop
