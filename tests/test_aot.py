@@ -233,3 +233,52 @@ def test_batch_chunks_stay_on_their_chip_and_shrink_the_working_set():
     assert aot.collectives(chunked.as_text()) == {}
     temp = chunked.memory_analysis().temp_size_in_bytes
     assert temp < whole.memory_analysis().temp_size_in_bytes / 3
+
+
+def test_a_compiling_child_ends_with_its_parent(tmp_path):
+    """The child of `compile_until_buffers` calls `die_with_parent`: when the parent is killed (a
+    SIGKILL runs none of its clean-up) the child ends too instead of compiling on, orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    ready = tmp_path / "ready"
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, time
+        from perco_jax.train.aot import die_with_parent
+
+        def child(parent):
+            die_with_parent(parent)
+            open({str(ready)!r}, "w").write(str(os.getpid()))
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),)).start()
+            time.sleep(120)
+    """))
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.time() + 60
+        while not (ready.exists() and ready.read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        pid = int(ready.read_text())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+
+        def alive():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    return "zombie" not in f.read()
+            except FileNotFoundError:
+                return False
+
+        deadline = time.time() + 10
+        while alive() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive()
+    finally:
+        parent.kill()

@@ -536,12 +536,28 @@ def read_buffer_assignment(folder: str) -> tuple[int, int] | None:
     return args, int(m.group(1)) - args
 
 
-def _run_program(kind: str, args: tuple, kw: dict, folder: str, precision) -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: this process is SIGKILLed when its parent ends, however it ends (a SIGTERM or SIGKILL of
+    the parent runs none of its clean-up, and an orphaned compile would run on for many minutes)."""
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent ended before that took effect
+        os._exit(1)
+
+
+def _run_program(kind: str, args: tuple, kw: dict, folder: str, precision, parent: int) -> None:
     """The child process of `compile_until_buffers`: compiles with the dump options and the parent's
     matmul precision (a jax setting, not inherited), never from the persistent compilation cache
-    (which writes no dump); a finished compile (or the compiler's error) is pickled into `folder`."""
+    (which writes no dump); a finished compile (or the compiler's error) is pickled into `folder`.
+    It ends with its parent (`parent`: the parent's pid)."""
     import pickle
 
+    die_with_parent(parent)
     compile_environment()
     import jax
 
@@ -582,7 +598,7 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
     result_path, figures, sizes = os.path.join(folder, "result.pickle"), None, None
     t0 = time.perf_counter()
     child = multiprocessing.get_context("spawn").Process(
-        target=_run_program, args=(kind, args, kw, folder, jax.config.jax_default_matmul_precision))
+        target=_run_program, args=(kind, args, kw, folder, jax.config.jax_default_matmul_precision, os.getpid()))
     child.start()
     try:
         while figures is None and not os.path.exists(result_path):
