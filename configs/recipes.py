@@ -26,17 +26,17 @@ def _mesh(chips: int, fsdp: int) -> str:
 RECIPES = {
     # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips, data parallel over the rest
     "sd3_medium-stage1-v5e-256": dict(config="sd3_medium", stage=1, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 24, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v5e-256": dict(config="sd3_medium", stage=3, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 24, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 192, overrides=EMBEDDINGS + VAE_512),
+                                      batch=64 * 352, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),
-                                      batch=64 * 192, overrides=EMBEDDINGS + VAE_512),
+                                      batch=64 * 352, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 96, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v6e-256": dict(config="sd3_medium", stage=3, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 96, overrides=EMBEDDINGS + VAE_512),
     # SD3.5-large (8B MM-DiT) at 1024^2: FSDP over 64 chips. Checked at all 38 blocks in XLA's buffer
     # assignment (the code generation of 38 blocks outgrows this project's 24 GiB machine; docs/training.md)
     "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),

@@ -185,10 +185,14 @@ def test_plan_of_a_recipe(capsys):
         t = aot.parse_topology(r["topology"])
         mesh = parse_mesh(r["mesh"], t.chips)
         assert r["config"] in PRESETS and r["batch"] % (mesh["data"] * mesh["fsdp"]) == 0, name
+        per_chip = r["batch"] // (mesh["data"] * mesh["fsdp"])
+        chunk = [int(o.split("=")[1]) for o in r["overrides"] if o.startswith("autoencoder_chunk=")]
+        assert chunk and per_chip % chunk[0] == 0, name  # the VAE's passes split each chip's share
     assert cli.main(["plan", "--recipe", "sd3_medium-stage1-v5e-256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 6144, 256)
-    assert out["flash_attention"] is True and out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
+    assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 12288, 256)
+    assert out["flash_attention"] is True and out["vae_flash_attention"] is True
+    assert out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
     assert cli.main(["plan", "--recipe", "nope"]) == 2
 
 
