@@ -16,6 +16,7 @@ AT_1024 = ["image_size=1024", "data.image_size=1024"]
 # the frozen VAE encodes a chip's batch this many images at a time (its full-resolution maps were
 # the step's peak: `autoencoder_chunk` in configs/common.py)
 VAE_512 = ["autoencoder_chunk=16"]
+VAE_512_8 = ["autoencoder_chunk=8"]  # (v6e's 104 a chip)
 VAE_1024 = ["autoencoder_chunk=1"]
 
 
@@ -34,15 +35,15 @@ RECIPES = {
     "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),
                                       batch=64 * 352, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage1-v6e-256": dict(config="sd3_medium", stage=1, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 96, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 104, overrides=EMBEDDINGS + VAE_512_8),
     "sd3_medium-stage3-v6e-256": dict(config="sd3_medium", stage=3, topology="v6e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 96, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 104, overrides=EMBEDDINGS + VAE_512_8),
     # SD3.5-large (8B MM-DiT) at 1024^2: FSDP over 64 chips. Checked at all 38 blocks in XLA's buffer
     # assignment (the code generation of 38 blocks outgrows this project's 24 GiB machine; docs/training.md)
     "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 2, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
+                                      batch=256 * 4, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
     "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 64),
                                       batch=64 * 40, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
     "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 12, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
+                                      batch=256 * 14, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
 }
