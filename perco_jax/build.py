@@ -32,6 +32,12 @@ class ConfigError(ValueError):
     """A run config value is out of range or inconsistent with another."""
 
 
+def autoencoder_chunk(config) -> int:
+    """config.autoencoder_chunk: images per device the frozen autoencoder encodes at a time in a
+    training step (0 = all; a config saved before the field existed reads 0)."""
+    return int(config.get("autoencoder_chunk", 0))
+
+
 def latent_geometry(config) -> tuple[int, int]:
     """(latent side, latent channels) of a config's images."""
     if config.autoencoder == "space_to_depth":
@@ -65,8 +71,8 @@ def validate(config) -> None:
     f = config.image_size // side
     need(config.image_size % f == 0 and side > 0,
          f"image_size={config.image_size} is not a multiple of the autoencoder factor {f}")
-    need(int(config.get("autoencoder_chunk", 0)) >= 0,
-         f"autoencoder_chunk={config.get('autoencoder_chunk')}: images per device per encoder pass, >= 0 (0 = all)")
+    need(autoencoder_chunk(config) >= 0,
+         f"autoencoder_chunk={autoencoder_chunk(config)}: images per device per encoder pass, >= 0 (0 = all)")
     need(config.codec.codebook_size >= 2, f"codec.codebook_size={config.codec.codebook_size}: need K >= 2")
     need(config.codec.code_dim >= 1, f"codec.code_dim={config.codec.code_dim}: need >= 1")
     g = config.codec.grid_side

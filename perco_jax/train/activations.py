@@ -74,7 +74,7 @@ def _vae_encoder_peak(config, b: int, s: int, fused: bool) -> int:
         return 0
     chans = tuple(config.vae.block_out_channels)
     img, lat = config.image_size, config.image_size // 2 ** (len(chans) - 1)
-    chunk = int(config.get("autoencoder_chunk", 0))
+    chunk = build.autoencoder_chunk(config)
     per_pass = min(b, chunk) if chunk > 0 else b  # images in one encoder pass (parallel.map_batch_chunks)
     moments = b * lat * lat * 2 * config.vae.latent_channels * s  # every pass's output, kept
     return moments + per_pass * max(3 * img * img * chans[0] * s,

@@ -114,7 +114,7 @@ def make_train_step(entropy_model, codec_model, autoencoder, prompt_encoder, con
         k_drop, k_mask = step_key(state, 0), step_key(state, 1)
         indices = parallel.map_batch_chunks(
             lambda x: encode_images(codec_model, autoencoder, frozen["codec"], frozen["autoencoder"], x),
-            batch["image"], int(config.get("autoencoder_chunk", 0)))
+            batch["image"], build.autoencoder_chunk(config))
         context = None
         drop = jax.random.uniform(k_drop, (b,)) < p_drop
         if entropy_model.context_dim:

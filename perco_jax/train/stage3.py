@@ -187,7 +187,7 @@ def _shortcut_step(student, autoencoder, prompt_encoder, config, tx):
         k_drop, k_sigma, k_noise, k_boot = (step_key(state, i) for i in range(4))
         codec = frozen["codec"]
         x0 = parallel.map_batch_chunks(lambda x: image_latents(autoencoder, frozen["autoencoder"], x),
-                                       batch["image"], int(config.get("autoencoder_chunk", 0)))
+                                       batch["image"], build.autoencoder_chunk(config))
         indices = student.apply(codec, x0, method=student.encode)["indices"]
         codes = student.apply(codec, indices, method=student.lookup)
         cond, uncond = _text(prompt_encoder, frozen, batch, empty, b, max_len)

@@ -34,7 +34,7 @@ def make_train_step(model, autoencoder, prompt_encoder, config, tx):
         k_vae, k_drop, k_sigma, k_noise, k_vq = (step_key(state, i) for i in range(5))
         mean, logvar = parallel.map_batch_chunks(
             lambda x: autoencoder.apply({"params": frozen["autoencoder"]}, x, method=autoencoder.encode),
-            batch["image"], int(config.get("autoencoder_chunk", 0)))
+            batch["image"], build.autoencoder_chunk(config))
         x0 = scale_latents(latents_from_moments(mean, logvar, k_vae), autoencoder.scaling_factor,
                            autoencoder.shift_factor)
         drop = jax.random.uniform(k_drop, (b,)) < p_drop
