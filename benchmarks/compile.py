@@ -49,16 +49,14 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     figures = []
     for n in counts:
         c = load_config(r["config"], list(r["overrides"]) + [f"mmdit.num_layers={n}"])
-        p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], flash_attention=attention != "xla",
-                               vae_flash_attention=attention != "xla")
+        p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash")
         prog = aot.compile_program("train", c, topology, mesh, stage=r["stage"], batch=r["batch"], attention=attention,
                                    until_buffers=buffers_only)
         print(aot.format_program(prog, topology.hbm_bytes, p), flush=True)
         figures.append((n, p, prog))
     n2, p2, c2 = figures[-1]
 
-    full_plan = planning.make_plan(config, mesh, stage=r["stage"], batch=r["batch"],
-                                   flash_attention=attention != "xla", vae_flash_attention=attention != "xla")
+    full_plan = planning.make_plan(config, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash")
 
     def scaled(f, plan_f=None):
         """The figure at `full` blocks: linear through two compiled counts; from one count, plus the

@@ -72,12 +72,10 @@ def print_memory(config, mesh, batch: int, mem) -> None:
     from perco_jax.models.attention import attention_implementation
     from perco_jax.train.plan import human, make_plan
 
-    def fused(head_dim: int) -> bool:  # the automatic choice on this platform
-        return attention_implementation(None, jax.ShapeDtypeStruct((1, 1, 1, head_dim), jnp.dtype(config.dtype))) != "xla"
-
-    p = make_plan(config, dict(mesh.shape), batch=batch, flash_attention=fused(config.mmdit.attention_head_dim),
-                  vae_flash_attention=fused(config.vae.block_out_channels[-1]))
-    line = f"plan (fused attention {p.flash_attention}): {human(p.per_device)} per device"
+    # the automatic choice on this platform for the MM-DiT's heads
+    head = jax.ShapeDtypeStruct((1, 1, 1, config.mmdit.attention_head_dim), jnp.dtype(config.dtype))
+    p = make_plan(config, dict(mesh.shape), batch=batch, attention=attention_implementation(None, head))
+    line = f"plan (attention {p.attention}): {human(p.per_device)} per device"
     if mem is not None:
         program = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes \
             - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes

@@ -116,7 +116,7 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     config.pretrained = ""                  # a `perco-jax convert` weights folder; "" = random init
     config.codec = codec()
     config.hyper_encoder = ml_collections.ConfigDict(dict(
-        width=256, depth=2, out_channels=64, num_groups=32, attention=True))
+        width=256, depth=2, out_channels=64, num_groups=32, attention=True, remat=False))
     config.vq = ml_collections.ConfigDict(dict(decay=0.99, commitment_cost=0.0, restart_threshold=0.03))
     # cache: precompute each distinct caption's embeddings once (text_cache.py) instead of running
     # the frozen encoders in every step; embeddings: a folder `perco-jax embed-text` wrote

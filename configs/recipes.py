@@ -18,6 +18,10 @@ AT_1024 = ["image_size=1024", "data.image_size=1024"]
 VAE_512 = ["autoencoder_chunk=16"]
 VAE_512_8 = ["autoencoder_chunk=8"]  # (v6e's 104 a chip)
 VAE_1024 = ["autoencoder_chunk=1"]
+# at 1024^2 on v5e and v5p the hyper-encoder's ResnetBlocks are rematerialised: XLA:TPU otherwise
+# keeps float32, halo-tiled copies of their GroupNorm / SiLU outputs (v5e at 4 a chip: 11.70 -> 9.92
+# GiB; v5p at 40: 67.89 -> 67.08). On v6e at 14 a chip it cost 1.1 GiB more (docs/training.md).
+HE_REMAT = ["hyper_encoder.remat=True"]
 
 
 def _mesh(chips: int, fsdp: int) -> str:
@@ -41,9 +45,9 @@ RECIPES = {
     # SD3.5-large (8B MM-DiT) at 1024^2: FSDP over 64 chips. Checked at all 38 blocks in XLA's buffer
     # assignment (the code generation of 38 blocks outgrows this project's 24 GiB machine; docs/training.md)
     "sd35_large-stage1-v5e-256": dict(config="sd35_large", stage=1, topology="v5e-256", mesh=_mesh(256, 64),
-                                      batch=256 * 4, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
+                                      batch=256 * 4, overrides=EMBEDDINGS + AT_1024 + VAE_1024 + HE_REMAT),
     "sd35_large-stage1-v5p-128": dict(config="sd35_large", stage=1, topology="v5p-128", mesh=_mesh(64, 64),
-                                      batch=64 * 40, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
+                                      batch=64 * 40, overrides=EMBEDDINGS + AT_1024 + VAE_1024 + HE_REMAT),
     "sd35_large-stage1-v6e-256": dict(config="sd35_large", stage=1, topology="v6e-256", mesh=_mesh(256, 64),
                                       batch=256 * 14, overrides=EMBEDDINGS + AT_1024 + VAE_1024),
 }

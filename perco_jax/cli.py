@@ -104,7 +104,6 @@ def _apply_recipe(args) -> None:
         args.batch = args.batch or r["batch"]
         args.mesh = args.mesh or r["mesh"]
         args.topology = args.topology or r["topology"]
-        args.flash_attention = True  # a recipe runs on TPU: the splash kernel stores no logits
     if not args.mesh:
         raise ValueError("give --mesh (e.g. data=8,fsdp=8,tensor=1) or --recipe")
 
@@ -113,9 +112,8 @@ def _plan(args) -> int:
     _apply_recipe(args)
     if args.compile:
         return _plan_compile(args)
-    if ((args.topology and not args.recipe) or args.programs or args.attention or args.num_slices != 1
-            or args.buffers_only):
-        raise ValueError("--topology, --num-slices, --programs, --attention and --buffers-only go with --compile")
+    if (args.topology and not args.recipe) or args.programs or args.num_slices != 1 or args.buffers_only:
+        raise ValueError("--topology, --num-slices, --programs and --buffers-only go with --compile")
     from perco_jax.train import plan
     from perco_jax.config import load_config
 
@@ -123,10 +121,19 @@ def _plan(args) -> int:
     memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
     config = load_config(args.config, args.override)
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       flash_attention=args.flash_attention,
-                       vae_flash_attention=bool(args.recipe))  # (only TPU's splash kernel takes the VAE's)
+                       attention=_plan_attention(args))
     print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
     return 0
+
+
+def _plan_attention(args) -> str:
+    """The attention implementation the plan counts: --attention, else the splash kernel for a
+    recipe (TPU), cuDNN's for --flash-attention, else XLA's."""
+    if args.attention not in (None, "auto"):
+        if args.flash_attention and args.attention == "xla":
+            raise ValueError("--flash-attention and --attention xla contradict each other")
+        return args.attention
+    return "splash" if args.recipe else "cudnn" if args.flash_attention else "xla"
 
 
 def _plan_compile(args) -> int:
@@ -148,9 +155,11 @@ def _plan_compile(args) -> int:
     unknown = set(programs) - {"train", "decode"}
     if unknown:
         raise ValueError(f"--programs {args.programs!r}: choose from train, decode")
+    if args.attention == "cudnn":
+        raise ValueError("--attention cudnn is a GPU kernel: --compile compiles for TPU (auto, xla or splash)")
     attention = None if args.attention in (None, "auto") else args.attention
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       flash_attention=attention != "xla", vae_flash_attention=attention != "xla")
+                       attention=attention or "splash")
     if not args.json:
         print(f"topology {topology.describe()}")
         print(plan.format_plan(p, memory))
@@ -271,6 +280,7 @@ def _decompress(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from perco_jax.build import FROZEN_PLACEMENTS
+    from perco_jax.models.attention import IMPLEMENTATIONS
 
     p = argparse.ArgumentParser(prog="perco-jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frozen text encoders / VAE / stage-1 codec: sharded by the rules, or a full copy "
                          "on every device (default: the config's frozen_placement)")
     pl.add_argument("--flash-attention", action="store_true",
-                    help="fused attention (cuDNN on GPUs): attention logits are not stored")
+                    help="fused attention (cuDNN on GPUs): attention logits are not stored (--attention cudnn)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes)")
     pl.add_argument("--compile", action="store_true",
                     help="also compile the run's programs for --topology with XLA's TPU compiler, without a TPU "
@@ -353,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-slices", type=int, default=1, help="with --compile: slices of --topology (multi-slice)")
     pl.add_argument("--programs", help="with --compile: train, decode or train,decode (default both: the "
                                        "training step, and the guided and few-step decoders of decompress_batch)")
-    pl.add_argument("--attention", choices=("auto", "xla", "splash"),
-                    help="with --compile: the MM-DiT's attention (auto: the splash kernel on TPU; xla stores "
-                         "the logits)")
+    pl.add_argument("--attention", choices=("auto",) + IMPLEMENTATIONS,
+                    help="the step's attention: xla stores the logits, cudnn (GPUs) and splash (TPU) are fused "
+                         "kernels (auto: splash with --recipe or --compile, cudnn with --flash-attention, "
+                         "else xla)")
     pl.add_argument("--buffers-only", action="store_true",
                     help="with --compile: stop each compile after XLA's buffer assignment (2-6 minutes for an "
                          "SD3-size step, not 10-40): arguments + temporaries a chip and the collectives, no code "

@@ -191,7 +191,7 @@ def test_plan_of_a_recipe(capsys):
     assert cli.main(["plan", "--recipe", "sd3_medium-stage1-v5e-256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 12288, 256)
-    assert out["flash_attention"] is True and out["vae_flash_attention"] is True
+    assert out["attention"] == "splash" and out["flash_attention"] is True and out["vae_flash_attention"] is True
     assert out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
     assert cli.main(["plan", "--recipe", "nope"]) == 2
 

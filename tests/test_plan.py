@@ -18,6 +18,7 @@ from perco_jax import build, distributed, parallel
 from perco_jax.train import activations, plan, shapes
 from perco_jax.cli import main
 from perco_jax.config import load_config
+from perco_jax.models.hyper_encoder import num_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
@@ -148,7 +149,7 @@ def test_sd35_large_fits_64_devices_of_16gb_with_fsdp_64_not_data8_fsdp8():
     # kernel drops the stored attention logits
     eight = plan.make_plan(config, {"fsdp": 8}, components=comp)
     assert p.per_device < eight.per_device < 80e9 and eight.per_device_batch == 32
-    fused = plan.make_plan(config, {"fsdp": 8}, flash_attention=True, components=comp)
+    fused = plan.make_plan(config, {"fsdp": 8}, attention="cudnn", components=comp)
     assert fused.per_device < eight.per_device - 10 * 2**30
     assert [r for r in fused.rows] == [r for r in eight.rows]  # only activations change
     replicated = plan.make_plan(config, {"fsdp": 64}, frozen="replicated", components=comp)
@@ -366,18 +367,62 @@ def test_remat_keeps_the_saved_block_inputs_and_one_block():
 def test_vae_attention_logits_only_without_the_splash_kernel():
     """At 1024^2 the frozen VAE encoder's peak is its mid-block attention over 128^2 latent positions:
     float32 logits and probabilities of b x 16384^2, unless the splash kernel runs it
-    (`vae_flash_attention`, TPU), when the 3 full-resolution feature maps are the peak."""
+    (attention "splash", TPU), when the 3 full-resolution feature maps are the peak; cuDNN's kernel
+    (GPUs) does not take the VAE's head size 512."""
     config = load_config("sd35_large", ["text.embeddings=emb", "image_size=1024", "data.image_size=1024"])
     b, s = 2, 2  # bf16
     lat, c0, c_last = 128, config.vae.block_out_channels[0], config.vae.block_out_channels[-1]
-    stored = dict(activations.activations(config, b, flash_attention=True))[activations.FROZEN_FORWARD]
-    fused = dict(activations.activations(config, b, flash_attention=True,
-                                         vae_flash_attention=True))[activations.FROZEN_FORWARD]
+    stored = dict(activations.activations(config, b, attention="cudnn"))[activations.FROZEN_FORWARD]
+    fused = dict(activations.activations(config, b, attention="splash"))[activations.FROZEN_FORWARD]
     moments = b * lat * lat * 2 * config.vae.latent_channels * s
     assert stored == moments + b * (lat ** 4 * (4 + s) + 4 * lat * lat * c_last * s)
     assert fused == moments + b * 3 * 1024 * 1024 * c0 * s
     # config.autoencoder_chunk: one image a pass holds one image's maps (the moments of both kept)
     config.autoencoder_chunk = 1
-    chunked = dict(activations.activations(config, b, flash_attention=True,
-                                           vae_flash_attention=True))[activations.FROZEN_FORWARD]
+    chunked = dict(activations.activations(config, b, attention="splash"))[activations.FROZEN_FORWARD]
     assert chunked == moments + 3 * 1024 * 1024 * c0 * s
+
+
+def test_the_plan_counts_the_attention_kernel_the_step_runs(capsys):
+    """`attention`: XLA stores every attention's logits; cuDNN's kernel (GPUs) fuses the MM-DiT's and
+    the entropy model's but not the VAE's (head size 512); TPU's splash kernel fuses the MM-DiT's
+    and the VAE's, while the entropy model stays on XLA's path. The command line picks the kind
+    from --attention, --flash-attention (cuDNN) or --recipe (splash)."""
+    config = load_config("sd35_large", ["text.embeddings=emb", "image_size=1024", "data.image_size=1024"])
+    comp = plan.abstract_components(config, 1, 64)
+    p = {a: plan.make_plan(config, {"fsdp": 8}, attention=a, components=comp) for a in ("xla", "cudnn", "splash")}
+    acts = {a: dict(q.activation_rows) for a, q in p.items()}
+    block = "MM-DiT one block recomputed + cotangents"
+    assert acts["cudnn"][block] == acts["splash"][block] < acts["xla"][block]
+    assert (acts["splash"][activations.FROZEN_FORWARD] < acts["cudnn"][activations.FROZEN_FORWARD]
+            == acts["xla"][activations.FROZEN_FORWARD])
+    assert (p["xla"].attention, p["cudnn"].vae_flash_attention, p["splash"].vae_flash_attention) == ("xla", False, True)
+    config.stage = 2
+    em = f"entropy model, {config.entropy_model.depth} blocks + cotangents"
+    stage2 = {a: dict(activations.activations(config, 4, attention=a))[em] for a in ("xla", "cudnn", "splash")}
+    assert stage2["cudnn"] < stage2["splash"] == stage2["xla"]
+    with pytest.raises(ValueError, match="attention='flash'"):
+        activations.activations(config, 4, attention="flash")
+
+    def planned(*args):
+        assert main(["plan", "--config", "tiny", "--mesh", "data=2", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)["attention"]
+
+    assert [planned(), planned("--flash-attention"), planned("--attention", "splash")] == ["xla", "cudnn", "splash"]
+    assert main(["plan", "--config", "tiny", "--mesh", "data=2", "--flash-attention", "--attention", "xla"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_a_rematerialised_hyper_encoder_keeps_only_its_blocks_inputs():
+    """hyper_encoder.remat: the saved row counts each ResnetBlock's input and each downsample's, not
+    the 2 maps a block (+ conv_in's output) of the plain hyper-encoder."""
+    over = ["text.embeddings=emb", "image_size=1024", "data.image_size=1024"]
+    row = "hyper-encoder (saved for backward)"
+    plain = dict(activations.activations(load_config("sd35_large", over), 4))[row]
+    remat = dict(activations.activations(load_config("sd35_large", over + ["hyper_encoder.remat=True"]), 4))[row]
+    config = load_config("sd35_large", over)
+    he, g, side = config.hyper_encoder, config.codec.grid_side, 128
+    maps = sum((side >> k) ** 2 for k in range(num_stages(side, g)))  # one map of each stage, elements / width
+    mid = 5 * g * g * he.width * 2 + (g ** 4 * 6 if he.attention else 0)
+    assert remat == 4 * ((he.depth + 1) * maps * he.width * 2 + mid)
+    assert plain == 4 * ((side * side + (2 * he.depth + 1) * maps) * he.width * 2 + mid)

@@ -55,6 +55,27 @@ def test_hyper_encoder_runs_and_axes():
     assert tuple(specs["norm_out"]["scale"]) == ("norm",)
 
 
+def test_rematerialised_hyper_encoder_has_the_same_params_values_and_gradients():
+    """`remat`: the same parameter tree, output and gradients (float32), and the backward pass
+    recomputes each ResnetBlock instead of keeping its insides (the jaxpr holds the remat)."""
+    kw = dict(grid_side=4, width=8, depth=2, out_channels=5, num_groups=4)
+    plain, remat = HyperEncoder(**kw), HyperEncoder(**kw, remat=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = plain.init(jax.random.PRNGKey(1), x)
+    assert jax.tree.structure(remat.init(jax.random.PRNGKey(1), x)) == jax.tree.structure(variables)
+
+    def loss(module):
+        return lambda v: jnp.sum(module.apply(v, x) ** 2)
+
+    (a, ga), (b, gb) = jax.value_and_grad(loss(plain))(variables), jax.value_and_grad(loss(remat))(variables)
+    np.testing.assert_allclose(b, a, rtol=1e-6)
+    for p, q in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(q, p, rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss(remat)))(variables))
+    assert "remat" in jaxpr or "checkpoint" in jaxpr
+    assert "remat" not in str(jax.make_jaxpr(jax.grad(loss(plain)))(variables))
+
+
 def test_hyper_encoder_errors():
     he = HyperEncoder(grid_side=16, width=8, num_groups=4)
     with pytest.raises(ValueError, match="square"):

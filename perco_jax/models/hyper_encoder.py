@@ -52,7 +52,9 @@ class HyperEncoder(nn.Module):
 
     Fields: grid_side (output side g), width (channels of every block), depth (ResnetBlocks per
     stride-2 stage), out_channels, num_groups (GroupNorm groups; must divide width), attention
-    (one single-head self-attention in the mid block), dtype (compute dtype; params are float32).
+    (one single-head self-attention in the mid block), remat (each ResnetBlock of the stages is
+    rematerialised: training keeps only its input for the backward pass), dtype (compute dtype;
+    params are float32).
     The number of stages is taken from the input's static shape (see `num_stages`).
     """
     grid_side: int
@@ -61,6 +63,7 @@ class HyperEncoder(nn.Module):
     out_channels: int = 64
     num_groups: int = 32
     attention: bool = True
+    remat: bool = False
     dtype: Dtype = jnp.float32
 
     def __post_init__(self):
@@ -82,9 +85,12 @@ class HyperEncoder(nn.Module):
         stages = num_stages(h, self.grid_side)
         dt, c, g = self.dtype, self.width, self.num_groups
         x = conv(c, (3, 3), padding=((1, 1), (1, 1)), name="conv_in", dtype=dt)(x.astype(dt))
+        # rematerialised, a block's backward recomputes its forward from its input: at 1024^2 XLA:TPU
+        # otherwise keeps float32, halo-tiled copies of its GroupNorm and SiLU outputs (docs/training.md)
+        block = nn.remat(ResnetBlock) if self.remat else ResnetBlock
         for s in range(stages):
             for j in range(self.depth):
-                x = ResnetBlock(c, g, dt, name=f"down_{s}_resnets_{j}")(x)
+                x = block(c, g, dt, name=f"down_{s}_resnets_{j}")(x)
             # Downsample2D semantics (as the VAE): one zero row/column at the bottom/right.
             x = conv(c, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), name=f"down_{s}_downsample", dtype=dt)(x)
         x = MidBlock(g, self.attention, dt, name="mid_block")(x)

@@ -1,7 +1,7 @@
 """Activation memory of one training step per device: an estimate from the config's shapes (the
 memory plan's activation rows, `plan.make_plan`).
 
-    activations(config, b, tensor, flash_attention, text_gather) -> [(row name, bytes per device)]
+    activations(config, b, tensor, attention, text_gather) -> [(row name, bytes per device)]
 
 Notation: b = per-device batch = batch / (data * fsdp), s = bytes of
 config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
@@ -46,6 +46,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from perco_jax import build
+from perco_jax.models.attention import IMPLEMENTATIONS
 
 # the row of the frozen forward passes, which finish before the training pass (the plan takes the
 # larger of the two), and the prefixes of the rows that live throughout the step
@@ -94,21 +95,35 @@ def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:
     w = he.width
     if not saved:
         return 3 * b * side * side * w * s
-    total = side * side * w * s  # conv_in
+    # rematerialised blocks (hyper_encoder.remat) keep their inputs, and the downsample its input
+    per_stage, total = (he.depth + 1, 0) if he.get("remat") else (2 * he.depth + 1, side * side * w * s)
     for k in range(num_stages(side, g)):
-        total += (2 * he.depth + 1) * (side // 2 ** k) ** 2 * w * s
+        total += per_stage * (side // 2 ** k) ** 2 * w * s
     total += 5 * g * g * w * s + (g ** 4 * (4 + s) if he.attention else 0)
     return b * total
 
 
-def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
-                text_gather: int = 0, vae_flash_attention: bool = False) -> list[tuple[str, int]]:
+def _scores(attention: str, heads: int, n: int, s: int) -> int:
+    """Bytes per example of one attention's scores over n tokens: XLA's float32 logits and the
+    probabilities; none with a fused kernel. (The splash kernel's lane-replicated float32 logsumexp,
+    [heads, n padded, 128] an example, is a transient of its forward: not counted; docs/training.md.)"""
+    return heads * n * n * (4 + s) if attention == "xla" else 0
+
+
+def activations(config, b: int, tensor: int = 1, attention: str = "xla",
+                text_gather: int = 0) -> list[tuple[str, int]]:
     """(name, bytes per device) of the activation estimate of one training step of config.stage
     (the formulas are in the module docstring); `text_gather`: bytes of the largest text-encoder
-    layer all-gathered by FSDP (added to the text encoders' forward working set);
-    `vae_flash_attention`: the VAE's mid-block attention (head size 512) is fused too, as the splash
-    kernel does on TPU (cuDNN's kernel does not take that head size)."""
+    layer all-gathered by FSDP (added to the text encoders' forward working set).
+
+    `attention`: the step's attention implementation (`models.attention.IMPLEMENTATIONS`): "xla"
+    stores the logits; "cudnn" (GPUs) fuses the MM-DiT's and the entropy model's, not the VAE's
+    (head size 512); "splash" (TPU) fuses the MM-DiT's and the VAE's, not the entropy model's (it
+    stays on XLA's path on TPU: `attention_implementation(allow_splash=False)`)."""
+    if attention not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention!r}: choose one of {IMPLEMENTATIONS}")
     s, t = jnp.dtype(config.dtype).itemsize, int(tensor)
+    vae_fused = attention == "splash"
     side, ch = build.latent_geometry(config)
     m_ctx = build.clip_max_length(config) + config.text.max_sequence_length
     joint = config.mmdit.joint_attention_dim
@@ -119,9 +134,9 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
         em, g, k = config.entropy_model, config.codec.grid_side, config.codec.codebook_size
         n = g * g + (m_ctx if em.conditional else 0)
         w = em.width
-        scores = 0 if flash_attention else -(-em.num_heads // t) * n * n * (4 + s)
+        scores = 0 if attention == "cudnn" else -(-em.num_heads // t) * n * n * (4 + s)
         block = b * (s * (6 * n * w + (4 + 2 * em.mlp_ratio) * n * w // t) + scores)
-        frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_flash_attention), _hyper_encoder(config, b, s, saved=False),
+        frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_fused), _hyper_encoder(config, b, s, saved=False),
                          text_peak if em.conditional else 0)
         return [(f"entropy model, {em.depth} blocks + cotangents", (em.depth + 1) * block),
                 ("logits, log-softmax, their gradient", b * g * g * k * 4 * 3),
@@ -136,11 +151,11 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
 
     def block(dual: bool) -> int:
         resid, split = 7 * tok * d, (12 + q) * tok * d
-        scores = 0 if flash_attention else heads * tok * tok * (4 + s)
+        scores = _scores(attention, heads, tok, s)
         if dual:
             resid += 2 * n_img * d
             split += (4 + q) * n_img * d
-            scores += 0 if flash_attention else heads * n_img * n_img * (4 + s)
+            scores += _scores(attention, heads, n_img, s)
         return b * (s * (resid + split // t) + scores)
 
     duals = set(mm.dual_attention_layers or ())
@@ -152,7 +167,7 @@ def activations(config, b: int, tensor: int = 1, flash_attention: bool = False,
         mmdit = [(f"MM-DiT all {layers} blocks (no remat)", sum(blocks)),
                  ("MM-DiT one block's cotangents", max(blocks))]
     embed = b * (4 * tok * d * s + 4 * side * side * (ch + config.codec.code_dim) * 4)
-    frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_flash_attention), text_peak)
+    frozen_fwd = max(_vae_encoder_peak(config, b, s, vae_fused), text_peak)
     if config.stage == 3:  # the hyper-encoder is frozen; the shortcut targets are forward passes
         nb = 2 * int(round(b * config.stage3.bootstrap_fraction)) if config.stage3.method == "shortcut" else 0
         targets = max(blocks) // b * nb  # one block's working set on the target passes' examples

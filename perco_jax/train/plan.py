@@ -121,10 +121,19 @@ class Plan:
     dtype: str
     trainable: str
     frozen_placement: str
-    flash_attention: bool
-    vae_flash_attention: bool
+    attention: str  # the step's attention implementation ("xla", "cudnn" or "splash")
     rows: list[tuple[str, int | None, int]]   # (what, total bytes or None, bytes per device)
     activation_rows: list[tuple[str, int]]
+
+    @property
+    def flash_attention(self) -> bool:
+        """The MM-DiT's attention stores no logits."""
+        return self.attention != "xla"
+
+    @property
+    def vae_flash_attention(self) -> bool:
+        """Nor does the VAE's (head size 512: TPU's splash kernel only)."""
+        return self.attention == "splash"
 
     @property
     def num_devices(self) -> int:
@@ -153,7 +162,8 @@ class Plan:
         d = {"config": self.name, "stage": self.stage, "mesh": self.mesh, "devices": self.num_devices,
              "batch": self.batch, "per_device_batch": self.per_device_batch, "dtype": self.dtype,
              "trainable": self.trainable, "frozen_placement": self.frozen_placement,
-             "flash_attention": self.flash_attention, "vae_flash_attention": self.vae_flash_attention,
+             "attention": self.attention, "flash_attention": self.flash_attention,
+             "vae_flash_attention": self.vae_flash_attention,
              "rows": [{"what": n, "total_bytes": t, "per_device_bytes": p} for n, t, p in self.rows],
              "activations": [{"what": n, "per_device_bytes": p} for n, p in self.activation_rows],
              "activation_bytes": self.activation_bytes, "per_device_bytes": self.per_device}
@@ -164,14 +174,13 @@ class Plan:
 
 
 def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batch: int | None = None,
-              frozen: str | None = None, flash_attention: bool = False, vae_flash_attention: bool = False,
-              components: Components | None = None) -> Plan:
+              frozen: str | None = None, attention: str = "xla", components: Components | None = None) -> Plan:
     """The per-device memory plan of training `config` on a mesh of shape `mesh` ({axis: size}).
 
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
     eval_shape when planning several meshes. frozen=None: config.frozen_placement.
-    `flash_attention`: the MM-DiT's (and text encoders') attention stores no logits (cuDNN on GPUs,
-    splash on TPU); `vae_flash_attention`: nor does the VAE's mid-block attention (splash only)."""
+    `attention`: the step's attention implementation (`models.attention.IMPLEMENTATIONS`): "xla"
+    stores the logits, "cudnn" (GPUs) and "splash" (TPU) are fused kernels (`activations`)."""
     if frozen is None:
         frozen = config.frozen_placement
     if frozen not in build.FROZEN_PLACEMENTS:
@@ -219,18 +228,19 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     b = cfg.batch_size // data_fsdp
     text_gather = 0 if frozen == "replicated" else max(
         [largest_layer_gathered(comp.frozen[k], mesh) for k in ("CLIP-L", "CLIP-G", "T5") if k in comp.frozen], default=0)
-    acts = activations(cfg, b, mesh["tensor"], flash_attention, text_gather, vae_flash_attention)
+    acts = activations(cfg, b, mesh["tensor"], attention, text_gather)
     gathered = largest_layer_gathered(st, mesh, under="params")
     if gathered:
         acts.append(("FSDP: one block's params + grads all-gathered", 2 * gathered))
     return Plan(cfg.name, int(cfg.stage), mesh, int(cfg.batch_size), b, str(cfg.dtype), trainable, frozen,
-                bool(flash_attention), bool(vae_flash_attention), rows, acts)
+                attention, rows, acts)
 
 
 def format_plan(plan: Plan, device_memory: int | None = None) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in plan.mesh.items())
-    attn = ("fused attention kernel" + (" (the VAE's too: TPU's splash kernel)" if plan.vae_flash_attention else "")
-            if plan.flash_attention else "attention logits stored (--flash-attention: fused kernel)")
+    attn = {"xla": "attention logits stored (--flash-attention: a fused kernel)",
+            "cudnn": "fused attention (cuDNN; the VAE's logits stored)",
+            "splash": "fused attention (TPU's splash kernel, the VAE's too)"}[plan.attention]
     lines = [f"plan: {plan.name}, stage {plan.stage}, mesh {mesh} ({plan.num_devices} devices), "
              f"batch {plan.batch} ({plan.per_device_batch} per device), compute {plan.dtype}, "
              f"trainable={plan.trainable}",
