@@ -2,6 +2,7 @@
 compiler (libtpu, the '.[tpu]' extra) on this CPU machine: topology names, the collectives read
 from the compiled program, the real tiny programs compiled for a v5e:2x2 slice, and a run too large
 for its chips reported with the compiler's own out-of-memory message."""
+import dataclasses
 import json
 
 import pytest
@@ -109,15 +110,17 @@ def test_compile_stopped_after_buffer_assignment(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config, topology, mesh = load_config("tiny", []), aot.parse_topology("v5e-4"), {"data": 2, "fsdp": 2, "tensor": 1}
     full = aot.compile_training(config, topology, mesh)
-    quick = aot.compile_program("train", config, topology, mesh, until_buffers=True)
-    assert full.stopped is None and quick.stopped == aot.BUFFERS and quick.name == full.name
-    assert quick.argument_bytes == full.argument_bytes and quick.collectives == full.collectives
-    assert quick.temp_bytes > 0 and quick.code_bytes == 0 and quick.flops is None
-    assert list(tmp_path.iterdir()) == []
     code = cli.main(["plan", "--config", "tiny", "--mesh", "data=2,fsdp=2", "--compile", "--buffers-only",
-                     "--topology", "v5e-4", "--programs", "train"])
-    out = capsys.readouterr().out
-    assert code == 0 and "stopped after buffer assignment" in out and "fits" in out
+                     "--topology", "v5e-4", "--programs", "train", "--json"])
+    (quick,) = json.loads(capsys.readouterr().out)["programs"]
+    assert code == 0 and quick["fits"] and full.stopped is None and quick["stopped"] == aot.BUFFERS
+    assert quick["name"] == full.name and quick["argument_bytes"] == full.argument_bytes
+    assert {k: dict(v) for k, v in quick["collectives"].items()} == full.collectives
+    assert quick["temp_bytes"] > 0 and quick["code_bytes"] == 0 and quick["flops"] is None
+    assert list(tmp_path.iterdir()) == []
+    fields = {f.name for f in dataclasses.fields(aot.CompiledProgram)}
+    text = aot.format_program(aot.CompiledProgram(**{k: v for k, v in quick.items() if k in fields}), topology.hbm_bytes)
+    assert "stopped after buffer assignment" in text and "fits" in text
     code = cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--batch", "16384", "--compile",
                      "--buffers-only", "--topology", "v5e:2x2", "--programs", "train", "--json"])
     (program,) = json.loads(capsys.readouterr().out)["programs"]
