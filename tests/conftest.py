@@ -30,6 +30,12 @@ import pytest  # noqa: E402
 # ones in "learned_codecs", so each group's process trains its codecs once.
 QUICK_STAGE0_STEPS, QUICK_STAGE1_STEPS = 300, 200
 
+STAGE0_STEPS = 1000
+STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]
+QUICK_STAGE1 = [f"num_train_steps={QUICK_STAGE1_STEPS}", "log_every_steps=50", "checkpoint_every_steps=1000"]
+CODEC_OVERRIDES = ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64", "entropy_model.depth=2",
+                   "stage2.num_train_steps=100", "stage2.batch_size=16"]
+
 
 def pytest_configure(config):
     """`--dist loadgroup`: pytest-xdist's workers rename each test's id (`item._nodeid`) to carry its
@@ -41,11 +47,6 @@ def pytest_configure(config):
     if config.getoption("dist", "no") == "loadgroup" and "_nodeid" not in inspect.getsource(pytest.Item.nodeid.fget):
         raise pytest.UsageError(f"pytest {pytest.__version__} ignores pytest-xdist's test groups (--dist loadgroup): "
                                 "install the pytest that setup.cfg pins (pip install -e '.[dev]')")
-STAGE0_STEPS = 1000
-STAGE1_OVERRIDES = ["num_train_steps=700", "log_every_steps=10", "checkpoint_every_steps=1000"]
-QUICK_STAGE1 = [f"num_train_steps={QUICK_STAGE1_STEPS}", "log_every_steps=50", "checkpoint_every_steps=1000"]
-CODEC_OVERRIDES = ["codec.coding_batch_size=8", "sample.steps=4", "entropy_model.width=64", "entropy_model.depth=2",
-                   "stage2.num_train_steps=100", "stage2.batch_size=16"]
 
 
 def _stage0(tmp_path_factory, steps: int):
