@@ -121,10 +121,50 @@ def test_compile_stopped_after_buffer_assignment(capsys, tmp_path, monkeypatch):
     fields = {f.name for f in dataclasses.fields(aot.CompiledProgram)}
     text = aot.format_program(aot.CompiledProgram(**{k: v for k, v in quick.items() if k in fields}), topology.hbm_bytes)
     assert "stopped after buffer assignment" in text and "fits" in text
+    peak = quick["peak"]  # what the temporaries hold at their peak, read from the same dump
+    assert 0 < sum(g["bytes"] for g in peak["groups"]) <= peak["live_bytes"] <= peak["heap_bytes"] <= quick["temp_bytes"]
+    assert "temporaries at their peak" in text and peak["groups"][0]["what"] in text
     code = cli.main(["plan", "--config", "tiny", "--mesh", "data=4", "--batch", "16384", "--compile",
                      "--buffers-only", "--topology", "v5e:2x2", "--programs", "train", "--json"])
     (program,) = json.loads(capsys.readouterr().out)["programs"]
     assert code == 1 and "RESOURCE_EXHAUSTED" in program["error"] and not program["fits"]
+
+
+def test_peak_breakdown_of_a_dumped_buffer_assignment(tmp_path):
+    """`peak_breakdown` finds the program point where the temporaries take the most bytes, counts a
+    buffer an op updates in place once, groups the values by op with the MM-DiT's blocks taken
+    together, and reports the heap XLA allocated beside the bytes live at the peak."""
+    name = "module_0001.jit_step.cl_1.after_optimizations"
+    (tmp_path / f"{name}-buffer-assignment.txt").write_text(
+        "allocation 0: size 100, parameter 0, shape |f32[25]| at ShapeIndex {}:\n"
+        " value: <1 p0 @0> (size=100,offset=0): f32[25]{0}\n"
+        "allocation 1: size 5000, preallocated-temp:\n"
+        " value: <2 fusion.1 @0> (size=1000,offset=0): bf16[500]{0}\n"
+        " value: <3 fusion.2 @0> (size=1000,offset=1000): bf16[500]{0}\n"
+        " value: <4 dot.3 @0> (size=2000,offset=2000): f32[500]{0}\n"
+        " value: <5 dynamic-update-slice.4 @0> (size=500,offset=1000): bf16[250]{0}\n"
+        " value: <6 fusion.5 @0> (size=400,offset=4000): bf16[200]{0}\n"
+        "allocation 2: size 8, thread-local:\n")
+    (tmp_path / f"{name}-live-range.txt").write_text(
+        "HloLiveRange (max 9):\n  InstructionSequence:\n    0:p0\n    1:fusion.1\n  BufferLiveRange:\n"
+        "    p0{}:0-9\n    fusion.1{}:1-3\n    fusion.2{}:2-5\n    dot.3{}:4-6\n"
+        "    dynamic-update-slice.4{}:5-7\n    fusion.5{}:0-9\n  Live ranges at 5 (peak):\n"
+        "    dot.3{}: 2000 bytes (cumulative: 2000 bytes)\n")
+    (tmp_path / f"{name}.txt").write_text(
+        "ENTRY %main (p0: f32[25]) -> f32[25] {\n"
+        '  %fusion.1 = bf16[500]{0} fusion(%p0), metadata={op_name="jit(step)/mmdit/blocks_0/ff/dot_general"}\n'
+        '  %fusion.2 = bf16[500]{0} fusion(%p0), metadata={op_name="jit(step)/mmdit/blocks_1/ff/dot_general"}\n'
+        '  %dot.3 = f32[500]{0} dot(%fusion.1, %fusion.2), metadata={op_name="jit(step)/loss/dot_general"}\n'
+        "  %dynamic-update-slice.4 = bf16[250]{0} dynamic-update-slice(%fusion.2)\n"
+        '  %fusion.5 = bf16[200]{0} fusion(%p0), metadata={op_name="jit(step)/mmdit/blocks_7/ff/dot_general"}\n'
+        "}\n")
+    peak = aot.peak_breakdown(str(tmp_path))
+    assert peak == {"heap_bytes": 5000, "live_bytes": 3400,
+                    "groups": [{"what": "loss/dot_general", "count": 1, "bytes": 2000},
+                               {"what": "mmdit/blocks_N/ff/dot_general", "count": 2, "bytes": 1400}]}
+    assert aot.peak_breakdown(str(tmp_path), top=1)["groups"] == peak["groups"][:1]
+    (tmp_path / f"{name}.txt").unlink()
+    assert aot.peak_breakdown(str(tmp_path)) is None  # a dump without its HLO
 
 
 @pytest.mark.slow

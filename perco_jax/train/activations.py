@@ -7,16 +7,18 @@ Notation: b = per-device batch = batch / (data * fsdp), s = bytes of
 config.dtype, t = the tensor axis, which splits heads and MLP widths). Stage 1, the MM-DiT with
 L layers, width D, H heads, N = (latent side / patch)^2 image tokens and M = CLIP length (SD3: 77)
 + T5 length context tokens, T = N + M:
-  one block      A = b * [ s * (7 T D + (12 + 2 q) T D / t) + S ]
+  one block      A = b * [ s * (7 T D + 12 T D / t) + 8 q l T D / t + S ]
                  (7 T D: norms, modulated inputs, attention projection, gated residuals, MLP output;
-                 12 T D / t: q, k, v, attention output, MLP hidden before and after GELU; 2 T D / t
-                 with QK RMS-norm (q = 1); S = ceil(H / t) T^2 (4 + s): float32 attention logits and
-                 the probabilities, 0 with a fused (flash) attention kernel; an SD3.5 dual-attention
-                 block adds the same terms for the image tokens alone)
+                 12 T D / t: q, k, v, attention output, MLP hidden before and after GELU; 8 q l T D / t
+                 with QK RMS-norm (q = 1): q and k in float32, kept for the norms' backward, l = 2 on
+                 TPU where heads of 64 fill 128-lane tiles (else 1); S = ceil(H / t) T^2 (4 + s):
+                 float32 attention logits and the probabilities, 0 with a fused (flash) attention
+                 kernel; an SD3.5 dual-attention block adds the same terms for the image tokens alone)
   with remat     L b T D s (every block's saved inputs) + A (one block recomputed, its cotangents taking
                  the buffers of the activations they consume: `mmdit.recompute_in_order` runs each
-                 block's backward right after its recomputation; the live buffers of one block's
-                 backward at the peak of SD3.5-large's step measure 14 GiB a chip at 32 a chip, A = 13.5)
+                 block's backward right after its recomputation; at the peak of SD3.5-large's step
+                 on v5p at 40 a chip one block's buffers measure about 27 GiB, A = 21.7: the splash
+                 kernel's lane-padded inputs are most of the rest, docs/training.md)
   without        sum of all blocks' A + A
   plus           the hyper-encoder's saved activations (ResNet blocks at the latent side and below),
                  the embeddings / output / latents / noise, and the batch (images float32, text context)
@@ -103,6 +105,19 @@ def _hyper_encoder(config, b: int, s: int, saved: bool) -> int:
     return b * total
 
 
+def _qk_norm_bytes(mm, attention: str) -> int:
+    """Bytes per element of q's (T x D) that the QK RMS-norms keep (0 without them): q and k in
+    float32, which the norms' backward reads (2 x 4 bytes). On TPU (the splash kernel's platform)
+    their [T, heads, 64] layout fills 128-lane tiles: twice that. In the buffer dumps of SD3.5-large's
+    step (v5e, v5p, v6e recipes) both live through each block's backward, 3.70 bf16 T x D of the image
+    tokens each, as this counts."""
+    if not mm.qk_norm:
+        return 0
+    dh = mm.attention_head_dim
+    lanes = -(-dh // 128) * 128 / dh if attention == "splash" else 1
+    return int(2 * 4 * lanes)
+
+
 def _scores(attention: str, heads: int, n: int, s: int) -> int:
     """Bytes per example of one attention's scores over n tokens: XLA's float32 logits and the
     probabilities; none with a fused kernel. (The splash kernel's lane-replicated float32 logsumexp,
@@ -146,17 +161,19 @@ def activations(config, b: int, tensor: int = 1, attention: str = "xla",
     n_img = (side // mm.patch_size) ** 2
     tok = n_img + m_ctx
     d, h, layers = mm.num_attention_heads * mm.attention_head_dim, mm.num_attention_heads, mm.num_layers
-    q = 2 if mm.qk_norm else 0
+    qk = _qk_norm_bytes(mm, attention)
     heads = -(-h // t)
 
     def block(dual: bool) -> int:
-        resid, split = 7 * tok * d, (12 + q) * tok * d
+        resid, split = 7 * tok * d, 12 * tok * d
         scores = _scores(attention, heads, tok, s)
+        norms = qk * tok * d
         if dual:
             resid += 2 * n_img * d
-            split += (4 + q) * n_img * d
+            split += 4 * n_img * d
             scores += _scores(attention, heads, n_img, s)
-        return b * (s * (resid + split // t) + scores)
+            norms += qk * n_img * d
+        return b * (s * (resid + split // t) + norms // t + scores)
 
     duals = set(mm.dual_attention_layers or ())
     blocks = [block(i in duals) for i in range(layers)]

@@ -175,6 +175,7 @@ class CompiledProgram:
     error: str | None = None    # the compiler's message (RESOURCE_EXHAUSTED: does not fit)
     stopped: str | None = None  # "after buffer assignment": figures from XLA's buffer assignment, no
                                 # code size or FLOP count (`compile_until_buffers`)
+    peak: dict | None = None    # with `stopped`: what the temporaries hold at their peak (`peak_breakdown`)
 
     @property
     def per_device(self) -> int:
@@ -536,6 +537,86 @@ def read_buffer_assignment(folder: str) -> tuple[int, int] | None:
     return args, int(m.group(1)) - args
 
 
+_VALUE = re.compile(r"^\s*value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\)", re.M)
+_RANGE = re.compile(r"^\s{4}(\S+\{[\d,]*\}):(\d+)-(\d+)$", re.M)
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = [^\n]*? ([a-z][\w-]*)\(%([\w.\-]+)[^\n]*$", re.M)
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction: the jaxpr op that made it} of an HLO dump; an instruction without one (a copy
+    XLA inserted, a slice of an async copy) takes its first operand's, named after its opcode."""
+    names, first = {}, {}
+    for m in _INSTRUCTION.finditer(hlo_text):
+        op = _OP_NAME.search(m.group(0))
+        if op:
+            names[m.group(1)] = op.group(1)
+        else:
+            first[m.group(1)] = (m.group(2), m.group(3))
+    for name, (opcode, operand) in first.items():
+        hops = 0
+        while operand in first and hops < 8:  # through chains of inserted copies
+            operand, hops = first[operand][1], hops + 1
+        names[name] = f"{opcode} of {names[operand]}" if operand in names else opcode
+    return names
+
+
+def peak_breakdown(folder: str, top: int = 8) -> dict | None:
+    """What the temporaries of the program XLA dumped into `folder` hold at their peak:
+    {"heap_bytes": the temporary heap XLA allocated, "live_bytes": the bytes live at the peak,
+    "groups": [{"what", "count", "bytes"}] the `top` largest groups of the values live there}, or
+    None without the dump's files.
+
+    The peak is the program point (nested computations included) where the values of the heap that
+    are live at once take the most bytes; heap - live is the space between them that XLA's packing
+    leaves. A group is the values made by one op of the jaxpr, the MM-DiT's blocks taken together
+    (`blocks_3/...` and `blocks_7/...` are `blocks_N/...`), so 37 blocks' saved inputs are one row."""
+    import glob
+
+    import numpy as np
+
+    found = [glob.glob(os.path.join(folder, f"*after_optimizations{suffix}.txt"))
+             for suffix in ("-buffer-assignment", "-live-range", "")]
+    if not all(found):
+        return None
+    with open(found[0][0]) as f:
+        assignment = f.read()
+    # the preallocated temporary heap: one allocation holding every temporary value at an offset
+    m = re.search(r"^allocation \d+: size (\d+), preallocated-temp:\n((?:\s+value:.*\n)*)", assignment, re.M)
+    if m is None:
+        return None
+    values = {(v.group(1) if v.group(1).endswith("}") else v.group(1) + "{}"): (int(v.group(2)), int(v.group(3)))
+              for v in _VALUE.finditer(m.group(2))}
+    with open(found[1][0]) as f:
+        ranges = {r.group(1): (int(r.group(2)), int(r.group(3))) for r in _RANGE.finditer(f.read())}
+    values = {k: v for k, v in values.items() if k in ranges}
+    if not values:
+        return None
+    live = np.zeros(max(e for _, e in ranges.values()) + 2, np.int64)
+    for k, (size, _) in values.items():
+        start, end = ranges[k]
+        live[start] += size
+        live[end + 1] -= size
+    t = int(np.cumsum(live).argmax())
+    at_peak = [(k, size, offset) for k, (size, offset) in values.items() if ranges[k][0] <= t <= ranges[k][1]]
+    with open(found[2][0]) as f:
+        op_names = _op_names(f.read())
+    groups: dict[str, list[int]] = {}
+    seen: set[int] = set()
+    for k, size, offset in sorted(at_peak, key=lambda v: -v[1]):
+        if offset in seen:  # values of one buffer (an op updating its operand in place) count once
+            continue
+        seen.add(offset)
+        name = op_names.get(k.split("{")[0], k.split(".")[0])
+        what = re.sub(r"blocks_\d+", "blocks_N", re.sub(r"jit\([^/]*\)/", "", name, count=1))
+        g = groups.setdefault(what, [0, 0])
+        g[0] += 1
+        g[1] += size
+    rows = sorted(groups.items(), key=lambda g: -g[1][1])
+    return {"heap_bytes": int(m.group(1)), "live_bytes": int(sum(b for _, (_, b) in rows)),
+            "groups": [{"what": w, "count": c, "bytes": b} for w, (c, b) in rows[:top]]}
+
+
 def die_with_parent(parent: int) -> None:
     """Linux: this process is SIGKILLed when its parent ends, however it ends (a SIGTERM or SIGKILL of
     the parent runs none of its clean-up, and an orphaned compile would run on for many minutes)."""
@@ -624,7 +705,8 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
                 found_collectives = collectives(f.read())
         return CompiledProgram(header["name"], header["mesh"], time.perf_counter() - t0,
                                argument_bytes=figures[0], temp_bytes=figures[1], collectives=found_collectives,
-                               resident_bytes=header["resident"], attention=header["attention"], stopped=BUFFERS)
+                               resident_bytes=header["resident"], attention=header["attention"], stopped=BUFFERS,
+                               peak=peak_breakdown(folder))
     finally:
         child.join(0 if figures is not None else 30)  # a child that handed its result back is exiting
         if child.is_alive():
@@ -692,5 +774,10 @@ def format_program(program: CompiledProgram, hbm: int, plan=None) -> str:
         lines.append(f"  collectives (a loop body counted once): {coll or 'none'}")
         if program.flops is not None:
             lines.append(f"  XLA's FLOP count per chip (a loop body counted once): {program.flops / 1e12:.3f} T")
+        if program.peak:
+            pk = program.peak
+            lines.append(f"  temporaries at their peak: {human(pk['live_bytes'])} live, in a heap of "
+                         f"{human(pk['heap_bytes'])} (the rest lies between them); the largest:")
+            lines.extend(f"    {human(g['bytes']):>10} {g['count']:>4} x {g['what'][:110]}" for g in pk["groups"])
     lines.append(f"  {verdict(program, hbm)}")
     return "\n".join(lines)
