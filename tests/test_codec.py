@@ -314,6 +314,22 @@ def test_indices_decoded_otherwise_than_encoded_are_an_error_not_a_wrong_image(t
     np.testing.assert_array_equal(float_codec.read_batch(streams)[2], want)
 
 
+def test_the_fingerprint_is_the_codec_not_where_its_files_lay():
+    """Two exports of one trained codec from other folders (the stage-0 run, the precomputed text
+    embeddings) carry the same fingerprint, so they write the same streams and decode them to the same
+    images; a config field of the codec itself, or its weights, change it."""
+    from perco_jax.codec.codec import fingerprint_of
+    from perco_jax.config import load_config
+
+    params, entropy, ae = {"w": np.arange(3.0)}, {"e": np.ones(2)}, {"a": np.zeros(4)}
+    base = fingerprint_of(load_config("tiny", ["autoencoder_workdir=/a/stage0"]), params, entropy, ae)
+    moved = load_config("tiny", ["autoencoder_workdir=/elsewhere/stage0", "text.embeddings=/b/emb"])
+    assert fingerprint_of(moved, params, entropy, ae) == base
+    assert fingerprint_of(load_config("tiny", ["mmdit.num_layers=4"]), params, entropy, ae) != base
+    assert fingerprint_of(moved, params, entropy, {"a": np.ones(4)}) != base
+    assert fingerprint_of(load_config("tiny", ["text.max_sequence_length=24"]), params, entropy, ae) != base
+
+
 def test_wrong_checkpoint_is_detected(trained, heldout):
     config, folder, codec = trained
     images, captions = heldout
