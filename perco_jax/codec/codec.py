@@ -80,24 +80,18 @@ def _digest(tree) -> str:
     return h.hexdigest()
 
 
-# Where files lay when the codec was trained, not what it is: the stage-0 run (its autoencoder's weights
-# are in the digest) and the precomputed text embeddings (the codec runs its own text encoders). Left
-# out of the fingerprint, so one trained codec exported from two folders writes the same streams and,
-# as each image's decoding noise is seeded by its stream, decodes them to the same images.
-_LOCATIONS = (("autoencoder_workdir",), ("text", "embeddings"))
-
-
 def fingerprint_of(config, codec_params, entropy_params, ae_params=None, integer_model=None) -> bytes:
-    """The 8 bytes every bitstream carries: the codec's config sections (less `_LOCATIONS`) + a digest
-    of its weights (with the autoencoder's when it has learned ones, e.g. a stage-0 patch autoencoder)."""
+    """The 8 bytes every bitstream carries: the codec's config sections + a digest of its weights
+    (with the autoencoder's when it has learned ones, e.g. a stage-0 patch autoencoder)."""
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     identity = build.codec_identity(cfg)
-    for *parents, key in _LOCATIONS:
-        section = identity
-        for p in parents:
-            section = section.get(p) if isinstance(section, dict) else None
-        if isinstance(section, dict):
-            section.pop(key, None)
+    # Where files lay in training, not what the codec is: the stage-0 run (its weights are in the
+    # digest) and precomputed text embeddings (the codec runs its own encoders). Left out, one codec
+    # exported from two folders writes the same streams, and decodes them to the same images (each
+    # image's decoding noise is seeded by its stream).
+    identity.pop("autoencoder_workdir", None)
+    if isinstance(identity.get("text"), dict):
+        identity["text"].pop("embeddings", None)
     return bitstream.fingerprint({"config": identity, "entropy_model": cfg["entropy_model"],
                                   "codec": cfg["codec"],
                                   "weights": _digest([codec_params, entropy_params] + ([ae_params] if ae_params else []))}

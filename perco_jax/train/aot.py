@@ -561,11 +561,11 @@ def _op_names(hlo_text: str) -> dict[str, str]:
     return names
 
 
-def peak_breakdown(folder: str, top: int = 8) -> dict | None:
+def peak_breakdown(folder: str, top: int = 8, hlo_text: str | None = None) -> dict | None:
     """What the temporaries of the program XLA dumped into `folder` hold at their peak:
     {"heap_bytes": the temporary heap XLA allocated, "live_bytes": the bytes live at the peak,
     "groups": [{"what", "count", "bytes"}] the `top` largest groups of the values live there}, or
-    None without the dump's files.
+    None without the dump's files. `hlo_text`: the optimised HLO's text when the caller has read it.
 
     The peak is the program point (nested computations included) where the values of the heap that
     are live at once take the most bytes; heap - live is the space between them that XLA's packing
@@ -577,7 +577,7 @@ def peak_breakdown(folder: str, top: int = 8) -> dict | None:
 
     found = [glob.glob(os.path.join(folder, f"*after_optimizations{suffix}.txt"))
              for suffix in ("-buffer-assignment", "-live-range", "")]
-    if not all(found):
+    if not all(found[:2]) or (hlo_text is None and not found[2]):
         return None
     with open(found[0][0]) as f:
         assignment = f.read()
@@ -599,8 +599,10 @@ def peak_breakdown(folder: str, top: int = 8) -> dict | None:
         live[end + 1] -= size
     t = int(np.cumsum(live).argmax())
     at_peak = [(k, size, offset) for k, (size, offset) in values.items() if ranges[k][0] <= t <= ranges[k][1]]
-    with open(found[2][0]) as f:
-        op_names = _op_names(f.read())
+    if hlo_text is None:
+        with open(found[2][0]) as f:
+            hlo_text = f.read()
+    op_names = _op_names(hlo_text)
     groups: dict[str, list[int]] = {}
     seen: set[int] = set()
     for k, size, offset in sorted(at_peak, key=lambda v: -v[1]):
@@ -699,14 +701,15 @@ def compile_until_buffers(kind: str, *args, poll: float = 1.0, **kw) -> Compiled
         with open(os.path.join(folder, HEADER)) as f:
             header = json.load(f)
         hlo = [f for f in os.listdir(folder) if f.endswith(".after_optimizations.txt")]
-        found_collectives = {}
+        text = None
         if hlo:
             with open(os.path.join(folder, hlo[0])) as f:
-                found_collectives = collectives(f.read())
+                text = f.read()
         return CompiledProgram(header["name"], header["mesh"], time.perf_counter() - t0,
-                               argument_bytes=figures[0], temp_bytes=figures[1], collectives=found_collectives,
+                               argument_bytes=figures[0], temp_bytes=figures[1],
+                               collectives=collectives(text) if text else {},
                                resident_bytes=header["resident"], attention=header["attention"], stopped=BUFFERS,
-                               peak=peak_breakdown(folder))
+                               peak=peak_breakdown(folder, hlo_text=text) if text else None)
     finally:
         child.join(0 if figures is not None else 30)  # a child that handed its result back is exiting
         if child.is_alive():
