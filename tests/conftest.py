@@ -9,11 +9,16 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests build the same tiny programs again (each `train` call jits a fresh step function):
-# a persistent compilation cache, fresh for each session, compiles each program once. Subprocess
+# a persistent compilation cache, fresh for each session (and removed after it), compiles each program once. Subprocess
 # tests inherit it through the environment.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="perco_jax_xla_cache_"))
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # this process made it (the workers inherit it): its to remove
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="perco_jax_xla_cache_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
