@@ -49,14 +49,16 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     figures = []
     for n in counts:
         c = load_config(r["config"], list(r["overrides"]) + [f"mmdit.num_layers={n}"])
-        p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash")
+        p = planning.make_plan(c, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash",
+                               tpu=topology.generation)
         prog = aot.compile_program("train", c, topology, mesh, stage=r["stage"], batch=r["batch"], attention=attention,
                                    until_buffers=buffers_only)
         print(aot.format_program(prog, topology.hbm_bytes, p), flush=True)
         figures.append((n, p, prog))
     n2, p2, c2 = figures[-1]
 
-    full_plan = planning.make_plan(config, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash")
+    full_plan = planning.make_plan(config, mesh, stage=r["stage"], batch=r["batch"], attention=attention or "splash",
+                                   tpu=topology.generation)
 
     def scaled(f, plan_f=None):
         """The figure at `full` blocks: linear through two compiled counts; from one count, plus the
@@ -70,8 +72,10 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     if any(prog.error for _, _, prog in figures):
         compiled, plan_total = None, None
     else:
-        compiled = scaled(lambda t: t[2].per_device, lambda p: p.per_device)
-        plan_total = scaled(lambda t: t[1].per_device, lambda p: p.per_device)
+        # a compile stopped after buffer assignment has no code: the plan's totals leave theirs out too
+        without = (lambda p: p.per_device - p.code_bytes) if buffers_only else (lambda p: p.per_device)
+        compiled = scaled(lambda t: t[2].per_device, without)
+        plan_total = scaled(lambda t: without(t[1]), without)
     model = step_flops(config, batch=r["batch"], stage=r["stage"]).step / topology.chips
     # XLA's count against the model FLOPs of the same compiled program (the last block count)
     n_last = figures[-1][0]
@@ -80,7 +84,8 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     xla_ratio = None if figures[-1][2].flops is None else figures[-1][2].flops / model_last
     out = {"recipe": name, "topology": topology.describe(), "mesh": mesh, "batch": r["batch"],
            "batch_per_chip": r["batch"] // (mesh["data"] * mesh["fsdp"]), "attention": attention or "auto",
-           "layers_compiled": counts, "layers_full": full, "plan_bytes": full_plan.per_device, "plan_bytes_scaled": plan_total,
+           "layers_compiled": counts, "layers_full": full, "plan_bytes": full_plan.per_device - (full_plan.code_bytes if buffers_only else 0),
+           "plan_code_bytes": full_plan.code_bytes, "plan_bytes_scaled": plan_total,
            "compiled_bytes": compiled, "hbm_bytes": topology.hbm_bytes,
            "headroom": None if compiled is None else 1 - compiled / topology.hbm_bytes,
            "compile_seconds": sum(prog.seconds for _, _, prog in figures),

@@ -16,13 +16,14 @@ AT_1024 = ["image_size=1024", "data.image_size=1024"]
 # the frozen VAE encodes a chip's batch this many images at a time (its full-resolution maps were
 # the step's peak: `autoencoder_chunk` in configs/common.py)
 VAE_512 = ["autoencoder_chunk=16"]
-VAE_512_8 = ["autoencoder_chunk=8"]  # (v6e's 104 a chip)
+VAE_512_8 = ["autoencoder_chunk=8"]  # (v6e's 104 and v5e's 40 a chip)
 VAE_1024 = ["autoencoder_chunk=1"]
 # at 1024^2 on v5e and v5p the hyper-encoder's ResnetBlocks are rematerialised: XLA:TPU otherwise
 # keeps float32, halo-tiled copies of their GroupNorm / SiLU outputs (v5e at 4 a chip: 11.70 -> 9.92
-# GiB; v5p at 40: 67.89 -> 67.08). On v6e at 14 a chip it cost 1.1 GiB more (docs/training.md). The
-# batches a chip keep 20% with the generated code of 38 blocks, about 2.65 GiB (extrapolated from 2 and 6
-# blocks): v6e at 13 a chip would keep 19.8%.
+# GiB; v5p at 40: 67.89 -> 67.08). On v6e at 14 a chip it cost 1.1 GiB more (docs/training.md). Every
+# batch a chip keeps 20% with the generated code of all the blocks (extrapolated from finished 2- and
+# 6-block compiles: SD3-medium 1.3-1.8 GiB, SD3.5-large 2.3-3.8 GiB): SD3-medium on v5e kept 14-16% at
+# 48 a chip, hence 40.
 HE_REMAT = ["hyper_encoder.remat=True"]
 
 
@@ -33,9 +34,9 @@ def _mesh(chips: int, fsdp: int) -> str:
 RECIPES = {
     # SD3-medium (2B MM-DiT) at 512^2: FSDP over 16 chips, data parallel over the rest
     "sd3_medium-stage1-v5e-256": dict(config="sd3_medium", stage=1, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 40, overrides=EMBEDDINGS + VAE_512_8),
     "sd3_medium-stage3-v5e-256": dict(config="sd3_medium", stage=3, topology="v5e-256", mesh=_mesh(256, 16),
-                                      batch=256 * 48, overrides=EMBEDDINGS + VAE_512),
+                                      batch=256 * 40, overrides=EMBEDDINGS + VAE_512_8),
     "sd3_medium-stage1-v5p-128": dict(config="sd3_medium", stage=1, topology="v5p-128", mesh=_mesh(64, 16),
                                       batch=64 * 352, overrides=EMBEDDINGS + VAE_512),
     "sd3_medium-stage3-v5p-128": dict(config="sd3_medium", stage=3, topology="v5p-128", mesh=_mesh(64, 16),

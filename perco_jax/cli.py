@@ -120,8 +120,12 @@ def _plan(args) -> int:
     mesh = plan.parse_mesh(args.mesh, args.devices)
     memory = plan.parse_bytes(args.device_memory) if args.device_memory else None
     config = load_config(args.config, args.override)
+    tpu = None
+    if args.topology:  # a recipe's: the plan counts the TPU program's code
+        from perco_jax.train import aot
+        tpu = aot.parse_topology(args.topology).generation
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       attention=_plan_attention(args))
+                       attention=_plan_attention(args), tpu=tpu)
     print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
     return 0
 
@@ -159,7 +163,7 @@ def _plan_compile(args) -> int:
         raise ValueError("--attention cudnn is a GPU kernel: --compile compiles for TPU (auto, xla or splash)")
     attention = None if args.attention in (None, "auto") else args.attention
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       attention=attention or "splash")
+                       attention=attention or "splash", tpu=topology.generation)
     if not args.json:
         print(f"topology {topology.describe()}")
         print(plan.format_plan(p, memory))

@@ -221,7 +221,8 @@ def test_plan_of_a_recipe(capsys):
     kernel (no stored logits), without compiling; every recipe names a known preset, slice and a
     mesh of its chips that divides its batch."""
     from perco_jax.configs.recipes import RECIPES
-    from perco_jax.config import PRESETS
+    from perco_jax.config import PRESETS, load_config
+    from perco_jax.train import plan
     from perco_jax.train.plan import parse_mesh
 
     for name, r in RECIPES.items():
@@ -233,9 +234,11 @@ def test_plan_of_a_recipe(capsys):
         assert chunk and per_chip % chunk[0] == 0, name  # the VAE's passes split each chip's share
     assert cli.main(["plan", "--recipe", "sd3_medium-stage1-v5e-256", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 12288, 256)
+    assert (out["config"], out["stage"], out["batch"], out["devices"]) == ("sd3_medium", 1, 10240, 256)
     assert out["attention"] == "splash" and out["flash_attention"] is True and out["vae_flash_attention"] is True
     assert out["mesh"] == {"data": 16, "fsdp": 16, "tensor": 1}
+    code = [r["per_device_bytes"] for r in out["rows"] if r["what"] == plan.CODE_ROW]
+    assert code == [plan.tpu_code_bytes(load_config("sd3_medium"), "v5e")]  # the v5e program's code
     assert cli.main(["plan", "--recipe", "nope"]) == 2
 
 

@@ -1,5 +1,6 @@
 """`perco-jax plan` (per-device memory from eval_shape and the sharding rules) and the
 distributed start-up flags (`perco_jax.distributed`)."""
+import dataclasses
 import json
 import os
 import re
@@ -428,6 +429,44 @@ def test_qk_norms_keep_q_and_k_in_float32_lane_padded_on_tpu():
     config.mmdit.qk_norm = None
     plain = {a: dict(activations.activations(config, 3, attention=a))[block] for a in ("cudnn", "splash")}
     assert plain["splash"] == plain["cudnn"] == rows["cudnn"] - 3 * 2 * 4 * tok * d
+
+
+def test_tpu_plans_count_the_generated_code_of_every_block(capsys):
+    """A TPU program's code is in HBM too: XLA:TPU emits each unrolled MM-DiT block's code (55-99
+    MiB a block in the recipes' training steps, by generation: docs/training.md), so a plan for a
+    TPU generation has a code row that grows with the blocks; a plan for no TPU has none, nor does
+    stage 2's (no MM-DiT). The compiler comparison sets it beside the compiler's code, and leaves it
+    out of a compile stopped after buffer assignment, which has no code. `plan --recipe` counts it
+    for the recipe's slice."""
+    from perco_jax.train import aot
+
+    def planned(layers, tpu, stage=1):
+        config = load_config("sd3_medium", ["text.embeddings=emb"] * (stage != 2) + [f"mmdit.num_layers={layers}"])
+        return plan.make_plan(config, {"fsdp": 8}, stage=stage, batch=64, attention="splash", tpu=tpu)
+
+    two, six = planned(2, "v5e"), planned(6, "v5e")
+    assert six.code_bytes - two.code_bytes == 4 * plan.TPU_CODE_PER_BLOCK["v5e"]
+    assert planned(6, "v5p").code_bytes > six.code_bytes  # (v5p's blocks take the most code)
+    assert two.code_bytes == plan.tpu_code_bytes(load_config("sd3_medium", ["mmdit.num_layers=2"]), "v5e")
+    assert six.per_device - two.per_device > 4 * plan.TPU_CODE_PER_BLOCK["v5e"]  # (and the blocks' state)
+    assert planned(6, None).code_bytes == 0 and planned(6, "v5e", stage=2).code_bytes == 0
+    assert plan.CODE_ROW in plan.format_plan(six)
+    with pytest.raises(ValueError, match="v3"):
+        planned(2, "v3")
+
+    program = aot.CompiledProgram(name="step", mesh={"fsdp": 8}, seconds=1.0, attention="splash",
+                                  argument_bytes=2**30, temp_bytes=2**31, code_bytes=500 * 2**20)
+    rows = {n: (est, got) for n, est, got in aot.comparison_rows(six, program)}
+    assert rows["generated code"] == (six.code_bytes, 500 * 2**20)
+    assert rows["total per chip"] == (six.per_device, program.per_device)
+    stopped = dataclasses.replace(program, code_bytes=0, stopped="after buffer assignment")
+    rows = {n: (est, got) for n, est, got in aot.comparison_rows(six, stopped)}
+    assert "generated code" not in rows
+    assert rows["total per chip, without the code"] == (six.per_device - six.code_bytes, stopped.per_device)
+
+    assert main(["plan", "--recipe", "sd35_large-stage1-v5p-128", "--json"]) == 0
+    rows = {r["what"]: r["per_device_bytes"] for r in json.loads(capsys.readouterr().out)["rows"]}
+    assert rows[plan.CODE_ROW] == plan.TPU_CODE_BASE + 38 * plan.TPU_CODE_PER_BLOCK["v5p"]
 
 
 def test_a_rematerialised_hyper_encoder_keeps_only_its_blocks_inputs():

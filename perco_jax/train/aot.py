@@ -732,16 +732,18 @@ def comparison_rows(plan, program: CompiledProgram) -> list[tuple[str, int | Non
     gradients and activations its temporaries."""
     batch = sum(v for n, v in plan.activation_rows if n.startswith("batch"))
     grads = plan.row("gradients (float32, all params)")[1]
-    persistent = sum(r[2] for r in plan.rows) - grads + batch
+    code = plan.code_bytes
+    persistent = sum(r[2] for r in plan.rows) - grads - code + batch
     rows = [("arguments: state, frozen encoders, batch", persistent - program.resident_bytes, program.argument_bytes)]
     if program.resident_bytes:
         rows.append(("text encoders on the chips, not in the step (cache)", program.resident_bytes,
                      program.resident_bytes))
-    return rows + [
-            ("outputs not written in place", 0, program.output_bytes - program.alias_bytes),
-            ("temporaries: gradients, activations, buffers", plan.per_device - persistent, program.temp_bytes),
-            *([] if program.stopped else [("generated code", None, program.code_bytes)]),
-            ("total per chip", plan.per_device, program.per_device)]
+    rows += [("outputs not written in place", 0, program.output_bytes - program.alias_bytes),
+             ("temporaries: gradients, activations, buffers", plan.per_device - code - persistent, program.temp_bytes)]
+    if program.stopped:  # no code was generated: both totals without it
+        return rows + [("total per chip, without the code", plan.per_device - code, program.per_device)]
+    return rows + [("generated code", code or None, program.code_bytes),
+                   ("total per chip", plan.per_device, program.per_device)]
 
 
 def verdict(program: CompiledProgram, hbm: int) -> str:

@@ -152,6 +152,11 @@ class Plan:
     def per_device(self) -> int:
         return sum(r[2] for r in self.rows) + self.activation_bytes
 
+    @property
+    def code_bytes(self) -> int:
+        """The program's generated code (counted for TPU programs only: `tpu_code_bytes`)."""
+        return sum(r[2] for r in self.rows if r[0] == CODE_ROW)
+
     def row(self, name: str) -> tuple[int | None, int]:
         for r in self.rows:
             if r[0] == name:
@@ -173,14 +178,38 @@ class Plan:
         return d
 
 
+CODE_ROW = "generated code (TPU, estimate)"
+# XLA:TPU's code for one training step (`aot.CompiledProgram.code_bytes`). The MM-DiT's blocks are
+# unrolled (no scan), so each block's forward, recomputation and backward are code of their own,
+# and that code differs between TPU generations and models. Fitted to finished compiles of the
+# recipes' programs at 2 and 6 blocks (docs/training.md), MiB a block: v5e 54.5 (SD3-medium) to 66.5
+# (SD3.5-large), 72 for SD3-medium's stage 3; v6e 58 (SD3.5-large); v5p 51 (SD3-medium) and 99
+# (SD3.5-large: the larger, so the plan errs on the safe side); v4 not measured (v5p's, the other
+# two-core generation). The rest of the step is 58-191 MiB.
+TPU_CODE_BASE = 150 * 2**20
+TPU_CODE_PER_BLOCK = {"v4": 99 * 2**20, "v5e": 62 * 2**20, "v5p": 99 * 2**20, "v6e": 58 * 2**20}
+
+
+def tpu_code_bytes(config, generation: str) -> int:
+    """Bytes of the generated code of a stage-1 or stage-3 training step on a TPU `generation`
+    (v4, v5e, v5p, v6e): an estimate from measured programs, TPU_CODE_BASE + the generation's
+    TPU_CODE_PER_BLOCK x the MM-DiT's blocks."""
+    if generation not in TPU_CODE_PER_BLOCK:
+        raise ValueError(f"TPU generation {generation!r}: one of {', '.join(TPU_CODE_PER_BLOCK)}")
+    return TPU_CODE_BASE + TPU_CODE_PER_BLOCK[generation] * int(config.mmdit.num_layers)
+
+
 def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batch: int | None = None,
-              frozen: str | None = None, attention: str = "xla", components: Components | None = None) -> Plan:
+              frozen: str | None = None, attention: str = "xla", components: Components | None = None,
+              tpu: str | None = None) -> Plan:
     """The per-device memory plan of training `config` on a mesh of shape `mesh` ({axis: size}).
 
     `components` (from `abstract_components`, for the same config / stage / batch) skips the
     eval_shape when planning several meshes. frozen=None: config.frozen_placement.
     `attention`: the step's attention implementation (`models.attention.IMPLEMENTATIONS`): "xla"
-    stores the logits, "cudnn" (GPUs) and "splash" (TPU) are fused kernels (`activations`)."""
+    stores the logits, "cudnn" (GPUs) and "splash" (TPU) are fused kernels (`activations`).
+    `tpu`: the TPU generation the run is for (v4, v5e, v5p, v6e), whose training-step code the
+    plan then counts (`tpu_code_bytes`, stages 1 and 3); None: not a TPU run, or not known."""
     if frozen is None:
         frozen = config.frozen_placement
     if frozen not in build.FROZEN_PLACEMENTS:
@@ -232,6 +261,8 @@ def make_plan(config, mesh: Mapping[str, int], *, stage: int | None = None, batc
     gathered = largest_layer_gathered(st, mesh, under="params")
     if gathered:
         acts.append(("FSDP: one block's params + grads all-gathered", 2 * gathered))
+    if tpu is not None and cfg.stage in (1, 3):  # a TPU program: its code takes HBM too
+        rows.append((CODE_ROW, None, tpu_code_bytes(cfg, tpu)))
     return Plan(cfg.name, int(cfg.stage), mesh, int(cfg.batch_size), b, str(cfg.dtype), trainable, frozen,
                 attention, rows, acts)
 
