@@ -69,11 +69,11 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
         (a, fa), (b, fb) = (figures[0][0], f(figures[0])), (figures[-1][0], f(figures[-1]))
         return fb + (fb - fa) * (full - b) / (b - a)
 
+    # a compile stopped after buffer assignment has no code: the plan's totals leave theirs out too
+    without = (lambda p: p.per_device - p.code_bytes) if buffers_only else (lambda p: p.per_device)
     if any(prog.error for _, _, prog in figures):
         compiled, plan_total = None, None
     else:
-        # a compile stopped after buffer assignment has no code: the plan's totals leave theirs out too
-        without = (lambda p: p.per_device - p.code_bytes) if buffers_only else (lambda p: p.per_device)
         compiled = scaled(lambda t: t[2].per_device, without)
         plan_total = scaled(lambda t: without(t[1]), without)
     model = step_flops(config, batch=r["batch"], stage=r["stage"]).step / topology.chips
@@ -84,7 +84,7 @@ def compile_recipe(name: str, layers=None, attention=None, decode: bool = False,
     xla_ratio = None if figures[-1][2].flops is None else figures[-1][2].flops / model_last
     out = {"recipe": name, "topology": topology.describe(), "mesh": mesh, "batch": r["batch"],
            "batch_per_chip": r["batch"] // (mesh["data"] * mesh["fsdp"]), "attention": attention or "auto",
-           "layers_compiled": counts, "layers_full": full, "plan_bytes": full_plan.per_device - (full_plan.code_bytes if buffers_only else 0),
+           "layers_compiled": counts, "layers_full": full, "plan_bytes": without(full_plan),
            "plan_code_bytes": full_plan.code_bytes, "plan_bytes_scaled": plan_total,
            "compiled_bytes": compiled, "hbm_bytes": topology.hbm_bytes,
            "headroom": None if compiled is None else 1 - compiled / topology.hbm_bytes,

@@ -9,11 +9,11 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests build the same tiny programs again (each `train` call jits a fresh step function):
-# a persistent compilation cache, fresh for each session (and removed after it), compiles each program once. Subprocess
-# tests inherit it through the environment.
+# a persistent compilation cache, fresh for each session and removed after it, compiles each
+# program once. Subprocess tests inherit it through the environment.
 import tempfile  # noqa: E402
 
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # this process made it (the workers inherit it): its to remove
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # made here (workers inherit it): removed at exit
     import atexit  # noqa: E402
     import shutil  # noqa: E402
 
