@@ -154,11 +154,15 @@ def base(name: str, mmdit_cfg: ml_collections.ConfigDict) -> ml_collections.Conf
     #   caption's guidance (`guidance`) folded into the finest targets; no teacher sampling.
     # method "reflow" (Liu et al. 2023): `couplings` (noise, latent) pairs drawn once by the guided
     #   teacher sampler (sample.steps, `guidance`), 2-rectified flow on their straight lines for the first
-    #   `reflow_fraction` of the steps, then distillation to each of `steps` steps.
+    #   `reflow_fraction` of the steps, then distillation to each of `steps` steps. coupling_sampler
+    #   "ode": the pairs are the guided Euler ODE's from unit noise (2-rectified flow as published);
+    #   "decoder": the codec's own sampler (sample.stochastic, sample.temperature), from the starting
+    #   noise it scales, so that with reflow_fraction 0 the student distils the pictures the default
+    #   decoder draws (Luhman & Luhman 2021), stochastic steps included, which no ODE-following student can.
     config.stage3 = ml_collections.ConfigDict(dict(
         method="shortcut", num_train_steps=20_000, batch_size=256, learning_rate=1e-5, warmup_steps=500,
         ema_decay=0.999, steps=(1, 2, 4), levels=7, bootstrap_fraction=0.25, couplings=50_000,
-        reflow_fraction=0.5, guidance=3.0))
+        reflow_fraction=0.5, guidance=3.0, coupling_sampler="ode"))
     # stage3.guidance: the guidance scale the few-step decoder learns (one pass per step: it cannot
     # be changed at decode time); here the teacher's sample.guidance (a config without the field uses
     # that too). One step draws a smoother picture than the guided sampler: on the tiny codec a

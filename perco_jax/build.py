@@ -150,6 +150,7 @@ def validate(config) -> None:
 
 
 STAGE3_METHODS = ("shortcut", "reflow")
+COUPLING_SAMPLERS = ("ode", "decoder")  # stage3.coupling_sampler (train/stage3.make_couplings)
 
 
 def validate_stage3(config) -> None:
@@ -157,6 +158,8 @@ def validate_stage3(config) -> None:
     s3 = config.stage3
     if s3.method not in STAGE3_METHODS:
         raise ConfigError(f"stage3.method={s3.method!r}: choose one of {STAGE3_METHODS}")
+    if s3.coupling_sampler not in COUPLING_SAMPLERS:
+        raise ConfigError(f"stage3.coupling_sampler={s3.coupling_sampler!r}: choose one of {COUPLING_SAMPLERS}")
     steps = tuple(s3.steps)
     if not steps or any(int(k) != k or k < 1 for k in steps):
         raise ConfigError(f"stage3.steps={steps}: list the sampler step counts (integers >= 1) to train")

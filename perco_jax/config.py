@@ -19,7 +19,7 @@ LATER_FIELDS = {"text.clip_max_length": 77,  # (SD3's: text.prompt.CLIP_MAX_LENG
                 "text.cache": False, "text.embeddings": "", "frozen_placement": "sharded",
                 "entropy_model.caption_input": "context", "stage3.guidance": None,
                 "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0,
-                "sample.temperature": 1.0, "sample.batch_size": 8}
+                "sample.temperature": 1.0, "sample.batch_size": 8, "stage3.coupling_sampler": "ode"}
 
 
 def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:

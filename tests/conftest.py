@@ -130,8 +130,9 @@ def learned_codec(learned_stage1, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def few_step_codec(learned_stage1, learned_codec, tmp_path_factory):
-    """(config, workdir, codec folder, Codec): stage 3 (the tiny config's: shortcut models, here 300
-    steps) trained on learned_stage1, exported with learned_codec's stage 2 and loaded back."""
+    """(config, workdir, codec folder, Codec): stage 3 (the tiny config's: the default decoder's
+    pictures distilled, here 300 steps) trained on learned_stage1, exported with learned_codec's
+    stage 2 and loaded back."""
     from perco_jax.codec.codec import Codec
     from perco_jax.config import load_config
     from perco_jax.train.export import export_codec

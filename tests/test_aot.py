@@ -185,7 +185,7 @@ def test_stage3_step_moves_no_examples_between_chips():
     quarter of the global batch added all-to-alls and permutes, 106 GiB a step at SD3-medium scale)."""
     from perco_jax.config import load_config
 
-    config = load_config("tiny", ["stage3.batch_size=64"])
+    config = load_config("tiny", ["stage3.method=shortcut", "stage3.batch_size=64"])
     p = aot.compile_training(config, aot.parse_topology("v5e-4"), {"data": 4, "fsdp": 1, "tensor": 1}, stage=3)
     assert p.error is None and set(p.collectives) == {"all-reduce"}
 

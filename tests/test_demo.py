@@ -6,7 +6,8 @@ from perco_jax.demo import run_demo
 from perco_jax.images import load_image
 
 SMALL = ["stage0.num_train_steps=20", "num_train_steps=20", "stage2.num_train_steps=10", "log_every_steps=10",
-         "checkpoint_every_steps=1000", "sample.steps=2", "stage3.num_train_steps=10"]
+         "checkpoint_every_steps=1000", "sample.steps=2", "stage3.num_train_steps=10",
+         "stage3.couplings=32"]
 
 
 @pytest.mark.slow
@@ -14,7 +15,7 @@ def test_demo_runs_every_stage_and_writes_what_a_user_reads(tmp_path, capsys):
     assert run_demo(str(tmp_path), SMALL, heldout=8) == 0
     out = capsys.readouterr().out
     for part in ("[1/6] SD3 port", "[2/6] stage 0", "[3/6] stage 1", "[4/6] stage 2", "[6/6] stage 3",
-                 "[5/6] codec exported", "student (shortcut)", "thumbnail", "autoencoder alone (the ceiling)",
+                 "[5/6] codec exported", "student (reflow)", "thumbnail", "autoencoder alone (the ceiling)",
                  "originals", "PSNR gain over the thumbnail", "qlds:8", "demo OK"):
         assert part in out, part
     picture = load_image(tmp_path / "reconstructions.png")

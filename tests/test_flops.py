@@ -108,8 +108,9 @@ def test_step_is_three_trained_forwards_plus_the_frozen_ones():
 
 
 def test_stage3_steps_by_hand():
-    """tiny's stage 3: batch 16, bootstrap_fraction 0.5, 20 teacher steps, 512 couplings."""
-    config = load_config("tiny", [])
+    """tiny's stage 3 as shortcut models and as reflow: batch 16, bootstrap_fraction 0.5, 20 teacher
+    steps, 512 couplings."""
+    config = load_config("tiny", ["stage3.method=shortcut"])
     s1 = flops.step_flops(config, batch=16)
     sc = flops.step_flops(config, stage=3)
     assert sc.stage == 3 and sc.batch == int(config.stage3.batch_size) == 16

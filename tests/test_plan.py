@@ -297,7 +297,7 @@ def test_scripts_train_flags_and_real_single_process_initialize(tmp_path):
 def test_stage3_reflow_batch_is_its_couplings(tiny):
     """A reflow step reads (noise, latent, indices) couplings and the text inputs: its batch row
     counts those, by hand, and no image is encoded in the step (its frozen passes are the text's)."""
-    shortcut = plan.make_plan(tiny, {"data": 1}, stage=3)
+    shortcut = plan.make_plan(load_config("tiny", ["stage3.method=shortcut"]), {"data": 1}, stage=3)
     reflow = plan.make_plan(load_config("tiny", ["stage3.method=reflow"]), {"data": 1}, stage=3)
     b, g = 16, tiny.codec.grid_side  # stage3.batch_size
     side, ch = build.latent_geometry(tiny)

@@ -127,8 +127,9 @@ def test_straightness_is_zero_for_straight_paths_only():
 
 @pytest.mark.parametrize("override,match", [
     (["stage3.method=distil"], "stage3.method"),
-    (["stage3.steps=(1, 3)"], "powers of two"),
-    (["stage3.levels=1", "stage3.steps=(1, 4)"], "powers of two"),
+    (["stage3.method=shortcut", "stage3.steps=(1, 3)"], "powers of two"),
+    (["stage3.method=shortcut", "stage3.levels=1", "stage3.steps=(1, 4)"], "powers of two"),
+    (["stage3.coupling_sampler=sde"], "coupling_sampler"),
     (["stage3.bootstrap_fraction=1.5"], "bootstrap_fraction"),
     (["stage3.guidance=-1.0"], "stage3.guidance"),
     (["stage=3"], "stage1_workdir"),
@@ -138,24 +139,41 @@ def test_bad_stage3_values_fail_at_start(override, match):
         build.validate(load_config("tiny", override))
 
 
-def _random_codec_step(tmp_path, fraction, overrides=()):
-    """A stage-3 shortcut step on a random tiny codec (teacher = a fresh stage-1 model), its first
-    state (started from the teacher), a batch and the frozen inputs."""
-    from perco_jax import parallel
-    from perco_jax.train import stage3
+@pytest.fixture(scope="module")
+def random_codec(tmp_path_factory):
+    """(teacher, autoencoder, prompt encoder, frozen {"codec", "autoencoder", "text"}) of a random
+    tiny codec (teacher = a fresh 1-layer stage-1 model; built once: its eager init takes ~20 s)."""
     from perco_jax.train.stage0 import autoencoder_params
-    from perco_jax.train.state import make_optimizer
     from perco_jax.train.step import init_variables
 
-    config = build.stage_config(load_config("tiny", ["stage=3", "stage1_workdir=(unused)", "mmdit.num_layers=1",
-                                                     f"stage3.bootstrap_fraction={fraction}", "stage3.batch_size=4",
-                                                     *overrides]))
-    teacher, student = build.build_perco(config), stage3.student_model(config)
+    config = _stage3_config()
+    teacher = build.build_perco(config)
     autoencoder = build.build_autoencoder(config)
-    prompt_encoder, text_params = build.build_text(config, tmp_path)
+    prompt_encoder, text_params = build.build_text(config, tmp_path_factory.mktemp("text"))
     variables = nn.meta.unbox(init_variables(config, teacher, jax.random.PRNGKey(3)))
     codec = {"params": variables["params"], "vq": variables["vq"]}
     frozen = {"codec": codec, "autoencoder": autoencoder_params(config, autoencoder), "text": text_params}
+    return teacher, autoencoder, prompt_encoder, frozen
+
+
+def _stage3_config(overrides=()):
+    """The random codec's stage-3 config (stage3.batch_size 4) with `overrides` (none that change
+    the models' shapes)."""
+    return build.stage_config(load_config("tiny", ["stage=3", "stage1_workdir=(unused)", "mmdit.num_layers=1",
+                                                   "stage3.batch_size=4", *overrides]))
+
+
+def _random_codec_step(random_codec, fraction, overrides=()):
+    """A stage-3 shortcut step on `random_codec`, its first state (started from the teacher), a batch
+    and the frozen inputs."""
+    from perco_jax import parallel
+    from perco_jax.train import stage3
+    from perco_jax.train.state import make_optimizer
+
+    config = _stage3_config(("stage3.method=shortcut", f"stage3.bootstrap_fraction={fraction}", *overrides))
+    teacher, autoencoder, prompt_encoder, frozen = random_codec
+    codec = frozen["codec"]
+    student = stage3.student_model(config)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     tx = make_optimizer(config)
     state, shardings = stage3.init_state(config, student, tx, mesh, parallel.rules_from_config([]))
@@ -170,15 +188,16 @@ def _random_codec_step(tmp_path, fraction, overrides=()):
     return config, teacher, autoencoder, prompt_encoder, state, step, batch, frozen, empty
 
 
+@pytest.mark.xdist_group("random_codec")  # (built once, see random_codec)
 @pytest.mark.slow
-def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(tmp_path):
+def test_shortcut_loss_at_d0_is_the_teachers_flow_matching_loss(random_codec):
     """With no self-consistency examples, the first stage-3 loss is stage 1's flow-matching loss
     (with its detail weighting) of the teacher on the same draw (the step embedder starts at zero,
     d = 0 is flow matching)."""
     from perco_jax.codec.transforms import image_latents
     from perco_jax.train.state import step_key
 
-    config, teacher, ae, pe, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.0)
+    config, teacher, ae, pe, state, step, batch, frozen, empty = _random_codec_step(random_codec, 0.0)
     _, metrics = jax.jit(step)(state, batch, frozen, empty)
     codec = frozen["codec"]
     x0 = image_latents(ae, frozen["autoencoder"], batch["image"])
@@ -213,14 +232,15 @@ def test_few_step_guidance_is_stage3s_and_the_teachers_for_older_configs():
     assert few_step_guidance(config) == 2.0 and few_step_settings(config)["guidance"] == 2.0
 
 
+@pytest.mark.xdist_group("random_codec")  # (built once, see random_codec)
 @pytest.mark.slow
-def test_self_consistency_targets_follow_stage3_guidance(tmp_path):
+def test_self_consistency_targets_follow_stage3_guidance(random_codec):
     """The finest self-consistency targets are guided with stage3.guidance, not sample.guidance."""
     def loss(*overrides):
         # levels 0: every target is two guided d -> 0 half steps; a perturbed student (a fresh one
         # starts with zero output layers, which no guidance changes) tells captions apart
         _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(
-            tmp_path, 1.0, ("stage3.levels=0", "stage3.steps=(1,)") + overrides)
+            random_codec, 1.0, ("stage3.levels=0", "stage3.steps=(1,)") + overrides)
         leaves, tree = jax.tree_util.tree_flatten(state.params)
         keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
         params = tree.unflatten([p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)])
@@ -231,9 +251,10 @@ def test_self_consistency_targets_follow_stage3_guidance(tmp_path):
     assert abs(loss("stage3.guidance=1.0", "sample.guidance=2.0") - base) > 1e-3 * base
 
 
+@pytest.mark.xdist_group("random_codec")  # (built once, see random_codec)
 @pytest.mark.slow
-def test_shortcut_step_trains_both_terms(tmp_path):
-    _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(tmp_path, 0.5)
+def test_shortcut_step_trains_both_terms(random_codec):
+    _, _, _, _, state, step, batch, frozen, empty = _random_codec_step(random_codec, 0.5)
     # the self-consistency targets [2, 8, 8, 4] and the trained params pass one optimization barrier
     # together: the training pass waits for the targets' forward passes (XLA:TPU interleaved them)
     barriers = [e for e in jax.make_jaxpr(step)(state, batch, frozen, empty).jaxpr.eqns
@@ -270,24 +291,24 @@ HELDOUT_SEED = 4242  # synthetic scenes that no training run draws (as test_trai
 
 @pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
-def test_tiny_student_one_step_error_is_well_below_a_plain_step(few_step_codec):
-    """The tiny config's stage 3 (shortcut models, 300 steps): one step of the student lands much
-    nearer the 20-step guided teacher (same noise, the guidance the student learned, the Euler ODE
-    the student learned to shortcut, from the noise it was trained on: temperature 1) than one
-    plain guided Euler step does."""
-    from perco_jax.eval.few_step import heldout_scenes
+def test_tiny_student_one_step_draws_the_teachers_pictures(few_step_codec):
+    """The tiny config's stage 3 (the default decoder's pictures distilled, here 300 steps), on 64
+    held-out scenes as a user decodes them (the default temperature): one step of the student lands
+    much nearer the 20-step teacher than one plain guided step does, and its realism (which a 1-step
+    decoder that follows the ODE loses) is close to the teacher's and well above the plain step's."""
+    from perco_jax.eval.few_step import compare_decoders
 
     config, _, _, codec = few_step_codec
-    _, images, captions = heldout_scenes(16, config.image_size, HELDOUT_SEED)
-    indices = codec.encode_images(images * 2 - 1)
-    g = codec.few_step["config"]["guidance"]
-    assert g == config.stage3.guidance
-    teacher = codec.decode_images(indices, captions, steps=20, guidance=g, sampler="teacher", stochastic=False,
-                                  temperature=1.0)
-    plain = codec.decode_images(indices, captions, steps=1, guidance=g, sampler="teacher", temperature=1.0)
-    student = codec.decode_images(indices, captions, steps=1, temperature=1.0)  # auto: the few-step decoder
-    e_plain, e_student = (float(np.mean((x - teacher) ** 2)) for x in (plain, student))
-    assert e_student < 0.5 * e_plain, (e_student, e_plain)
+    assert codec.few_step["config"]["guidance"] == config.stage3.guidance
+    teacher, plain, student = compare_decoders(codec, HELDOUT_SEED, n=64, steps=(1,))
+    assert (plain["decoder"], student["decoder"]) == ("plain", "student (reflow)")
+    summary = {r["decoder"]: (round(r["mse_to_teacher"], 5), round(r["realism"], 4), round(r["psnr"], 2))
+               for r in (teacher, plain, student)}
+    print("1 step against the teacher (MSE to teacher, realism, PSNR):", summary)  # (make test-slow -rP)
+    assert student["mse_to_teacher"] < 0.8 * plain["mse_to_teacher"], summary
+    assert student["realism"] > plain["realism"] + 0.005, summary
+    assert student["realism"] > teacher["realism"] - 0.015, summary
+    assert student["psnr"] > teacher["psnr"] - 0.5, summary
 
 
 @pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
@@ -317,6 +338,61 @@ def test_codec_carries_the_few_step_decoder_and_the_bitstream_does_not_change(fe
         plain.decompress(stream, steps=1, sampler="few_step")
 
 
+@pytest.mark.xdist_group("random_codec")  # (built once, see random_codec)
+@pytest.mark.slow
+def test_decoder_couplings_are_the_codecs_own_pictures(random_codec, tmp_path):
+    """stage3.coupling_sampler=decoder: coupling g is the codec's sampler's picture (stochastic steps,
+    fresh draws and starting noise at sample.temperature, keys fold_in(key(seed + 5), g)) of the
+    stream's g-th image, and `noise` its scaled starting point; "ode" keeps the Euler ODE from unit
+    noise. A folder drawn one way is refused by a run that asks for the other."""
+    from perco_jax.codec.transforms import guided_latents, image_latents, initial_noise, noise_keys
+    from perco_jax.data.pipeline import make_dataset
+    from perco_jax.train import stage3
+    from perco_jax.train.step import TOKEN_KEYS
+
+    over = ("stage3.method=reflow", "stage3.couplings=4", "sample.steps=3", "sample.stochastic=True",
+            "sample.temperature=0.5", "stage3.guidance=2.0")
+    config = _stage3_config(over + ("stage3.coupling_sampler=decoder",))
+    teacher, ae, pe, frozen = random_codec
+    max_len = config.text.max_sequence_length
+
+    def text_of(captions):
+        tokens = pe.tokenize(captions, max_len)
+        return {k: tokens[k] for k in TOKEN_KEYS if k in tokens}
+
+    def draw(cfg, name):
+        folder = stage3.make_couplings(cfg, tmp_path / name, teacher, ae, pe, frozen, text_of, progress=False)
+        return {k: np.load(folder / f"{k}.npy") for k in ("noise", "latent", "indices")}
+
+    got = draw(config, "decoder")
+    batch = next(make_dataset(config))  # the stream's first 4 images (batch_size: stage3's)
+    codec, ids = frozen["codec"], np.arange(4)
+    indices = teacher.apply(codec, image_latents(ae, frozen["autoencoder"], jnp.asarray(batch["image"])),
+                            method=teacher.encode)["indices"]
+    np.testing.assert_array_equal(got["indices"], indices)
+    codes = teacher.apply(codec, indices, method=teacher.lookup)
+    captions = [c.decode() if isinstance(c, bytes) else str(c) for c in batch["caption"]]
+    cond = pe.encode_tokens(frozen["text"], text_of(captions), max_sequence_length=max_len)
+    uncond = pe.encode_tokens(frozen["text"], text_of([""] * 4), max_sequence_length=max_len)
+    unit = initial_noise(config.seed + 5, ids, got["noise"].shape[1:])
+    np.testing.assert_allclose(got["noise"], 0.5 * np.asarray(unit), rtol=1e-6)
+
+    def teacher_sampler(keys, temperature):
+        return np.asarray(guided_latents(teacher, codec, codes, cond, uncond, unit, 2.0, steps=3,
+                                         shift=float(config.scheduler_shift), keys=keys, temperature=temperature))
+
+    want = teacher_sampler(noise_keys(config.seed + 5, ids), 0.5)
+    np.testing.assert_allclose(got["latent"], want, atol=2e-5)
+    ode_config = config.copy_and_resolve_references()
+    ode_config.stage3.coupling_sampler = "ode"
+    ode = draw(ode_config, "ode")
+    np.testing.assert_allclose(ode["noise"], np.asarray(unit), rtol=1e-6)
+    np.testing.assert_allclose(ode["latent"], teacher_sampler(None, 1.0), atol=2e-5)
+    assert np.abs(ode["latent"] - got["latent"]).max() > 0.1
+    with pytest.raises(build.ConfigError, match="holds couplings drawn with"):
+        stage3.make_couplings(ode_config, tmp_path / "decoder", teacher, ae, pe, frozen, text_of, progress=False)
+
+
 @pytest.mark.xdist_group("learned_codecs")  # (see tests/conftest.py)
 @pytest.mark.slow
 def test_reflow_straightens_the_flow(learned_stage1, learned_codec, tmp_path):
@@ -329,7 +405,7 @@ def test_reflow_straightens_the_flow(learned_stage1, learned_codec, tmp_path):
     config, stage1 = learned_stage1
     s3 = load_config("tiny", ["stage=3", f"stage1_workdir={stage1}", f"autoencoder_workdir={config.autoencoder_workdir}",
                               "stage3.method=reflow", "stage3.couplings=128", "stage3.num_train_steps=150",
-                              "stage3.reflow_fraction=1.0", "log_every_steps=50"])
+                              "stage3.reflow_fraction=1.0", "stage3.coupling_sampler=ode", "log_every_steps=50"])
     train(s3, tmp_path / "reflow", progress=False)
     assert (tmp_path / "reflow" / "couplings" / "done.json").exists()
     codec = export_codec(learned_codec[0], stage1, learned_codec[1].parent / "stage2", tmp_path / "reflow")

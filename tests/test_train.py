@@ -226,7 +226,7 @@ def test_configs_saved_before_a_field_load_with_its_old_default(tmp_path):
     old = {"text.clip_max_length": CLIP_MAX_LENGTH, "text.cache": False, "text.embeddings": "",
            "frozen_placement": "sharded", "entropy_model.caption_input": "context", "stage3.guidance": None,
            "sample.stochastic": False, "loss_detail": 0.0, "stage0.loss_detail": 0.0, "sample.temperature": 1.0,
-           "sample.batch_size": 8}
+           "sample.batch_size": 8, "stage3.coupling_sampler": "ode"}
     assert LATER_FIELDS == old
 
     def without(config: dict, keys) -> dict:

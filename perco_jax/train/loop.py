@@ -16,15 +16,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from flax import linen as nn
 from tqdm.auto import tqdm
 
 from perco_jax import build, parallel
 from perco_jax.train.checkpoints import restore_target
-from perco_jax.train.state import count_params, make_optimizer
+from perco_jax.train.state import TrainState, count_params, make_optimizer
 from perco_jax.train.step import TOKEN_KEYS, init_state, make_train_step
 
 
@@ -183,14 +181,15 @@ def train(config, workdir: str | Path, *, progress: bool = True, stop_after: int
         data = None
         if config.stage == 3:
             keys = stage3.BATCH_KEYS[config.stage3.method]
-        if config.stage == 3 and config.stage3.method == "reflow":
+        start = int(jax.device_get(state.step))
+        # (a finished run draws none: resuming it with other sampler settings is not an error)
+        if config.stage == 3 and config.stage3.method == "reflow" and start < config.num_train_steps:
             couplings = stage3.make_couplings(config, workdir / "couplings", build.build_perco(config), autoencoder,
                                               prompt_encoder, frozen, text_of, progress=progress)
             data = stage3.coupling_batches(couplings, config.batch_size, start_index=examples_seen,
                                            process_index=jax.process_index(), process_count=jax.process_count(),
                                            seed=config.seed)
         step_fn = jit_step(make_step(config, model, autoencoder, prompt_encoder, tx), shardings, mesh)
-        start = int(jax.device_get(state.step))
         writer.write_hparams({"stage": config.stage, "params_trainable_and_frozen": count_params(state.params),
                               "bpp_uniform": build.bits_per_pixel(config)})
         report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)

@@ -282,18 +282,28 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
                    progress: bool = True) -> Path:
     """Draw config.stage3.couplings (noise, latent) pairs with the guided teacher sampler
     (sample.steps, stage3.guidance, scheduler_shift) for the training stream's first images, and
-    write folder/{noise, latent, indices}.npy [N, ...] and captions.json (done.json last: a folder
-    that has it is reused). model: the stage-1 PerCo (the teacher, without the step input);
+    write folder/{noise, latent, indices}.npy [N, ...] and captions.json (done.json last, with
+    `coupling_settings`: a folder that has it is reused if they match, refused if not).
+    stage3.coupling_sampler "ode": the Euler ODE from unit noise; "decoder": the codec's sampler
+    (sample.stochastic, sample.temperature), and `noise` is its scaled starting point, the input of
+    the student's first step. model: the stage-1 PerCo (the teacher, without the step input);
     frozen: {"codec", "autoencoder", "text"};
     text_of(captions) -> the text inputs of a batch (token ids or {"context", "pooled"}).
-    Noise of example g: fold_in(key(seed + 5), g)."""
+    Example g's noise and keys (`noise_keys`): fold_in(key(seed + 5), g)."""
     from tqdm.auto import tqdm
 
     from perco_jax.data.pipeline import make_dataset
-    from perco_jax.codec.transforms import initial_noise
+    from perco_jax.codec.transforms import initial_noise, noise_keys
 
     folder = Path(folder)
+    settings = coupling_settings(config)
     if (folder / "done.json").exists():
+        # (a folder from before the sampler was recorded holds ODE couplings)
+        saved = {"sampler": "ode", "stochastic": False, "temperature": 1.0,
+                 **json.loads((folder / "done.json").read_text())}
+        if any(saved.get(k) != v for k, v in settings.items()):
+            raise build.ConfigError(f"{folder} holds couplings drawn with {saved}, this run asks for {settings}: "
+                                    "move that folder away (or restore the settings that drew it)")
         return folder
     if jax.process_count() > 1:
         raise build.ConfigError("stage3.method=reflow draws its couplings in one process: run stage 3 once "
@@ -308,9 +318,10 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
     data = make_dataset(data_config)
     empty = text_of([""])
     max_len = config.text.max_sequence_length
+    stochastic, temperature = settings["stochastic"], settings["temperature"]
 
     @jax.jit
-    def draw(images, text, noise):
+    def draw(images, text, noise, keys):
         codec = frozen["codec"]
         indices = model.apply(codec, image_latents(autoencoder, frozen["autoencoder"], images),
                               method=model.encode)["indices"]
@@ -318,7 +329,8 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
         b = images.shape[0]
         cond, uncond = _text(prompt_encoder, frozen, text, empty, b, max_len)
         latents = guided_latents(model, codec, codes, cond, uncond, noise, jnp.float32(few_step_guidance(config)),
-                                 steps=int(config.sample.steps), shift=float(config.scheduler_shift))
+                                 steps=int(config.sample.steps), shift=float(config.scheduler_shift),
+                                 keys=keys if stochastic else None, temperature=temperature)
         return latents, indices
 
     out = {"noise": np.lib.format.open_memmap(folder / "noise.npy", "w+", np.float32, (n, side, side, channels)),
@@ -329,18 +341,30 @@ def make_couplings(config, folder: str | Path, model, autoencoder, prompt_encode
         local = next(data)
         m = min(bs, n - start)
         caps = [c.decode() if isinstance(c, bytes) else str(c) for c in local["caption"]]
-        noise = initial_noise(config.seed + 5, np.arange(start, start + bs), (side, side, channels))
-        latents, indices = jax.device_get(draw(jnp.asarray(local["image"]), text_of(caps), noise))
-        out["noise"][start:start + m] = np.asarray(noise)[:m]
+        ids = np.arange(start, start + bs)
+        noise = initial_noise(config.seed + 5, ids, (side, side, channels))
+        latents, indices = jax.device_get(draw(jnp.asarray(local["image"]), text_of(caps), noise,
+                                               noise_keys(config.seed + 5, ids)))
+        out["noise"][start:start + m] = temperature * np.asarray(noise)[:m]
         out["latent"][start:start + m] = latents[:m]
         out["indices"][start:start + m] = indices[:m]
         captions += caps[:m]
     for a in out.values():
         a.flush()
     (folder / "captions.json").write_text(json.dumps(captions))
-    (folder / "done.json").write_text(json.dumps({"couplings": n, "steps": int(config.sample.steps),
-                                                  "guidance": few_step_guidance(config)}))
+    (folder / "done.json").write_text(json.dumps(settings))
     return folder
+
+
+def coupling_settings(config) -> dict:
+    """What the couplings of config.stage3 are drawn with (make_couplings writes it to done.json):
+    {"couplings", "steps", "guidance", "sampler", "stochastic", "temperature"}; sampler "ode" is the
+    Euler ODE at temperature 1."""
+    decoder = config.stage3.coupling_sampler == "decoder"
+    return {"couplings": int(config.stage3.couplings), "steps": int(config.sample.steps),
+            "guidance": few_step_guidance(config), "sampler": str(config.stage3.coupling_sampler),
+            "stochastic": decoder and bool(config.sample.stochastic),
+            "temperature": float(config.sample.temperature) if decoder else 1.0}
 
 
 def coupling_batches(folder: str | Path, batch_size: int, *, start_index: int = 0, process_index: int = 0,
