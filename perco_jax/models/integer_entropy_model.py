@@ -564,21 +564,26 @@ def integer_logits(qm: IntegerEntropyModel, indices, mask, context, o: Ops):
     n = x.shape[1]
     for i in range(c["depth"]):
         blk = f"blocks_{i}"
+        # the last block's caption rows reach no logit: only the grid's rows query and go on (every
+        # op is per row, so the grid's values are the same integers; the golden streams hold)
+        first = n_ctx if i == c["depth"] - 1 else 0
         y = _layer_norm(x, c["ln_frac"][2 * i], o)
-        q, k, v = (_clamp(_apply_dense(y, a, f"{blk}.{name}", o), ACT_BITS, o).reshape(b, n, heads, hd)
-                   for name in ("query", "key", "value"))
+        k, v = (_clamp(_apply_dense(y, a, f"{blk}.{name}", o), ACT_BITS, o).reshape(b, n, heads, hd)
+                for name in ("key", "value"))
+        q = _clamp(_apply_dense(y[:, first:], a, f"{blk}.query", o), ACT_BITS, o).reshape(b, n - first, heads, hd)
         s = o.einsum("bqhd,bkhd->bhqk", q, k, f"{blk}.scores")
         e = _exp_lookup(xp.max(s, axis=-1, keepdims=True) - s, a[f"{blk}.att_lut"], c["att_shift"][i], o)
         tot = xp.sum(e, axis=-1, keepdims=True, dtype=o.dtype)
         pr = ((e << ATT_BITS) + (tot >> 1)) // tot
         att = o.einsum("bhqk,bkhd->bqhd", pr, v, f"{blk}.attend")
-        att = rshift(att, o.arr(ATT_BITS), o).reshape(b, n, d)  # back to the value exponent
-        x = _clamp(x + _apply_dense(_clamp(att, ACT_BITS, o), a, f"{blk}.out", o), RESIDUAL_BITS, o)
+        att = rshift(att, o.arr(ATT_BITS), o).reshape(b, n - first, d)  # back to the value exponent
+        x = _clamp(x[:, first:] + _apply_dense(_clamp(att, ACT_BITS, o), a, f"{blk}.out", o), RESIDUAL_BITS, o)
         y = _layer_norm(x, c["ln_frac"][2 * i + 1], o)
         f = _clamp(_apply_dense(y, a, f"{blk}.fc1", o), GELU_BITS, o)
         g = xp.take(a[f"{blk}.gelu_lut"], f + (1 << (GELU_BITS - 1)))
         x = _clamp(x + _apply_dense(g, a, f"{blk}.fc2", o), RESIDUAL_BITS, o)
-    y = _layer_norm(x[:, n_ctx:], c["ln_frac"][-1], o)
+    x = x if c["depth"] else x[:, n_ctx:]  # the grid's rows [B, h * w, D]
+    y = _layer_norm(x, c["ln_frac"][-1], o)
     logits = _clamp(_apply_dense(y, a, "head", o), LOGIT_BITS, o)
     return logits.reshape(b, h, w, c["codebook_size"])
 
