@@ -51,10 +51,30 @@ def test_reference_reproduces_the_golden_streams(stored):
     assert golden.reproduces(qm, expected, ec.IntegerTables(qm, reference=True)) == []
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_jax_path_reproduces_the_golden_streams(stored, batch):
+@pytest.mark.parametrize("batch,bf16", [(1, None), (8, False), (8, True)])
+def test_jax_path_reproduces_the_golden_streams(stored, batch, bf16):
+    """Float32 operands (a CPU without native bfloat16) or bfloat16 ones (accelerators): the same."""
     qm, expected = stored
-    assert golden.reproduces(qm, expected, ec.IntegerTables(qm), batch=batch, specs=golden.SPECS[:2]) == []
+    assert golden.reproduces(qm, expected, ec.IntegerTables(qm, bf16=bf16), batch=batch, specs=golden.SPECS[:2]) == []
+
+
+def test_rows_are_those_of_the_full_tables(stored):
+    """counts(..., rows) is the full grid's tables at those raster positions (any order, repeats),
+    on both paths; the last block and the head only run on them. Bad rows: one ValueError."""
+    qm = stored[0]
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, golden.K, (3, golden.GRID, golden.GRID)).astype(np.int32)
+    mask = rng.random(x.shape) < 0.5
+    ctx = golden.caption_inputs(rng, golden.kind_of(qm), 3, length=2)
+    full = iem.reference_counts(qm, x, mask, ctx).reshape(3, -1, golden.K)
+    rows = np.array([7, 0, 7, full.shape[1] - 1])
+    np.testing.assert_array_equal(iem.reference_counts(qm, x, mask, ctx, rows), full[:, rows])
+    jax_counts = iem.make_jax_counts(qm)
+    np.testing.assert_array_equal(np.asarray(jax_counts(x, mask, ctx, rows)), full[:, rows])
+    np.testing.assert_array_equal(np.asarray(jax_counts(x, mask, ctx)).reshape(full.shape), full)
+    for bad in (np.array([full.shape[1]]), np.array([-1]), np.array([[0]]), np.array([0.5])):
+        with pytest.raises(ValueError, match="rows must be raster positions"):
+            jax_counts(x, mask, ctx, bad)
 
 
 def test_float_matmuls_only_where_every_partial_sum_is_an_exact_float32_integer(stored):
@@ -175,6 +195,21 @@ def test_integer_helpers_match_exact_arithmetic():
     np.testing.assert_array_equal(iem.bit_length(m, iem.NUMPY_OPS), [int(k).bit_length() for k in m])
     x = np.array([-7, -6, -5, 5, 6, 7, 100])
     np.testing.assert_array_equal(iem.rshift(x, np.int64(1), iem.NUMPY_OPS), np.floor(x / 2 + 0.5))
+    # div_small: exact floor division within +-(qmax + 1), beyond it past +-qmax with the right sign,
+    # at the bounds check_bounds allows (|num| + 2 den < 2^31), at and next to exact multiples
+    rng = np.random.default_rng(2)
+    qmax = 127
+    den = np.concatenate([rng.integers(1, 1 << 11, 20000), rng.integers(1, 1 << 27, 20000), [1, 1, 2, 3, 1 << 20]])
+    q = rng.integers(-3 * qmax, 3 * qmax, den.size)
+    num = q * den + rng.choice([0, 1, -1, 2], den.size) * rng.integers(0, 2, den.size)
+    num = np.clip(num, -(1 << 31) + 1 + 2 * den, (1 << 31) - 1 - 2 * den)
+    exact = num // den
+    got = np.asarray(jax.jit(lambda n, d: iem.JAX_OPS.div_small(n, d, qmax))(jnp.asarray(num, jnp.int32),
+                                                                            jnp.asarray(den, jnp.int32)))
+    np.testing.assert_array_equal(iem.NUMPY_OPS.div_small(num, den, qmax), exact)
+    inside = np.abs(exact) <= qmax + 1
+    np.testing.assert_array_equal(got[inside], exact[inside])
+    assert (np.sign(got[~inside]) == np.sign(exact[~inside])).all() and (np.abs(got[~inside]) > qmax).all()
     np.testing.assert_array_equal(iem.rshift(x, np.int64(-3), iem.NUMPY_OPS), x * 8)
 
 
@@ -187,6 +222,8 @@ def test_overflow_bound(qm):
         iem.check_bounds(dataclasses.replace(qm, arrays={**arrays, "blocks_0.fc2.w": w}))
     with pytest.raises(ValueError, match="softmax sum"):
         iem.check_bounds(dataclasses.replace(qm, config={**qm.config, "max_context": 1 << 16}))
+    with pytest.raises(ValueError, match="softmax division"):  # (the sum fits: 2^15 * 30000 < 2^31)
+        iem.check_bounds(dataclasses.replace(qm, config={**qm.config, "max_context": 30000}))
     s = arrays["head.s"].copy()
     s[0] = -40
     with pytest.raises(ValueError, match="head"):

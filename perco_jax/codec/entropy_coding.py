@@ -57,24 +57,28 @@ ApplyFn = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
 
 class IntegerTables:
     """The integer entropy model `qm` as a source of coding tables:
-    tables(indices [B, H, W], mask [B, H, W], context) -> counts [B, H, W, K] int64 (each row
-    sums to 2^range_coding.PRECISION). context: caption token ids [B, L] int for a model that
+    tables(indices [B, H, W], mask [B, H, W], context, rows=None) -> counts [B, H, W, K] int64
+    (each row sums to 2^range_coding.PRECISION), or with rows (raster positions [R]) only those
+    rows' [B, R, K], for less work. context: caption token ids [B, L] int for a model that
     reads them (exact end to end), or [B, L, C] int8 values (`iem.quantize_context`) or the float
     context, which is quantised here, for a context model; None for an unconditional model.
-    reference=True runs the NumPy int64 reference instead of the jitted JAX path (same tables)."""
+    reference=True runs the NumPy int64 reference instead of the jitted JAX path (same tables);
+    bf16: the JAX path's operand choice (`iem.make_jax_counts`; same tables)."""
 
-    def __init__(self, qm: iem.IntegerEntropyModel, reference: bool = False):
+    def __init__(self, qm: iem.IntegerEntropyModel, reference: bool = False, bf16: Optional[bool] = None):
         if qm.config["precision"] != range_coding.PRECISION:
             raise ValueError(f"integer model tables sum to 2^{qm.config['precision']}, the range coder "
                              f"needs 2^{range_coding.PRECISION}")
         self.model = qm
-        self._counts = (lambda x, m, c: iem.reference_counts(qm, x, m, c)) if reference else iem.make_jax_counts(qm)
+        self._counts = (lambda x, m, c, r: iem.reference_counts(qm, x, m, c, r)) if reference \
+            else iem.make_jax_counts(qm, bf16)
 
-    def __call__(self, indices, mask, context=None) -> np.ndarray:
+    def __call__(self, indices, mask, context=None, rows=None) -> np.ndarray:
+        """counts [B, H, W, K], or with rows (raster positions [R]) those rows' [B, R, K]."""
         if context is not None and self.model.config["context_dim"] \
                 and not np.issubdtype(np.asarray(context).dtype, np.integer):
             context = iem.quantize_context(context, self.model)
-        return np.asarray(self._counts(indices, mask, context), np.int64)
+        return np.asarray(self._counts(indices, mask, context, rows), np.int64)
 
 
 Model = ApplyFn | IntegerTables
@@ -142,8 +146,8 @@ def group_tables(model: Model, indices, groups, step: int, context=None) -> np.n
         return range_coding.quantize_counts(p.reshape(-1, p.shape[-1])).reshape(p.shape)
     x = _check_indices(indices)
     g = _check_groups(groups, x.shape[1:])
-    counts = model(x, np.broadcast_to(g >= step, x.shape), context)
-    return counts.reshape(x.shape[0], -1, counts.shape[-1])[:, _positions(g, step)]
+    # (the group's rows only: the model's last block and head skip the others)
+    return model(x, np.broadcast_to(g >= step, x.shape), context, rows=_positions(g, step))
 
 
 def _groups_of(model, x, g, context):
