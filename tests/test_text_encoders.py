@@ -283,6 +283,9 @@ def test_prompt_encoder_from_folder_reads_the_folders_tokenizers(tmp_path):
         want = tok(caption, padding="max_length", max_length=length, truncation=True, return_tensors="np")["input_ids"]
         np.testing.assert_array_equal(ids[key], want)
     assert with_t5.clip_max_length == 12 and with_t5.joint_attention_dim == 32
+    only = with_t5.tokenize(caption, max_sequence_length=16, names=("t5",))  # (the entropy model's input)
+    assert list(only) == ["t5"]
+    np.testing.assert_array_equal(only["t5"], ids["t5"])
     without = PromptEncoder.from_folder(folder, clip_l, clip_g, joint_attention_dim=32)
     assert without.tokenizers[2] is None and without.t5 is None and "t5" not in without.tokenize(caption)
     with pytest.raises(OSError):  # a folder without the tokenizers

@@ -36,6 +36,7 @@ method and the step counts it serves), which `decompress --steps N` uses for tho
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import tempfile
@@ -277,7 +278,7 @@ class Codec:
         if self.entropy_model.caption_vocab:
             if self.prompt_encoder.tokenizers[2] is None:
                 raise ValueError("this codec's entropy model reads T5 token ids, and it has no T5 tokenizer")
-            return self.prompt_encoder.tokenize(captions, self.config.text.max_sequence_length)["t5"]
+            return self.prompt_encoder.tokenize(captions, self.config.text.max_sequence_length, names=("t5",))["t5"]
         if not self.entropy_model.context_dim:
             return None
         out = []
@@ -560,6 +561,11 @@ class Codec:
             bitstream.check_crc(s, np.where(self.sent_mask(h), grid, 0), model=model)
         return [p[0] for p in parsed], [p[1] for p in parsed], indices
 
+    @functools.cached_property
+    def _empty_tokens(self) -> dict:
+        """The empty prompt's token ids (the unconditional branch of guidance), tokenised once."""
+        return self.prompt_encoder.tokenize([""], self.config.text.max_sequence_length)
+
     @property
     def few_step_counts(self) -> tuple[int, ...]:
         """The step counts the few-step decoder serves (none without one)."""
@@ -594,7 +600,7 @@ class Codec:
         ids = np.arange(n) if noise_ids is None else noise_ids
         noise = np.asarray(initial_noise(seed, ids, self.latent_shape))
         keys = np.asarray(noise_keys(seed, ids)) if stochastic and not few else None
-        empty = self.prompt_encoder.tokenize([""], self.config.text.max_sequence_length)
+        empty = self._empty_tokens
         out = []
         # chunks of sample.batch_size; fewer images pad to the next power of two only (one image costs
         # one image's decode, and at most log2(batch_size) + 1 programs are compiled)
