@@ -728,8 +728,11 @@ def make_jax_counts(qm: IntegerEntropyModel, bf16: Optional[bool] = None):
     def counts(indices, mask, context=None, rows=None):
         _check_inputs(qm, indices, mask, context)
         rows = _check_rows(indices, rows)
-        return run(arrays, indices, jnp.asarray(mask, bool),
-                   None if context is None else jnp.asarray(context, jnp.int32),
-                   None if rows is None else jnp.asarray(rows))
+        ctx = None if context is None else jnp.asarray(context, jnp.int32)
+        if rows is None:
+            return run(arrays, indices, jnp.asarray(mask, bool), ctx, None)
+        # rows padded (repeated) to a power of two: one program per size bucket, not per group size
+        padded = np.resize(rows, 1 << max(len(rows) - 1, 0).bit_length()) if len(rows) else np.zeros(1, np.int32)
+        return run(arrays, indices, jnp.asarray(mask, bool), ctx, jnp.asarray(padded))[:, :len(rows)]
 
     return counts
