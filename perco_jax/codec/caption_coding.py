@@ -70,7 +70,7 @@ BOS = 256                  # context padding before the first byte (END never is
 _SYMBOLS_PER_BYTE = 87
 _SLACK_BYTES = 24
 _CHUNK = 1024              # symbols per constriction call when the tables are known
-_CACHE_ROWS = 1 << 15      # coding-table rows kept per model (about 32 MiB at most)
+_CACHE_ROWS = 1 << 14      # coding-table rows (float64) kept per model (about 32 MiB at most)
 
 
 def max_symbols(coded_bytes: int) -> int:
@@ -116,6 +116,7 @@ class EnglishModel:
                 packed[ctx] = (syms, (n - DISCOUNT) / denom, (DISCOUNT * len(syms) + BETA) / denom)
             self._levels.append(packed)
         self._cache: dict[tuple, np.ndarray] = {}
+        self._coders: dict[tuple, object] = {}
 
     def probabilities(self, context: tuple) -> np.ndarray:
         """Float64 probabilities [K] of the next symbol after `context` (ORDER symbols)."""
@@ -135,15 +136,27 @@ class EnglishModel:
         return p
 
     def table(self, context: tuple) -> np.ndarray:
-        """The quantised coding row [K] float32 (c / 2^20 with integers 1 <= c < 2^20 summing to
-        2^20: exact in float32, and exactly the float64 table after conversion)."""
+        """The quantised coding row [1, K] float64 (c / 2^20 with integers 1 <= c < 2^20 summing to
+        2^20, exactly), constriction's input as it is (cached: the coders read it per symbol)."""
         row = self._cache.get(context)
         if row is None:
             if len(self._cache) >= _CACHE_ROWS:
                 self._cache.clear()
-            row = quantize_probabilities(self.probabilities(context)[None])[0].astype(np.float32)
+            row = quantize_probabilities(self.probabilities(context)[None])
             self._cache[context] = row
         return row
+
+    def coder(self, context: tuple):
+        """constriction's model of `table(context)` (the same quantisation as `model_family()` given
+        the row), built once per context: the decoder reads one symbol at a time, and passing the
+        row each time cost 13x the decode loop's time."""
+        coder = self._coders.get(context)
+        if coder is None:
+            if len(self._coders) >= _CACHE_ROWS:
+                self._coders.clear()
+            coder = constriction.stream.model.Categorical(self.table(context)[0], perfect=False)
+            self._coders[context] = coder
+        return coder
 
     def plan(self, symbols: np.ndarray) -> "_Plan":
         """The coding rows of a caption's symbols: each distinct context's row once, and indices."""
@@ -177,8 +190,7 @@ class _Plan:
         j = self._ids.get(self.context)
         if j is None:
             j = self._ids[self.context] = len(self._rows)
-            # (float64 [1, K], constriction's input, once per context: the decoder reads it per symbol)
-            self._rows.append(self._model.table(self.context).astype(np.float64)[None])
+            self._rows.append(self._model.table(self.context))
         return self._rows[j]
 
     def push(self, symbol: int) -> None:
@@ -265,8 +277,8 @@ def decode(data: bytes) -> bytes:
         raise TypeError(f"data must be bytes, got {type(data).__name__}")
     data = bytes(data)
     limit = max_symbols(len(data))
-    family = model_family()
-    plan = _Plan(model())
+    english = model()
+    context = (BOS,) * ORDER
     out = bytearray()
     try:
         dec = constriction.stream.queue.RangeDecoder(bytes_to_words(data))
@@ -274,16 +286,17 @@ def decode(data: bytes) -> bytes:
             if len(out) >= limit:
                 raise CodingError(f"corrupted caption ({len(data)} coded bytes decode to more than "
                                   f"{limit - 1} bytes without an end)")
-            s = int(dec.decode(family, plan.current())[0])
-            plan.push(s)
+            s = int(dec.decode(english.coder(context)))
             if s == END:
                 break
             out.append(s)
+            context = context[1:] + (s,)
     except CodingError:
         raise
     except Exception as e:  # e.g. constriction's AssertionError on data invalid for the model
         raise CodingError(f"corrupted caption (invalid range-coded data: {e})") from e
-    if _encode(_symbols(bytes(out)), plan) != data:
+    symbols = _symbols(bytes(out))
+    if _encode(symbols, english.plan(symbols)) != data:
         raise CodingError("corrupted caption (the coded bytes are not the coding of any caption)")
     return bytes(out)
 
