@@ -51,6 +51,7 @@ Inputs: indices [B, H, W] int in [0, K), mask [B, H, W] bool (True = unknown), a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from typing import Optional
@@ -447,6 +448,15 @@ class Ops:
         self.xp, self.dtype = xp, dtype
         self.float_matmuls, self.bf16_matmuls = frozenset(float_matmuls), frozenset(bf16_matmuls) & frozenset(float_matmuls)
 
+    def _key(self):
+        return self.xp.__name__, str(self.dtype), self.float_matmuls, self.bf16_matmuls
+
+    def __eq__(self, other):  # (a static argument of the jitted path: equal ops share its programs)
+        return isinstance(other, Ops) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
     def arr(self, a):
         return self.xp.asarray(a, self.dtype)
 
@@ -699,6 +709,15 @@ def native_bf16_dot() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@functools.partial(jax.jit, static_argnames=("config", "ops"))
+def _jax_counts(arrays, indices, mask, context, rows, *, config: tuple, ops: Ops):
+    """The jitted program of `make_jax_counts`; config (hashable items) and ops static, so every
+    model of one configuration (a codec loaded twice, a test's copies) shares its compiled programs."""
+    m = IntegerEntropyModel(dict(config), arrays)
+    x = jnp.asarray(indices, jnp.int32)
+    return integer_counts(m, integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, ops, rows), ops)
+
+
 def make_jax_counts(qm: IntegerEntropyModel, bf16: Optional[bool] = None):
     """The jitted JAX path: counts(indices [B, H, W], mask [B, H, W], context [B, L, C] int8 |
     caption tokens [B, L] | None, rows=None) -> coding tables [B, H, W, K] int32, or with rows
@@ -717,13 +736,10 @@ def make_jax_counts(qm: IntegerEntropyModel, bf16: Optional[bool] = None):
     # on the device once, float weights already converted: numpy arguments would be copied on every
     # call (about 3 ms of a 20 ms pass on 2 CPU cores) and int32 weights converted (about 1.3 ms)
     arrays = {k: stored(k, v) for k, v in qm.arrays.items()}
+    config = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in qm.config.items()))
 
-    @jax.jit
-    def run(arrays, indices, mask, context, rows):
-        m = IntegerEntropyModel(qm.config, arrays)
-        x = jnp.asarray(indices, jnp.int32)
-        logits = integer_logits(m, x, jnp.broadcast_to(mask, x.shape), context, ops, rows)
-        return integer_counts(m, logits, ops)
+    def run(*args):
+        return _jax_counts(*args, config=config, ops=ops)
 
     def counts(indices, mask, context=None, rows=None):
         _check_inputs(qm, indices, mask, context)
