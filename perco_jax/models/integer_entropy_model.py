@@ -491,8 +491,8 @@ class Ops:
     def div_small(self, num, den, qmax: int):
         """floor(num / den) elementwise for den > 0 where that quotient is within [-qmax - 1, qmax + 1],
         and a value beyond +-qmax with the quotient's sign elsewhere (the callers clamp to +-qmax);
-        needs |num| + 2 * den < 2^31 (`check_bounds`: the products and remainders stay within it). NumPy: exact floor division. JAX:
-        XLA's integer division is scalar code on a CPU (about 1 ms per LayerNorm of the tiny model on
+        needs |num| + 2 * den < 2^31 (`check_bounds`: the products and remainders stay within it).
+        NumPy: exact floor division. JAX: XLA's integer division is scalar code on a CPU (about 1 ms per LayerNorm of the tiny model on
         32 images, 10x this); instead a float32 estimate (three roundings, or a division a few ulps
         off on an accelerator: relative error < 2^-20, so under 1 for quotients within 2^14 and the
         floor is off by at most one), clipped to +-(qmax + 1), then fixed by the exact remainder."""
@@ -738,17 +738,14 @@ def make_jax_counts(qm: IntegerEntropyModel, bf16: Optional[bool] = None):
     arrays = {k: stored(k, v) for k, v in qm.arrays.items()}
     config = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in qm.config.items()))
 
-    def run(*args):
-        return _jax_counts(*args, config=config, ops=ops)
-
     def counts(indices, mask, context=None, rows=None):
         _check_inputs(qm, indices, mask, context)
         rows = _check_rows(indices, rows)
-        ctx = None if context is None else jnp.asarray(context, jnp.int32)
-        if rows is None:
-            return run(arrays, indices, jnp.asarray(mask, bool), ctx, None)
-        # rows padded (repeated) to a power of two: one program per size bucket, not per group size
-        padded = np.resize(rows, 1 << max(len(rows) - 1, 0).bit_length()) if len(rows) else np.zeros(1, np.int32)
-        return run(arrays, indices, jnp.asarray(mask, bool), ctx, jnp.asarray(padded))[:, :len(rows)]
+        # rows padded (repeated; none: one zero) to a power of two: one program per size bucket
+        padded = None if rows is None else jnp.asarray(np.resize(rows, 1 << max(len(rows) - 1, 0).bit_length()))
+        out = _jax_counts(arrays, indices, jnp.asarray(mask, bool),
+                          None if context is None else jnp.asarray(context, jnp.int32), padded,
+                          config=config, ops=ops)
+        return out if rows is None else out[:, :len(rows)]
 
     return counts
