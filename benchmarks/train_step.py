@@ -5,8 +5,10 @@
     python benchmarks/train_step.py --recipe sd3_medium-stage1-v5e-256   # a pod recipe on this host's devices
 
 --recipe runs a pod recipe (perco_jax.configs.recipes, docs/training.md) at a reduced slice: its
-config, overrides, stage and batch per chip on the devices at hand (FSDP over at most the
-recipe's fsdp, data over the rest); a stage-3 recipe's teacher is a random stage-1 codec.
+config, overrides and stage on the devices at hand (`plan.recipe_on_devices`: FSDP over as many of
+them as the recipe's fsdp allows, data over the rest), at its batch per chip, or at the largest
+batch that `perco-jax plan` says leaves 20% of a device's memory (as the device reports it, or
+--device-memory) where that is less; a stage-3 recipe's teacher is a random stage-1 codec.
 
 Builds the config's real shapes with random weights (MM-DiT + hyper-encoder + VQ trained; the VAE
 and, with --text encode, CLIP-L/G + T5 frozen, placed as config.frozen_placement says), runs the
@@ -34,6 +36,7 @@ from perco_jax import build, parallel
 from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
 from perco_jax.train.flops import step_flops
+from perco_jax.train.plan import recipe_on_devices
 from perco_jax.train import stage2, stage3
 from perco_jax.train.loop import frozen_shardings, jit_step, make_step
 from perco_jax.train.stage0 import autoencoder_params
@@ -51,30 +54,56 @@ def peak_tflops(device_kind: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS if k.lower() in device_kind.lower()), None)
 
 
-def recipe_run(name: str, devices: int) -> tuple[str, list[str], int]:
-    """(preset, overrides, global batch) of pod recipe `name` at a reduced slice of `devices`
-    devices: its batch per chip, its overrides, FSDP over at most its own fsdp (the rest data)."""
-    from perco_jax.configs.recipes import RECIPES
-    from perco_jax.train.aot import parse_topology
-    from perco_jax.train.plan import parse_mesh
+def step_attention(config) -> str:
+    """The MM-DiT attention the step runs on this platform (the automatic choice for its heads)."""
+    from perco_jax.models.attention import attention_implementation
 
-    r = RECIPES[name]
-    mesh = parse_mesh(r["mesh"], parse_topology(r["topology"]).chips)
-    per_chip = r["batch"] // (mesh["data"] * mesh["fsdp"])
-    fsdp = min(mesh["fsdp"], devices)
-    over = list(r["overrides"]) + [f"stage={r['stage']}", "mesh.data=-1", f"mesh.fsdp={fsdp}", "mesh.tensor=1"]
-    return r["config"], over, per_chip * devices
+    head = jax.ShapeDtypeStruct((1, 1, 1, config.mmdit.attention_head_dim), jnp.dtype(config.dtype))
+    return attention_implementation(None, head)
+
+
+def tpu_generation(device_kind: str) -> str | None:
+    """"v5e" for "TPU v5 lite", etc. (the plan then counts the step's code); None off TPUs."""
+    from perco_jax.train.aot import GENERATIONS
+
+    return next((g for g, v in GENERATIONS.items() if v[3].lower() == device_kind.lower()), None)
+
+
+def device_memory(text: str | None) -> int | None:
+    """Bytes of one device: --device-memory, else what the device reports (GPUs, TPUs; None on CPUs)."""
+    from perco_jax.train.plan import parse_bytes
+
+    if text:
+        return parse_bytes(text)
+    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+
+
+def recipe_batch(config, mesh: dict, per_chip: int, memory: int | None) -> int:
+    """The batch per device of a recipe run on these devices: the recipe's per chip, or less where
+    `perco-jax plan` says it would not leave 20% of `memory` to spare. One clear exit where a single
+    image a device does not fit."""
+    from perco_jax.train.plan import human, largest_batch
+
+    if memory is None:
+        return per_chip
+    b = largest_batch(config, mesh, memory, most=per_chip, attention=step_attention(config),
+                      tpu=tpu_generation(jax.devices()[0].device_kind))
+    if b is None:
+        raise SystemExit(f"{config.name} stage {config.stage} on mesh {mesh}: one image a device leaves under 20% of "
+                         f"{human(memory)} per device in `perco-jax plan` (try more devices, which FSDP splits the "
+                         f"state over, or --batch to run anyway)")
+    if b < per_chip:
+        print(f"batch per device {b}, not the recipe's {per_chip}: the most that `perco-jax plan` fits in "
+              f"{human(memory)} with 20% to spare (--batch to choose)")
+    return b
 
 
 def print_memory(config, mesh, batch: int, mem) -> None:
     """The compiled program's bytes per device (XLA's memory analysis) and the device allocator's peak,
     beside `perco-jax plan`'s estimate for the same run (fused attention where the step uses it)."""
-    from perco_jax.models.attention import attention_implementation
     from perco_jax.train.plan import human, make_plan
 
-    # the automatic choice on this platform for the MM-DiT's heads
-    head = jax.ShapeDtypeStruct((1, 1, 1, config.mmdit.attention_head_dim), jnp.dtype(config.dtype))
-    p = make_plan(config, dict(mesh.shape), batch=batch, attention=attention_implementation(None, head))
+    p = make_plan(config, dict(mesh.shape), batch=batch, attention=step_attention(config))
     line = f"plan (attention {p.attention}): {human(p.per_device)} per device"
     if mem is not None:
         program = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes \
@@ -97,18 +126,21 @@ def main():
     ap.add_argument("--text", choices=("cache", "encode"), default="cache")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after one compile step)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-device peak (default: by device kind)")
+    ap.add_argument("--device-memory", help="with --recipe: one device's memory, e.g. 80GiB, for the batch the "
+                                            "plan fits (default: what the device reports; CPUs report none)")
     ap.add_argument("-o", "--override", action="append", default=[], help="config override, e.g. remat=False")
     args = ap.parse_args()
     preset, over, batch = args.config, [], args.batch or 8
     if args.recipe:
-        preset, over, per_recipe = recipe_run(args.recipe, jax.device_count())
-        batch = args.batch or per_recipe
+        preset, over, recipe_mesh, per_chip = recipe_on_devices(args.recipe, jax.device_count())
     if not any(o.startswith("text.embeddings=") for o in over):  # (a recipe reads stored embeddings)
         over.append(f"text.cache={args.text == 'cache'}")
     over += args.override
     if args.image:
         over += [f"image_size={args.image}", f"data.image_size={args.image}"]
     config = load_config(preset, over)
+    if args.recipe and not args.batch:
+        batch = recipe_batch(config, recipe_mesh, per_chip, device_memory(args.device_memory)) * jax.device_count()
     if config.stage == 3 and not config.stage1_workdir:
         config.stage1_workdir = "(benchmark: a random stage-1 codec)"
     config = build.stage_config(config)
@@ -119,7 +151,7 @@ def main():
     ae = build.build_autoencoder(config)
     length = config.text.max_sequence_length
     t0 = time.time()
-    flops = step_flops(config)
+    flops = step_flops(config, batch=batch)  # (stage_config again would take the stage-3 section's batch)
     print(f"model FLOPs per step {flops.step / 1e12:.3f} T (traced in {time.time() - t0:.0f} s): MM-DiT forward "
           f"{flops.mmdit_forward / 1e12:.3f} T, trained forward {flops.trained_forward / 1e12:.3f} T, VAE encoder "
           f"{flops.autoencoder_forward / 1e12:.3f} T, text encoders {flops.text_forward / 1e12:.3f} T")
@@ -146,9 +178,16 @@ def main():
         print(f"built in {time.time() - t0:.0f} s; trained params "
               f"{sum(x.size for x in jax.tree_util.tree_leaves(state.params)) / 1e9:.3f} B")
         ex = [synthetic_example(i, 0, config.image_size) for i in range(batch)]
-        images = np.stack([im for im, _ in ex]).astype(np.float32) * 2 - 1
+        rng = np.random.default_rng(0)
+        if config.stage == 3 and config.stage3.method == "reflow":  # its batch: the teacher's couplings
+            side, channels = build.latent_geometry(config)
+            g = config.codec.grid_side
+            inputs = {"noise": rng.standard_normal((batch, side, side, channels), np.float32),
+                      "latent": rng.standard_normal((batch, side, side, channels), np.float32),
+                      "indices": rng.integers(0, config.codec.codebook_size, (batch, g, g), np.int32)}
+        else:
+            inputs = {"image": np.stack([im for im, _ in ex]).astype(np.float32) * 2 - 1}
         if args.text == "cache":  # random stand-ins of the right shapes: the step's work is the same
-            rng = np.random.default_rng(0)
             j, p = config.mmdit.joint_attention_dim, config.mmdit.pooled_projection_dim
             m = build.clip_max_length(config) + length
             text = {"context": rng.standard_normal((batch, m, j), np.float32),
@@ -158,7 +197,7 @@ def main():
             tokens = encoder.tokenize([c for _, c in ex], length)
             text = {k: tokens[k] for k in TOKEN_KEYS}
             empty = {k: jnp.asarray(v[:1]) for k, v in encoder.tokenize([""], length).items()}
-        batch_arrays = parallel.global_batch({"image": images, **text}, mesh)
+        batch_arrays = parallel.global_batch({**inputs, **text}, mesh)
         step = jit_step(make_step(config, model, ae, encoder, tx), shardings, mesh)
         t0 = time.time()
         compiled = step.lower(state, batch_arrays, frozen, empty).compile()
@@ -183,7 +222,7 @@ def main():
     # rematerialisation included: per device it should be a little above model FLOPs / devices.
     print(f"XLA cost analysis: {xla_flops / 1e12:.3f} TFLOPs per device per step "
           f"= {xla_flops * n / flops.step:.2f} x model FLOPs / devices")
-    mfu = f"MFU {achieved / (n * peak):.1%} of {n} x {peak:.0f} TFLOP/s" if peak else \
+    mfu = f"MFU {achieved / (n * peak):.1%} of {n} x {peak:g} TFLOP/s" if peak else \
         "MFU: unknown peak for this device (give --peak-tflops)"
     print_memory(config, mesh, batch, mem)
     print(f"{config.name} stage-{config.stage} step, batch {batch} at {config.image_size}^2, {config.dtype}, text "

@@ -94,11 +94,9 @@ def _apply_recipe(args) -> None:
     """Fills the plan's config, overrides, stage, batch, mesh and topology from --recipe (the
     command line's own --stage / --batch / --mesh / --topology win; its -o come after the recipe's)."""
     if args.recipe:
-        from perco_jax.configs.recipes import RECIPES
+        from perco_jax.train.plan import recipe
 
-        if args.recipe not in RECIPES:
-            raise ValueError(f"--recipe {args.recipe!r}: one of {', '.join(sorted(RECIPES))}")
-        r = RECIPES[args.recipe]
+        r = recipe(args.recipe)
         args.config, args.override = r["config"], list(r["overrides"]) + list(args.override)
         args.stage = args.stage or r["stage"]
         args.batch = args.batch or r["batch"]

@@ -10,14 +10,11 @@ import csv
 import json
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from perco_jax import build, parallel
-from perco_jax.codec.codec import Codec, fingerprint_of
-from perco_jax.config import load_config
+from perco_jax.codec.codec import Codec
 from perco_jax.eval import command, datasets, plots, published, results
 from perco_jax.eval import evaluate as ev
 from perco_jax.images import load_image, save_image

@@ -211,6 +211,46 @@ def test_mesh_and_memory_parsing():
         plan.parse_bytes("sixteen gigs")
 
 
+
+def test_recipes_at_a_reduced_slice_keep_their_batch_per_chip():
+    """`recipe_on_devices` (benchmarks/train_step.py --recipe): the recipe's preset, overrides and
+    stage on N devices, FSDP over a divisor of both N and the recipe's fsdp, data over the rest."""
+    from perco_jax.configs.recipes import RECIPES
+
+    for name, r in RECIPES.items():
+        pod = plan.parse_mesh(r["mesh"])
+        for devices in (1, 6, 8, 64):
+            preset, over, mesh, per = plan.recipe_on_devices(name, devices)
+            assert preset == r["config"] and over[:len(r["overrides"])] == list(r["overrides"])
+            assert mesh["data"] * mesh["fsdp"] == devices and mesh["tensor"] == 1
+            assert mesh["fsdp"] == {1: 1, 6: 2, 8: 8, 64: pod["fsdp"]}[devices]  # (recipes: fsdp 16 or 64)
+            assert per * pod["data"] * pod["fsdp"] == r["batch"]
+            config = load_config(preset, over)  # the overrides load, and set the stage and the mesh
+            assert config.stage == r["stage"] and {a: config.mesh[a] for a in mesh} == mesh
+    with pytest.raises(ValueError, match="recipe 'nope': one of sd35_large-stage1-v5e-256"):
+        plan.recipe_on_devices("nope", 8)
+
+
+def test_largest_batch_is_the_last_the_plan_fits(tiny):
+    """largest_batch: the plan at its batch leaves the headroom, the next batch tried does not; a
+    VAE chunk restricts the batches to those it divides; None when one image does not fit."""
+    mesh = {"data": 2, "fsdp": 2, "tensor": 1}
+
+    def per_device(config, b):
+        return plan.make_plan(config, mesh, batch=b * 4).per_device
+
+    budget = per_device(tiny, 37)
+    memory = int(budget / 0.8) + 1
+    assert plan.largest_batch(tiny, mesh, memory) == 37
+    assert plan.largest_batch(tiny, mesh, memory, most=20) == 20
+    assert plan.largest_batch(tiny, mesh, memory, headroom=0.5) < 37
+    assert plan.largest_batch(tiny, mesh, per_device(tiny, 1) - 1, headroom=0) is None
+    chunked = load_config("tiny", ["autoencoder_chunk=8"])
+    b = plan.largest_batch(chunked, mesh, int(per_device(chunked, 37) / 0.8) + 1)
+    assert b % 8 == 0 and per_device(chunked, b) <= per_device(chunked, 37) < per_device(chunked, b + 8)
+    with pytest.raises(ValueError, match="headroom"):
+        plan.largest_batch(tiny, mesh, memory, headroom=1.0)
+
 # ----------------------------------------------------------------------------- distributed
 
 @pytest.mark.parametrize("flags, match", [

@@ -2,7 +2,6 @@
 model.diffusion_model.*, VAE under first_stage_model.* in the LDM layout, text encoders under
 text_encoders.{clip_l,clip_g,t5xxl}.transformer.*) converts to the same pipeline as the diffusers folder."""
 import numpy as np
-import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 from safetensors.torch import save_file

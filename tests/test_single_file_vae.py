@@ -3,7 +3,6 @@ test builds that layout from a small random diffusers AutoencoderKL, proves it w
 `convert_ldm_vae_checkpoint`, and checks parity of the loaded Flax model."""
 import re
 
-import jax
 import numpy as np
 import pytest
 import torch

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from perco_jax.convert.common import (ConversionError, DictSource, Entry, SafetensorsSource, TensorSource,
-                                      check_covers, check_entries, diffusers_weight_files, export_state_dict,
-                                      flat_shapes, load_params, write_folder, convert_checked)
+                                      check_covers, diffusers_weight_files, export_state_dict,
+                                      flat_shapes, write_folder, convert_checked)
 from perco_jax.models.clip import ACTIVATIONS, CLIP_FIELDS, CLIPTextEncoder
 from perco_jax.models.t5 import T5Encoder
 

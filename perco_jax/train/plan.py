@@ -293,3 +293,59 @@ def format_plan(plan: Plan, device_memory: int | None = None) -> str:
 
 def plan_json(plan: Plan, device_memory: int | None = None) -> str:
     return json.dumps(plan.to_dict(device_memory), indent=2)
+
+
+# ----------------------------------------------------------------------------- recipes and batches
+
+def recipe(name: str) -> dict:
+    """The pod recipe `name` of perco_jax.configs.recipes (config, stage, topology, mesh, batch,
+    overrides); an unknown name is one ValueError listing them."""
+    from perco_jax.configs.recipes import RECIPES
+
+    if name not in RECIPES:
+        raise ValueError(f"recipe {name!r}: one of {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def recipe_on_devices(name: str, devices: int) -> tuple[str, list[str], dict[str, int], int]:
+    """Pod recipe `name` at a reduced slice of `devices` devices: (preset, overrides, mesh, batch per
+    device). The overrides are the recipe's plus its stage and the mesh; FSDP spans min(the recipe's
+    fsdp, devices), which must divide `devices`, and data the rest; the batch per device is the
+    recipe's batch per chip."""
+    r = recipe(name)
+    pod = parse_mesh(r["mesh"])
+    fsdp = math.gcd(pod["fsdp"], devices)
+    mesh = {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
+    over = list(r["overrides"]) + [f"stage={r['stage']}"] + [f"mesh.{a}={n}" for a, n in mesh.items()]
+    return r["config"], over, mesh, r["batch"] // math.prod(pod.values())
+
+
+def largest_batch(config, mesh: Mapping[str, int], memory: int, *, headroom: float = 0.2, most: int = 1024,
+                  stage: int | None = None, frozen: str | None = None, attention: str = "xla",
+                  tpu: str | None = None) -> int | None:
+    """The largest batch per device, at most `most`, whose plan (`make_plan`, same arguments) leaves
+    `headroom` of `memory` bytes per device to spare; None when one image a device does not fit.
+    Only batches the frozen VAE's chunks divide are tried (config.autoencoder_chunk: a batch per
+    device up to one chunk, or a multiple of it)."""
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom {headroom}: a fraction in [0, 1)")
+    data_fsdp = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
+    comp = abstract_components(config, stage, data_fsdp)  # (the state's shapes do not depend on the batch)
+    chunk = build.autoencoder_chunk(comp.config)
+    sizes = [b for b in range(1, most + 1) if chunk <= 0 or b <= chunk or b % chunk == 0]
+
+    def fits(b: int) -> bool:
+        cfg = comp.config.copy_and_resolve_references()
+        cfg.batch_size = b * data_fsdp
+        p = make_plan(config, mesh, frozen=frozen, attention=attention, tpu=tpu,
+                      components=dataclasses.replace(comp, config=cfg))
+        return p.per_device <= (1 - headroom) * memory
+
+    lo, hi = 0, len(sizes)  # sizes[:lo] fit (the plan grows with the batch), sizes[hi:] do not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(sizes[mid]):
+            lo = mid + 1
+        else:
+            hi = mid
+    return sizes[lo - 1] if lo else None
