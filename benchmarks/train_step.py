@@ -37,11 +37,11 @@ from perco_jax.config import load_config
 from perco_jax.data.synthetic import synthetic_example
 from perco_jax.train.flops import step_flops
 from perco_jax.train.plan import recipe_on_devices
-from perco_jax.train import stage2, stage3
+from perco_jax.train import stage3
 from perco_jax.train.loop import frozen_shardings, jit_step, make_step
 from perco_jax.train.stage0 import autoencoder_params
-from perco_jax.train.state import make_optimizer
-from perco_jax.train.step import TOKEN_KEYS, init_state
+from perco_jax.train.state import make_optimizer, sharded_init
+from perco_jax.train.step import TOKEN_KEYS, init_state, init_variables
 
 # Dense bf16 / fp16 peak per device, TFLOP/s (vendor data sheets, without sparsity). Matched in
 # order against jax's device_kind, so the more specific names come first.
@@ -167,9 +167,11 @@ def main():
         if config.stage == 3:  # the teacher: a random stage-1 codec (the step's work is the same)
             s1 = config.copy_and_resolve_references()
             s1.stage = 1
-            s1_state, _ = init_state(s1, build.build_perco(s1), make_optimizer(s1), mesh, rules)
-            frozen["codec"] = stage2.codec_params(s1_state)
-            del s1_state  # its optimiser state would otherwise stay on the device and in the peak
+            teacher = build.build_perco(s1)
+            # its params and VQ state alone ({"params", "vq"}, as stage2.codec_params gives them): a
+            # whole stage-1 state would add its optimiser state and EMA to the build's peak
+            frozen["codec"], _ = sharded_init(lambda r: init_variables(s1, teacher, r), jax.random.PRNGKey(s1.seed),
+                                              mesh, rules)
             state, shardings = stage3.init_state(config, model, tx, mesh, rules)
         else:
             state, shardings = init_state(config, model, tx, mesh, rules)
