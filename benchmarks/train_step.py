@@ -63,10 +63,11 @@ def step_attention(config) -> str:
 
 
 def tpu_generation(device_kind: str) -> str | None:
-    """"v5e" for "TPU v5 lite", etc. (the plan then counts the step's code); None off TPUs."""
+    """"v5e" for "TPU v5 lite" or "TPU v5e", etc. (the plan then counts the step's code); None off TPUs."""
     from perco_jax.train.aot import GENERATIONS
 
-    return next((g for g, v in GENERATIONS.items() if v[3].lower() == device_kind.lower()), None)
+    kind = device_kind.lower()
+    return next((g for g, v in GENERATIONS.items() if kind in (v[3].lower(), f"tpu {g}")), None)
 
 
 def device_memory(text: str | None) -> int | None:
