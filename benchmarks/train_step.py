@@ -133,7 +133,7 @@ def main():
     args = ap.parse_args()
     preset, over, batch = args.config, [], args.batch or 8
     if args.recipe:
-        preset, over, recipe_mesh, per_chip = recipe_on_devices(args.recipe, jax.device_count())
+        preset, over, _, per_chip = recipe_on_devices(args.recipe, jax.device_count())
     if not any(o.startswith("text.embeddings=") for o in over):  # (a recipe reads stored embeddings)
         over.append(f"text.cache={args.text == 'cache'}")
     over += args.override
@@ -141,7 +141,8 @@ def main():
         over += [f"image_size={args.image}", f"data.image_size={args.image}"]
     config = load_config(preset, over)
     if args.recipe and not args.batch:
-        batch = recipe_batch(config, recipe_mesh, per_chip, device_memory(args.device_memory)) * jax.device_count()
+        mesh_shape = dict(parallel.make_mesh(config.mesh.to_dict()).shape)  # (the recipe's, or -o mesh.*)
+        batch = recipe_batch(config, mesh_shape, per_chip, device_memory(args.device_memory)) * jax.device_count()
     if config.stage == 3 and not config.stage1_workdir:
         config.stage1_workdir = "(benchmark: a random stage-1 codec)"
     config = build.stage_config(config)

@@ -104,6 +104,9 @@ def test_step_is_three_trained_forwards_plus_the_frozen_ones():
     assert cached.text_forward == 0 and cached.step == s.step - s.text_forward
     stored = flops.step_flops(load_config("tiny", ["text.embeddings=/some/embed-text/output"]), batch=4)
     assert stored.text_forward == 0 and stored.step == cached.step  # a run reading a store encodes nothing
+    # VAE chunks change no FLOP, even a chunk that divides each device's share but not the batch
+    chunked = flops.step_flops(load_config("tiny", ["text.cache=True", "autoencoder_chunk=3"]), batch=4)
+    assert chunked.step == cached.step
     np.testing.assert_equal(s.as_dict()["per_example"], s.per_example)
 
 

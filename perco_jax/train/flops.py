@@ -130,8 +130,8 @@ class StepFlops:
 def step_flops(config, batch: int | None = None, stage: int | None = None) -> StepFlops:
     """Model FLOPs of one training step of stage `stage` (default config.stage; 1 or 3) of `config`
     on `batch` examples (default the stage's batch size), counted from the jaxpr of the real step
-    (`train/step.py`, `train/stage3.py`) traced on abstract inputs with rematerialisation off and
-    XLA's attention (the model FLOPs do not depend on the kernel), plus the frozen text encoders'
+    (`train/step.py`, `train/stage3.py`) traced on abstract inputs with rematerialisation and the
+    VAE's chunks off and XLA's attention (the model FLOPs do not depend on the kernel), plus the frozen text encoders'
     forward unless the run uses precomputed embeddings (config.text.cache or config.text.embeddings):
     of the batch's captions, and in stage 3 of the empty prompt too, which its step encodes once
     per example."""
@@ -149,6 +149,9 @@ def step_flops(config, batch: int | None = None, stage: int | None = None) -> St
     if batch is not None:
         config.batch_size = int(batch)
     config.remat = False
+    # chunks change no FLOP, and the count traces the whole batch on one device, where a chunk
+    # that divides each device's share need not divide the batch
+    config.autoencoder_chunk = 0
     return (_stage1_flops if stage == 1 else _stage3_flops)(config, _Shapes(config))
 
 
