@@ -83,19 +83,19 @@ def recipe_batch(config, mesh: dict, per_chip: int, memory: int | None) -> int:
     """The batch per device of a recipe run on these devices: the recipe's per chip, or less where
     `perco-jax plan` says it would not leave 20% of `memory` to spare. One clear exit where a single
     image a device does not fit."""
-    from perco_jax.train.plan import human, largest_batch
+    from perco_jax.train.plan import HEADROOM, human, largest_batch
 
     if memory is None:
         return per_chip
     b = largest_batch(config, mesh, memory, most=per_chip, attention=step_attention(config),
                       tpu=tpu_generation(jax.devices()[0].device_kind))
     if b is None:
-        raise SystemExit(f"{config.name} stage {config.stage} on mesh {mesh}: one image a device leaves under 20% of "
-                         f"{human(memory)} per device in `perco-jax plan` (try more devices, which FSDP splits the "
-                         f"state over, or --batch to run anyway)")
+        raise SystemExit(f"{config.name} stage {config.stage} on mesh {mesh}: one image a device leaves under "
+                         f"{HEADROOM:.0%} of {human(memory)} per device in `perco-jax plan` (try more devices, "
+                         f"which FSDP splits the state over, or --batch to run anyway)")
     if b < per_chip:
         print(f"batch per device {b}, not the recipe's {per_chip}: the most that `perco-jax plan` fits in "
-              f"{human(memory)} with 20% to spare (--batch to choose)")
+              f"{human(memory)} with {HEADROOM:.0%} to spare (--batch to choose)")
     return b
 
 

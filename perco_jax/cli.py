@@ -108,6 +108,8 @@ def _apply_recipe(args) -> None:
 
 def _plan(args) -> int:
     _apply_recipe(args)
+    if args.compile and args.largest_batch:
+        raise ValueError("--largest-batch plans without compiling: leave out --compile")
     if args.compile:
         return _plan_compile(args)
     if (args.topology and not args.recipe) or args.programs or args.num_slices != 1 or args.buffers_only:
@@ -124,7 +126,27 @@ def _plan(args) -> int:
         tpu = aot.parse_topology(args.topology).generation
     p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
                        attention=_plan_attention(args), tpu=tpu)
-    print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
+    if not args.largest_batch:
+        print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
+        return 0
+    if memory is None:
+        raise ValueError("--largest-batch needs --device-memory")
+    b = plan.largest_batch(config, mesh, memory, most=1 << 16, stage=args.stage,
+                           frozen=args.frozen, attention=_plan_attention(args), tpu=tpu)
+    devices = mesh["data"] * mesh["fsdp"]
+    fit = None if b is None else plan.make_plan(config, mesh, stage=args.stage, batch=b * devices, frozen=args.frozen,
+                                                attention=_plan_attention(args), tpu=tpu)
+    if args.json:
+        import json
+
+        print(json.dumps({**p.to_dict(memory), "largest_batch_headroom": plan.HEADROOM,
+                          "largest_per_device_batch": b, "largest_batch": None if b is None else b * devices,
+                          "largest_batch_per_device_bytes": None if fit is None else fit.per_device}, indent=2))
+        return 0
+    print(plan.format_plan(p, memory))
+    spare = f"{plan.HEADROOM:.0%} of {plan.human(memory)} to spare"
+    print(f"largest batch leaving {spare}: " + (f"{b} a device, {b * devices} in all ({plan.human(fit.per_device)} "
+                                                f"a device)" if b else "none: one example a device does not fit"))
     return 0
 
 
@@ -356,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--flash-attention", action="store_true",
                     help="fused attention (cuDNN on GPUs): attention logits are not stored (--attention cudnn)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes)")
+    pl.add_argument("--largest-batch", action="store_true",
+                    help="with --device-memory: also the largest batch a device that leaves 20%% of it to spare "
+                         "(a multiple of the VAE's autoencoder_chunk, or at most one chunk)")
     pl.add_argument("--compile", action="store_true",
                     help="also compile the run's programs for --topology with XLA's TPU compiler, without a TPU "
                          "(pip install -e '.[tpu]'): the compiler's memory per chip beside the plan, the "

@@ -251,6 +251,25 @@ def test_largest_batch_is_the_last_the_plan_fits(tiny):
     with pytest.raises(ValueError, match="headroom"):
         plan.largest_batch(tiny, mesh, memory, headroom=1.0)
 
+
+def test_cli_plan_prints_the_largest_batch(capsys, tiny):
+    """`plan --largest-batch`: plan.largest_batch's answer at plan.HEADROOM, as text and JSON; one
+    clear error without --device-memory or with --compile."""
+    mesh = {"data": 2, "fsdp": 2, "tensor": 1}
+    want = plan.largest_batch(tiny, mesh, 10**9, most=1 << 16)
+    args = ["plan", "--config", "tiny", "--mesh", "data=2,fsdp=2", "--device-memory", "1GB", "--largest-batch"]
+    assert main(args) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("largest batch leaving 20% of 953.67 MiB to spare: ") and f": {want} a device, {4 * want} in" in line
+    assert main(args + ["--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["largest_per_device_batch"] == want and d["largest_batch"] == 4 * want
+    assert d["largest_batch_per_device_bytes"] <= 0.8 * 10**9 < plan.make_plan(tiny, mesh, batch=4 * want + 4).per_device
+    assert main(args[:-3] + ["--largest-batch"]) == 2
+    assert "--largest-batch needs --device-memory" in capsys.readouterr().err
+    assert main(args + ["--compile", "--topology", "v5e-8"]) == 2
+    assert "leave out --compile" in capsys.readouterr().err
+
 # ----------------------------------------------------------------------------- distributed
 
 @pytest.mark.parametrize("flags, match", [

@@ -320,7 +320,10 @@ def recipe_on_devices(name: str, devices: int) -> tuple[str, list[str], dict[str
     return r["config"], over, mesh, r["batch"] // math.prod(pod.values())
 
 
-def largest_batch(config, mesh: Mapping[str, int], memory: int, *, headroom: float = 0.2, most: int = 1024,
+HEADROOM = 0.2  # the share of each device's memory the pod recipes keep free (docs/training.md)
+
+
+def largest_batch(config, mesh: Mapping[str, int], memory: int, *, headroom: float = HEADROOM, most: int = 1024,
                   stage: int | None = None, frozen: str | None = None, attention: str = "xla",
                   tpu: str | None = None) -> int | None:
     """The largest batch per device, at most `most`, whose plan (`make_plan`, same arguments) leaves
