@@ -73,9 +73,10 @@ def test_tiny_on_one_device_is_the_eval_shape_byte_count(tiny):
 def test_runs_reading_precomputed_embeddings_hold_and_run_no_text_encoder():
     """text.embeddings: the loop builds no text encoder, so the plan counts neither its params nor its
     forward pass; text.cache: the encoders are held (they fill the cache) but not run in the step."""
-    full = plan.make_plan(load_config("sd3_medium"), {"data": 8})
-    cached = plan.make_plan(load_config("sd3_medium", ["text.cache=True"]), {"data": 8})
-    stored = plan.make_plan(load_config("sd3_medium", ["text.embeddings=/emb"]), {"data": 8})
+    few = ["mmdit.num_layers=2", "t5.num_layers=2", "clip_l.num_hidden_layers=2", "clip_g.num_hidden_layers=2"]
+    full = plan.make_plan(load_config("sd3_medium", few), {"data": 8})  # (SD3's widths, fewer layers: quicker)
+    cached = plan.make_plan(load_config("sd3_medium", few + ["text.cache=True"]), {"data": 8})
+    stored = plan.make_plan(load_config("sd3_medium", few + ["text.embeddings=/emb"]), {"data": 8})
     assert any(r[0].startswith("T5 text encoder") for r in full.rows + cached.rows)
     assert not any("text encoder" in r[0] for r in stored.rows)
     assert stored.per_device < cached.per_device <= full.per_device
@@ -448,7 +449,8 @@ def test_the_plan_counts_the_attention_kernel_the_step_runs(capsys):
     the entropy model's but not the VAE's (head size 512); TPU's splash kernel fuses the MM-DiT's
     and the VAE's, while the entropy model stays on XLA's path. The command line picks the kind
     from --attention, --flash-attention (cuDNN) or --recipe (splash)."""
-    config = load_config("sd35_large", ["text.embeddings=emb", "image_size=1024", "data.image_size=1024"])
+    config = load_config("sd35_large", ["text.embeddings=emb", "image_size=1024", "data.image_size=1024",
+                                        "mmdit.num_layers=2"])  # (the terms compared are per block)
     comp = plan.abstract_components(config, 1, 64)
     p = {a: plan.make_plan(config, {"fsdp": 8}, attention=a, components=comp) for a in ("xla", "cudnn", "splash")}
     acts = {a: dict(q.activation_rows) for a, q in p.items()}
