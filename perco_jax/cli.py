@@ -124,18 +124,19 @@ def _plan(args) -> int:
     if args.topology:  # a recipe's: the plan counts the TPU program's code
         from perco_jax.train import aot
         tpu = aot.parse_topology(args.topology).generation
-    p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen,
-                       attention=_plan_attention(args), tpu=tpu)
+    attention = _plan_attention(args)
+    p = plan.make_plan(config, mesh, stage=args.stage, batch=args.batch, frozen=args.frozen, attention=attention,
+                       tpu=tpu)
     if not args.largest_batch:
         print(plan.plan_json(p, memory) if args.json else plan.format_plan(p, memory))
         return 0
     if memory is None:
         raise ValueError("--largest-batch needs --device-memory")
-    b = plan.largest_batch(config, mesh, memory, most=1 << 16, stage=args.stage,
-                           frozen=args.frozen, attention=_plan_attention(args), tpu=tpu)
+    b = plan.largest_batch(config, mesh, memory, most=1 << 16, stage=args.stage, frozen=args.frozen,
+                           attention=attention, tpu=tpu)
     devices = mesh["data"] * mesh["fsdp"]
     fit = None if b is None else plan.make_plan(config, mesh, stage=args.stage, batch=b * devices, frozen=args.frozen,
-                                                attention=_plan_attention(args), tpu=tpu)
+                                                attention=attention, tpu=tpu)
     if args.json:
         import json
 

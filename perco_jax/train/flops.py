@@ -131,10 +131,10 @@ def step_flops(config, batch: int | None = None, stage: int | None = None) -> St
     """Model FLOPs of one training step of stage `stage` (default config.stage; 1 or 3) of `config`
     on `batch` examples (default the stage's batch size), counted from the jaxpr of the real step
     (`train/step.py`, `train/stage3.py`) traced on abstract inputs with rematerialisation and the
-    VAE's chunks off and XLA's attention (the model FLOPs do not depend on the kernel), plus the frozen text encoders'
-    forward unless the run uses precomputed embeddings (config.text.cache or config.text.embeddings):
-    of the batch's captions, and in stage 3 of the empty prompt too, which its step encodes once
-    per example."""
+    VAE's chunks off and XLA's attention (the model FLOPs do not depend on the kernel), plus the
+    frozen text encoders' forward unless the run uses precomputed embeddings (config.text.cache or
+    config.text.embeddings): of the batch's captions, and in stage 3 of the empty prompt too, which
+    its step encodes once per example."""
     from perco_jax import build
 
     stage = int(config.stage if stage is None else stage)

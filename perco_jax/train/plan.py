@@ -309,9 +309,8 @@ def recipe(name: str) -> dict:
 
 def recipe_on_devices(name: str, devices: int) -> tuple[str, list[str], dict[str, int], int]:
     """Pod recipe `name` at a reduced slice of `devices` devices: (preset, overrides, mesh, batch per
-    device). The overrides are the recipe's plus its stage and the mesh; FSDP spans min(the recipe's
-    fsdp, devices), which must divide `devices`, and data the rest; the batch per device is the
-    recipe's batch per chip."""
+    device). The overrides are the recipe's plus its stage and the mesh; FSDP spans gcd(the recipe's
+    fsdp, devices), data the rest; the batch per device is the recipe's batch per chip."""
     r = recipe(name)
     pod = parse_mesh(r["mesh"])
     fsdp = math.gcd(pod["fsdp"], devices)
